@@ -1,0 +1,33 @@
+# The two commands: `make demo` (main job on built-in data) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch first and pinned: an unpinned torch (also when pulled in by another package) drags in GBs of CUDA wheels.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) chinese_classifier/prepare_data.py
+	$(PY) chinese_classifier/train.py chinese_classifier/configs/default.yaml
+	$(PY) chinese_classifier/predict.py --model outputs/chinese_classifier "这本书写得太好了，强烈推荐" "质量很差，用了两天就坏了"
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf outputs data/chinese_classifier

@@ -1,0 +1,1 @@
+"""Shared pieces of the recipes: only what three or more recipes need."""

@@ -1,0 +1,148 @@
+"""Load the user's CSV / JSON / JSONL files into `datasets` (Arrow, memory-mapped, cached).
+
+Inputs are given as a file, a folder (every data file under it) or a glob. Before the
+files reach `datasets`, each one is checked so that a mistake ends with one clear message
+naming the file: not found, empty, not UTF-8 (with the line), or missing a column.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import glob
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import datasets
+
+from common.errors import UserError
+
+EXTENSIONS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
+_CHUNK = 1 << 20
+
+
+def resolve_files(specs: str | Sequence[str], extensions: Iterable[str] = EXTENSIONS) -> list[Path]:
+    """Expand files, folders (recursively) and globs into a sorted list of data files."""
+    if isinstance(specs, (str, Path)):
+        specs = [specs]
+    extensions = tuple(extensions)
+    files: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+            if not found:
+                raise UserError(f"{path}: folder holds no {'/'.join(extensions)} files")
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(str(spec), recursive=True) if Path(p).is_file())
+            if not found:
+                raise UserError(f"{spec}: no such file, folder or matching glob")
+        files.extend(found)
+    unsupported = [f for f in files if f.suffix.lower() not in extensions]
+    if unsupported:
+        raise UserError(f"{unsupported[0]}: unsupported file type (expected {', '.join(extensions)})")
+    return list(dict.fromkeys(files))
+
+
+def check_utf8(path: Path) -> None:
+    """Fail with the line number of the first byte sequence that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                line += chunk[: err.start].count(b"\n")
+                raise UserError(
+                    f"{path}: line {line} is not valid UTF-8 (byte {chunk[err.start]:#04x}); "
+                    "save the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8`)"
+                ) from None
+            line += chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: ends in a truncated UTF-8 character") from None
+
+
+def read_columns(path: Path) -> list[str]:
+    """The column names of a CSV header or of the first JSON(L) record."""
+    if path.suffix.lower() == ".csv":
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f), None)
+        if not header or not any(h.strip() for h in header):
+            raise UserError(f"{path}: empty file (expected a CSV header line)")
+        return [h.strip() for h in header]
+    with path.open(encoding="utf-8-sig") as f:
+        if path.suffix.lower() == ".jsonl":
+            first = next((ln for ln in f if ln.strip()), None)
+            if first is None:
+                raise UserError(f"{path}: empty file (expected one JSON object per line)")
+            try:
+                record = json.loads(first)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}: first record is not valid JSON: {err}") from None
+        else:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}: not valid JSON: {err}") from None
+            if not isinstance(data, list) or not data:
+                raise UserError(f"{path}: expected a non-empty JSON list of objects")
+            record = data[0]
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: expected JSON objects with named fields, got {type(record).__name__}")
+    return list(record)
+
+
+def check_file(path: Path, required_columns: Sequence[str] = ()) -> None:
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file")
+    check_utf8(path)
+    columns = read_columns(path)
+    missing = [c for c in required_columns if c not in columns]
+    if missing:
+        raise UserError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'} "
+            f"(expected {', '.join(required_columns)})"
+        )
+
+
+def load_files(
+    data_files: dict[str, str | Sequence[str]] | str | Sequence[str],
+    required_columns: Sequence[str] = (),
+    cache_dir: str | None = None,
+) -> datasets.DatasetDict:
+    """Load `{split: file/folder/glob}` (or one spec, giving the split "train").
+
+    Each split's files must be of one kind (all CSV or all JSON/JSONL). Only the required
+    columns are kept, so files with extra columns load together.
+    """
+    if not isinstance(data_files, dict):
+        data_files = {"train": data_files}
+    resolved: dict[str, list[str]] = {}
+    builders = set()
+    for split, spec in data_files.items():
+        files = resolve_files(spec)
+        for f in files:
+            check_file(f, required_columns)
+        kinds = {EXTENSIONS[f.suffix.lower()] for f in files}
+        if len(kinds) > 1:
+            raise UserError(f"split '{split}' mixes CSV and JSON files; use one format per split")
+        builders |= kinds
+        resolved[split] = [str(f) for f in files]
+    if len(builders) > 1:
+        raise UserError("all splits must use one format (CSV or JSON/JSONL)")
+    builder = builders.pop()
+    kwargs = {"keep_default_na": False} if builder == "csv" else {}
+    try:
+        loaded = datasets.load_dataset(builder, data_files=resolved, cache_dir=cache_dir, **kwargs)
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
+        cause = err.__cause__ or err
+        raise UserError(f"cannot read {', '.join(sum(resolved.values(), []))}: {cause}") from None
+    if required_columns:
+        loaded = loaded.select_columns(list(required_columns))
+    return loaded
