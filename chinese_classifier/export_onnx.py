@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from predict import DEFAULT_MODEL, TextClassifier
 
 from common.data import load_files
 from common.errors import UserError, cli_main
+
+from predict import DEFAULT_MODEL, TextClassifier
 
 
 class LogitsOnly(torch.nn.Module):

@@ -22,7 +22,6 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-
 from common.config import parse_args
 from common.corpora import REVIEW_LABEL_NAMES, load_reviews
 from common.data import check_file, resolve_files

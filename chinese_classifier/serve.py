@@ -19,9 +19,10 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from predict import DEFAULT_MODEL, TextClassifier
 
 from common.errors import cli_main
+
+from predict import DEFAULT_MODEL, TextClassifier
 
 
 class PredictRequest(BaseModel):

@@ -34,12 +34,12 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from transformers import (
+    AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     BertConfig,
-    BertForMaskedLM,
-    BertForSequenceClassification,
     DataCollatorForLanguageModeling,
     DataCollatorWithPadding,
+    ModernBertConfig,
     Trainer,
     TrainingArguments,
     set_seed,
@@ -71,7 +71,13 @@ class DataArguments:
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Local pretrained model directory. Unset: a BERT built from the sizes below."},
+        metadata={"help": "Local pretrained model directory. Unset: an encoder built from the sizes below."},
+    )
+    architecture: str = field(
+        default="modernbert",
+        metadata={"help": "Model built when no model_name_or_path is given: 'bert' (BERT, [CLS] pooling) "
+                  "or 'modernbert' (ModernBERT: rotary positions, GeGLU, mean pooling).",
+                  "choices": ["bert", "modernbert"]},
     )
     vocab_size: int = field(default=8000, metadata={"help": "Vocabulary of the tokenizer built from the data."})
     hidden_size: int = 128
@@ -146,9 +152,43 @@ def save_confusion_matrix(matrix: np.ndarray, names: list[str], path: Path) -> N
     plt.close(fig)
 
 
-def pretrain_encoder(tokenizer, config: BertConfig, texts: list[str], model_args,
-                     training_args) -> Path:
-    """Masked-LM pretraining of the built encoder; returns the checkpoint directory.
+def build_config(model_args, tokenizer, max_length: int, id2label: dict[int, str]):
+    """The configuration of the encoder built from scratch."""
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=model_args.hidden_size,
+        num_hidden_layers=model_args.num_hidden_layers,
+        num_attention_heads=model_args.num_attention_heads,
+        intermediate_size=model_args.intermediate_size,
+        max_position_embeddings=max(512, max_length),
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={name: i for i, name in id2label.items()},
+    )
+    if model_args.architecture == "modernbert":
+        return ModernBertConfig(
+            **common,
+            cls_token_id=tokenizer.cls_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            global_attn_every_n_layers=1,  # texts are short: every layer attends globally
+            classifier_pooling="mean",
+            sparse_prediction=True,  # masked-LM logits only at masked positions: ~5x cheaper head
+            embedding_dropout=model_args.dropout,
+            mlp_dropout=model_args.dropout,
+            attention_dropout=model_args.dropout,
+            classifier_dropout=model_args.dropout,
+        )
+    return BertConfig(**common, hidden_dropout_prob=model_args.dropout,
+                      attention_probs_dropout_prob=model_args.dropout)
+
+
+def pretrain_encoder(tokenizer, config, texts: list[str], model_args,
+                     training_args) -> tuple[Path, dict]:
+    """Masked-LM pretraining of the built encoder; returns the checkpoint directory and
+    the pretraining metrics.
 
     Short sequences (`pretrain_max_length`) keep it cheap: the LM head over the whole
     vocabulary, not the encoder, is most of the cost of a masked-LM step on a small model.
@@ -184,16 +224,21 @@ def pretrain_encoder(tokenizer, config: BertConfig, texts: list[str], model_args
         disable_tqdm=training_args.disable_tqdm,
     )
     trainer = Trainer(
-        model=BertForMaskedLM(config),
+        model=AutoModelForMaskedLM.from_config(config),
         args=mlm_args,
         train_dataset=corpus,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
         processing_class=tokenizer,
     )
     result = trainer.train()
-    logger.info("masked-LM pretraining: %s", result.metrics)
     trainer.save_model(str(out))
-    return out
+    return out, {
+        "loss": result.metrics["train_loss"],
+        "first_logged_loss": next((h["loss"] for h in trainer.state.log_history if "loss" in h), None),
+        "epochs": result.metrics["epoch"],
+        "sequences": len(corpus),
+        "runtime_s": round(result.metrics["train_runtime"], 1),
+    }
 
 
 @cli_main
@@ -222,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------- tokenizer and model
     id2label = dict(enumerate(names))
     label2id = {name: i for i, name in id2label.items()}
+    pretrain_metrics = None
     if model_args.model_name_or_path:
         tokenizer = load_tokenizer(model_args.model_name_or_path, add_special_tokens=False)
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -230,29 +276,17 @@ def main(argv: list[str] | None = None) -> dict:
         )
     else:
         tokenizer = build_chinese_tokenizer(splits["train"]["text"], vocab_size=model_args.vocab_size)
-        config = BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=model_args.hidden_size,
-            num_hidden_layers=model_args.num_hidden_layers,
-            num_attention_heads=model_args.num_attention_heads,
-            intermediate_size=model_args.intermediate_size,
-            hidden_dropout_prob=model_args.dropout,
-            attention_probs_dropout_prob=model_args.dropout,
-            max_position_embeddings=max(512, data_args.max_length),
-            pad_token_id=tokenizer.pad_token_id,
-            num_labels=len(names),
-            id2label=id2label,
-            label2id=label2id,
-        )
+        config = build_config(model_args, tokenizer, data_args.max_length, id2label)
         if model_args.pretrain_epochs > 0:
             # Only training texts: valid and test stay unseen, even unlabelled.
             texts = list(splits["train"]["text"])
             if model_args.pretrain_on_peoples_daily:
                 texts += load_peoples_daily()
-            pretrained = pretrain_encoder(tokenizer, config, texts, model_args, training_args)
-            model = BertForSequenceClassification.from_pretrained(pretrained, config=config)
+            pretrained, pretrain_metrics = pretrain_encoder(tokenizer, config, texts, model_args, training_args)
+            logger.info("masked-LM pretraining: %s", pretrain_metrics)
+            model = AutoModelForSequenceClassification.from_pretrained(pretrained, config=config)
         else:
-            model = BertForSequenceClassification(config)
+            model = AutoModelForSequenceClassification.from_config(config)
     logger.info("model: %s, %.2fM parameters", type(model).__name__, model.num_parameters() / 1e6)
 
     # Saved with the tokenizer, so predict.py and serve.py truncate as training did.
@@ -298,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
             "steps": trainer.state.global_step,
             "runtime_s": round(time.time() - start, 1),
         },
+        "mlm_pretraining": pretrain_metrics,
         "labels": names,
         "confusion_matrix": matrix.tolist(),
         "rows": {s: len(d) for s, d in splits.items()},

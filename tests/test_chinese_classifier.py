@@ -9,12 +9,13 @@ import time
 import httpx
 import pandas as pd
 import pytest
+
 from conftest import REPO, free_port, run_script
 
 sys.path.insert(0, str(REPO / "chinese_classifier"))
-from prepare_data import clean, encode_labels, split  # noqa: E402
-
 from common.errors import UserError  # noqa: E402
+
+from prepare_data import clean, encode_labels, split  # noqa: E402
 
 
 def frame(rows):
@@ -65,7 +66,7 @@ def test_split_never_puts_a_text_in_two_splits_and_keeps_label_shares():
 @pytest.mark.parametrize("name,content,message", [
     ("nolabel.csv", "text\n很好\n", "missing column(s) label"),
     ("empty.csv", "", "empty file"),
-    ("gbk.csv", "label,text\n1,".encode() + "很好".encode("gbk") + b"\n", "line 2 is not valid UTF-8"),
+    ("gbk.csv", b"label,text\n1," + "很好".encode("gbk") + b"\n", "line 2 is not valid UTF-8"),
     ("badlabel.csv", "label,text\n1,很好\npositive,不错\n", "row 2: label 'positive' is not an integer"),
 ])
 def test_bad_input_ends_with_one_clear_message(tmp_path, name, content, message):
@@ -94,6 +95,8 @@ def test_unknown_config_key_is_named(tmp_path):
 
 # ------------------------------------------------------------------ end to end
 TINY = """
+architecture: modernbert
+pretrain_epochs: 0.5
 max_length: 64
 max_train_samples: 3000
 vocab_size: 3000
@@ -138,6 +141,10 @@ def test_prepare_reports_and_writes_disjoint_splits(trained):
 def test_training_learns_and_writes_metrics(trained):
     metrics = json.loads((trained["model"] / "metrics.json").read_text())
     assert metrics["train"]["loss"] < metrics["train"]["first_logged_loss"] - 0.05
+    mlm = metrics["mlm_pretraining"]
+    assert mlm["epochs"] == pytest.approx(0.5, abs=0.01)
+    assert mlm["loss"] < mlm["first_logged_loss"]  # the masked-LM step learnt something
+    assert mlm["sequences"] >= 3000  # long reviews are chunked, not cut
     # 3,000 reviews, a 1-layer 32-wide model, ~200 steps: well above chance (0.52)
     assert metrics["model"]["test_accuracy"] > 0.65
     assert 0.6 < metrics["tfidf_logreg_baseline"]["test_accuracy"] <= 1.0

@@ -8,7 +8,12 @@ from common.config import parse_args
 from common.corpora import load_peoples_daily, load_reviews, load_segmentations
 from common.data import load_files, resolve_files
 from common.errors import UserError
-from common.tokenizer import BOS_TOKEN, EOS_TOKEN, add_missing_special_tokens, build_chinese_tokenizer
+from common.tokenizer import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    add_missing_special_tokens,
+    build_chinese_tokenizer,
+)
 
 
 @dataclass
@@ -136,7 +141,7 @@ def test_bad_files_give_messages_naming_file_and_line(tmp_path):
     with pytest.raises(UserError, match="empty.csv: empty file"):
         load_files(str(write(tmp_path / "empty.csv", "")), ["text"])
     gbk = tmp_path / "gbk.csv"
-    gbk.write_bytes("label,text\n0,fine\n1,".encode() + "很好".encode("gbk") + b"\n")
+    gbk.write_bytes(b"label,text\n0,fine\n1," + "很好".encode("gbk") + b"\n")
     with pytest.raises(UserError, match="gbk.csv: line 3 is not valid UTF-8"):
         load_files(str(gbk), ["text"])
     with pytest.raises(UserError, match="bad.jsonl: first record is not valid JSON"):
