@@ -12,11 +12,12 @@ Fine-tune a local pretrained encoder (e.g. a downloaded bert-base-chinese):
 Several GPUs (same script): `torchrun --nproc_per_node 4 chinese_classifier/train.py ...`
 or `accelerate launch chinese_classifier/train.py ...`; add `--deepspeed ds.json` for ZeRO.
 
-Without `--model_name_or_path` a small BERT is built from the config with a Chinese
-tokenizer learnt from the training texts; `pretrain_epochs > 0` first trains that encoder
-with masked-LM on the training texts and People's Daily (what a user otherwise gets from a
-pretrained bert-base-chinese). Each epoch is evaluated on valid and the best one kept; the
-test split is scored once at the end beside a TF-IDF + logistic-regression baseline, into
+Without `--model_name_or_path` a small encoder (`architecture`: ModernBERT with mean
+pooling by default, or BERT) is built from the config with a Chinese tokenizer learnt
+from the training texts; `pretrain_epochs > 0` first trains it with masked-LM on the
+training texts (optionally People's Daily too): a little of what a pretrained
+bert-base-chinese brings. Each epoch is evaluated on valid and the best one kept; the test
+split is scored once at the end beside a TF-IDF + logistic-regression baseline, into
 `<output_dir>/metrics.json` and `<output_dir>/confusion_matrix.png`.
 """
 
