@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) chinese_classifier/prepare_data.py
 	$(PY) chinese_classifier/train.py chinese_classifier/configs/default.yaml
-	$(PY) chinese_classifier/predict.py --model outputs/chinese_classifier "这本书写得太好了，强烈推荐" "质量很差，用了两天就坏了"
+	$(PY) chinese_classifier/predict.py --model outputs/chinese_classifier \
+		"质量很好，物流也快，推荐购买" "用了两天就坏了，非常失望" "这本书写得太好了，强烈推荐"
 
 test: setup
 	$(PY) -m pytest -q
