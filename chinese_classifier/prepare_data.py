@@ -161,7 +161,7 @@ def print_report(report: dict, names: list[str]) -> None:
 
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = parse_args([PrepareArguments], argv)
+    (args,) = parse_args([PrepareArguments], argv, description=__doc__)
     if args.input:
         frame = read_csvs(args.input)
         declared = args.labels

@@ -245,7 +245,7 @@ def pretrain_encoder(tokenizer, config, texts: list[str], model_args,
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
     data_args, model_args, training_args = parse_args(
-        [DataArguments, ModelArguments, ClassifierTrainingArguments], argv
+        [DataArguments, ModelArguments, ClassifierTrainingArguments], argv, description=__doc__
     )
     set_seed(training_args.seed)
     start = time.time()

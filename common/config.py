@@ -9,6 +9,7 @@ config never silently falls back to a default.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,10 @@ import yaml
 from transformers import HfArgumentParser
 
 from common.errors import UserError
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show each option's default, and the script's docstring as written."""
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -35,13 +40,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = None) -> tuple:
+def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = None,
+               description: str | None = None) -> tuple:
     """Parse `[CONFIG.yaml] [--key value ...]` into one instance of each dataclass.
 
-    Returns the instances in the order of `dataclass_types`.
+    Returns the instances in the order of `dataclass_types`. `description` (a script's
+    docstring, say) heads the `--help` text.
     """
     args = list(sys.argv[1:] if args is None else args)
-    parser = HfArgumentParser(list(dataclass_types))
+    parser = HfArgumentParser(
+        list(dataclass_types), description=description,
+        formatter_class=_HelpFormatter,
+    )
 
     config: dict[str, Any] = {}
     if args and not args[0].startswith("-") and args[0].endswith((".yaml", ".yml")):

@@ -239,3 +239,33 @@ def test_onnx_export_matches_pytorch(trained):
     assert report["same_predicted_label"] == 1.0
     assert report["latency_ms_batch1_median"]["onnxruntime"] > 0
     assert "parity on" in result.stdout
+
+
+def test_fine_tunes_a_local_pretrained_model(trained, tmp_path):
+    """--model_name_or_path takes a local directory (as a downloaded bert-base-chinese is)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertForMaskedLM
+
+    from common.tokenizer import build_chinese_tokenizer
+
+    pretrained = tmp_path / "local-bert"
+    train_texts = pd.read_csv(trained["data"] / "train.csv")["text"].tolist()
+    tokenizer = build_chinese_tokenizer(train_texts[:2000], vocab_size=2000)
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64)).save_pretrained(pretrained)
+    tokenizer.save_pretrained(pretrained)
+
+    out = tmp_path / "finetuned"
+    # learning_rate 0: the saved encoder must then be exactly the local one, not a fresh init.
+    run_script("chinese_classifier/train.py", "--model_name_or_path", pretrained, "--data_dir", trained["data"],
+               "--output_dir", out, "--max_train_samples", "200", "--num_train_epochs", "1",
+               "--learning_rate", "0", "--run_baseline", "false", "--max_length", "32", "--disable_tqdm", "true")
+    before, after = load_file(pretrained / "model.safetensors"), load_file(out / "model.safetensors")
+    key = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(before[key], after[key])
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "tfidf_logreg_baseline" not in metrics and 0 <= metrics["model"]["test_accuracy"] <= 1
