@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from datasets import Dataset
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
@@ -176,7 +177,7 @@ def build_config(model_args, tokenizer, max_length: int, id2label: dict[int, str
             eos_token_id=tokenizer.eos_token_id,
             global_attn_every_n_layers=1,  # texts are short: every layer attends globally
             classifier_pooling="mean",
-            sparse_prediction=True,  # masked-LM logits only at masked positions: ~5x cheaper head
+            sparse_prediction=True,  # masked-LM logits only at the masked positions
             embedding_dropout=model_args.dropout,
             mlp_dropout=model_args.dropout,
             attention_dropout=model_args.dropout,
@@ -191,11 +192,10 @@ def pretrain_encoder(tokenizer, config, texts: list[str], model_args,
     """Masked-LM pretraining of the built encoder; returns the checkpoint directory and
     the pretraining metrics.
 
-    Short sequences (`pretrain_max_length`) keep it cheap: the LM head over the whole
-    vocabulary, not the encoder, is most of the cost of a masked-LM step on a small model.
+    On a small model the LM head over the whole vocabulary, not the encoder, is most of the
+    cost of a masked-LM step: short sequences (`pretrain_max_length`) and, for ModernBERT,
+    logits only at the masked positions keep it cheap (4x faster than BERT's head here).
     """
-    from datasets import Dataset
-
     out = Path(training_args.output_dir) / "mlm_pretrain"
 
     def tokenize_in_chunks(batch):
