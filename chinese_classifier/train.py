@@ -194,7 +194,8 @@ def pretrain_encoder(tokenizer, config, texts: list[str], model_args,
 
     On a small model the LM head over the whole vocabulary, not the encoder, is most of the
     cost of a masked-LM step: short sequences (`pretrain_max_length`) and, for ModernBERT,
-    logits only at the masked positions keep it cheap (4x faster than BERT's head here).
+    logits only at the masked positions keep it cheap (about 4x faster here than logits at
+    every position).
     """
     out = Path(training_args.output_dir) / "mlm_pretrain"
 
