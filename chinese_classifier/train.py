@@ -234,6 +234,7 @@ def pretrain_encoder(tokenizer, config, texts: list[str], model_args,
     )
     result = trainer.train()
     trainer.save_model(str(out))
+    trainer.accelerator.wait_for_everyone()  # every rank loads what the main rank wrote
     return out, {
         "loss": result.metrics["train_loss"],
         "first_logged_loss": next((h["loss"] for h in trainer.state.log_history if "loss" in h), None),
@@ -332,13 +333,16 @@ def main(argv: list[str] | None = None) -> dict:
             "first_logged_loss": next((h["loss"] for h in trainer.state.log_history if "loss" in h), None),
             "epochs": train_result.metrics.get("epoch"),
             "steps": trainer.state.global_step,
-            "runtime_s": round(time.time() - start, 1),
         },
+        "runtime_s": round(time.time() - start, 1),  # data, pretraining, training and test
         "mlm_pretraining": pretrain_metrics,
         "labels": names,
         "confusion_matrix": matrix.tolist(),
         "rows": {s: len(d) for s, d in splits.items()},
     }
+    trainer.save_model(str(output_dir))  # on every rank: DeepSpeed ZeRO-3 gathers the weights here
+    if not trainer.is_world_process_zero():
+        return metrics
     if data_args.run_baseline:
         metrics["tfidf_logreg_baseline"] = {
             f"test_{k}": v for k, v in tfidf_baseline(
@@ -347,15 +351,13 @@ def main(argv: list[str] | None = None) -> dict:
             ).items()
         }
 
-    if trainer.is_world_process_zero():
-        trainer.save_model(str(output_dir))
-        save_confusion_matrix(matrix, names, output_dir / "confusion_matrix.png")
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
-        line = f"test accuracy {metrics['model']['test_accuracy']:.4f} (macro-F1 {metrics['model']['test_macro_f1']:.4f})"
-        if "tfidf_logreg_baseline" in metrics:
-            line += f" | TF-IDF + logistic regression {metrics['tfidf_logreg_baseline']['test_accuracy']:.4f}"
-        print(line)
-        print(f"model, metrics.json and confusion_matrix.png in {output_dir}")
+    save_confusion_matrix(matrix, names, output_dir / "confusion_matrix.png")
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    line = f"test accuracy {metrics['model']['test_accuracy']:.4f} (macro-F1 {metrics['model']['test_macro_f1']:.4f})"
+    if "tfidf_logreg_baseline" in metrics:
+        line += f" | TF-IDF + logistic regression {metrics['tfidf_logreg_baseline']['test_accuracy']:.4f}"
+    print(line)
+    print(f"model, metrics.json and confusion_matrix.png in {output_dir}")
     if not math.isfinite(metrics["model"]["test_loss"]):
         raise UserError("training diverged (test loss is not finite): lower the learning rate")
     return metrics
