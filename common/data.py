@@ -1,4 +1,5 @@
-"""Load the user's CSV / JSON / JSONL files into `datasets` (Arrow, memory-mapped, cached).
+"""Load the user's CSV / JSON / JSONL files into `datasets` (Arrow, memory-mapped, cached),
+and write / read packed token files for language-model training.
 
 Inputs are given as a file, a folder (every data file under it) or a glob. Before the
 files reach `datasets`, each one is checked so that a mistake ends with one clear message
@@ -15,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import datasets
+import numpy as np
+import torch
 
 from common.errors import UserError
 
@@ -146,3 +149,69 @@ def load_files(
     if required_columns:
         loaded = loaded.select_columns(list(required_columns))
     return loaded
+
+
+# ------------------------------------------------------------------ packed token files
+# Language-model recipes store their tokenised corpus as one flat file of token ids
+# (uint16 when the vocabulary fits, else uint32) plus a JSON description, read back
+# through a memory map: a corpus far larger than RAM streams with flat memory.
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+class TokenFileWriter:
+    """Append token ids to `path` in chunks; `close()` returns how many were written."""
+
+    def __init__(self, path: str | Path, vocab_size: int):
+        self.path = Path(path)
+        self.dtype = token_dtype(vocab_size)
+        self.vocab_size = vocab_size
+        self.count = 0
+        self._file = self.path.open("wb")
+
+    def write(self, ids: Sequence[int] | np.ndarray) -> None:
+        array = np.asarray(ids)
+        if array.size and (array.min() < 0 or array.max() >= self.vocab_size):
+            raise ValueError(f"token id out of range 0..{self.vocab_size - 1}")
+        self._file.write(array.astype(self.dtype, copy=False).tobytes())
+        self.count += int(array.size)
+
+    def close(self) -> int:
+        self._file.close()
+        return self.count
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+
+class PackedTokenDataset(torch.utils.data.Dataset):
+    """Fixed-length blocks of a token file, read through a memory map.
+
+    Block i is tokens [i * block_size, (i + 1) * block_size); a tail shorter than a block
+    is not used. Items are `{"input_ids", "labels"}` (the model shifts labels itself).
+    """
+
+    def __init__(self, path: str | Path, block_size: int, dtype: str | np.dtype):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: token file not found (run the recipe's prepare_data.py)")
+        self.block_size = block_size
+        self.tokens = np.memmap(self.path, dtype=np.dtype(dtype), mode="r")
+        self.num_blocks = len(self.tokens) // block_size
+        if self.num_blocks == 0:
+            raise UserError(f"{self.path}: {len(self.tokens)} tokens, fewer than one block of {block_size}")
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.num_blocks:
+            raise IndexError(index)
+        start = index * self.block_size
+        block = torch.from_numpy(self.tokens[start:start + self.block_size].astype(np.int64))
+        return {"input_ids": block, "labels": block.clone()}

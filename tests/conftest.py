@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import socket
 import subprocess
@@ -24,6 +25,16 @@ def run_script(script: str, *args: str, cwd: Path | None = None, check: bool = T
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def load_recipe_module(recipe: str, name: str):
+    """Import `<recipe>/<name>.py` under a unique name: every recipe has its own
+    prepare_data.py, so a plain `import prepare_data` would return whichever came first."""
+    spec = importlib.util.spec_from_file_location(f"{recipe}_{name}", REPO / recipe / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

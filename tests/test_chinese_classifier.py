@@ -10,12 +10,12 @@ import httpx
 import pandas as pd
 import pytest
 
-from conftest import REPO, free_port, run_script
+from common.errors import UserError
 
-sys.path.insert(0, str(REPO / "chinese_classifier"))
-from common.errors import UserError  # noqa: E402
+from conftest import REPO, free_port, load_recipe_module, run_script
 
-from prepare_data import clean, encode_labels, split  # noqa: E402
+prepare_data = load_recipe_module("chinese_classifier", "prepare_data")
+clean, encode_labels, split = prepare_data.clean, prepare_data.encode_labels, prepare_data.split
 
 
 def frame(rows):
