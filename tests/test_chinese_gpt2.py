@@ -107,3 +107,57 @@ def test_prepare_data_names_a_missing_column(tmp_path):
     bad.write_text('{"text": "正常的一行文本"}\n{broken\n')
     result = run_script("chinese_gpt2/prepare_data.py", "--input", bad, "--output_dir", tmp_path / "o", check=False)
     assert result.returncode == 2 and "bad.jsonl: line 2 is not valid JSON" in result.stderr
+
+
+# ------------------------------------------------------------------ bigram baseline
+def test_bigram_perplexity_matches_a_hand_computation():
+    bigram_perplexity = load_recipe_module("chinese_gpt2", "train").bigram_perplexity
+    train = np.array([0, 1, 0, 1, 2])  # pairs 0->1 (x2), 1->0, 1->2; contexts 0: 2, 1: 2
+    valid = np.array([[0, 1, 2]])  # scored: p(1|0) = (2+1)/(2+3), p(2|1) = (1+1)/(2+3)
+    expected = np.exp(-(np.log(3 / 5) + np.log(2 / 5)) / 2)
+    assert bigram_perplexity(train, valid, vocab_size=3) == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------ end to end
+TINY = """
+block_size: 32
+n_layer: 1
+n_head: 2
+n_embd: 32
+max_steps: 40
+per_device_train_batch_size: 8
+per_device_eval_batch_size: 64
+learning_rate: 5.0e-3
+warmup_steps: 5
+eval_steps: 20
+save_steps: 20
+logging_steps: 5
+disable_tqdm: true
+seed: 0
+"""
+
+
+def test_prepare_train_resume_on_builtin_data(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "model"
+    run_script("chinese_gpt2/prepare_data.py", "--output_dir", data, "--vocab_size", "2000")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    run_script("chinese_gpt2/train.py", config, "--data_dir", data, "--output_dir", out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 40
+    assert metrics["train"]["last_logged_loss"] < metrics["train"]["first_logged_loss"] - 1.0
+    assert metrics["valid_perplexity"] == pytest.approx(np.exp(metrics["valid_loss"]))
+    assert 1 < metrics["bigram_baseline"]["valid_perplexity"] < 2000
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.eos_token_id == json.loads((data / "meta.json").read_text())["eos_token_id"]
+
+    # resume from the last checkpoint (step 40) and go on to step 60
+    resumed = run_script("chinese_gpt2/train.py", config, "--data_dir", data, "--output_dir", out,
+                         "--resume_from_checkpoint", "last", "--max_steps", "60")
+    assert "resuming from " + str(out / "checkpoint-40") in resumed.stderr
+    assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 60
+    state = json.loads((out / "checkpoint-60" / "trainer_state.json").read_text())
+    assert state["global_step"] == 60
