@@ -31,4 +31,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf outputs data/chinese_classifier
+	rm -rf outputs data
