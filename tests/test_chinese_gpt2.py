@@ -161,3 +161,73 @@ def test_prepare_train_resume_on_builtin_data(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 60
     state = json.loads((out / "checkpoint-60" / "trainer_state.json").read_text())
     assert state["global_step"] == 60
+
+
+# -------------------------------------------------------------------- generation
+generate_module = load_recipe_module("chinese_gpt2", "generate")
+
+
+def test_decoded_spaces_between_chinese_characters_are_removed():
+    join = generate_module.join_chinese
+    assert join("新 华 社 北 京 电 ， 记 者") == "新华社北京电，记者"
+    assert join("价 格 3999 元") == "价格3999元"
+    assert join("hello world 你 好") == "hello world你好"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"strategy": "sample", "temperature": 0}, "temperature must be > 0"),
+    ({"strategy": "sample", "top_p": 1.5}, "top_p must be in"),
+    ({"strategy": "beam", "num_beams": 1}, "num_beams >= 2"),
+    ({"strategy": "greedy", "max_new_tokens": 0}, "at least 1"),
+    ({"strategy": "nucleus"}, "unknown strategy"),
+])
+def test_bad_generation_settings_are_refused(kwargs, message):
+    kwargs = {"max_new_tokens": 8, **kwargs}
+    with pytest.raises(UserError, match=message):
+        generate_module.generation_settings(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from common.tokenizer import build_chinese_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_lm")
+    tokenizer = build_chinese_tokenizer(["新华社北京电，记者报道。人民日报社论。"] * 3, vocab_size=100, min_frequency=1)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_layer=1, n_head=2, n_embd=16,
+                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_generation_strategies(tiny_lm):
+    model, tokenizer = generate_module.load_model(tiny_lm, device="cpu")
+    settings = generate_module.generation_settings
+    greedy = generate_module.generate(model, tokenizer, ["新华社", "记者"], settings("greedy", 6))
+    assert greedy == generate_module.generate(model, tokenizer, ["新华社", "记者"], settings("greedy", 6))
+    assert greedy[0].startswith("新华社") and " " not in greedy[0]
+    torch.manual_seed(1)
+    sampled = generate_module.generate(model, tokenizer, ["新华社"] * 4, settings("sample", 6, temperature=5.0))
+    assert len(set(sampled)) > 1  # hot sampling varies between draws
+    torch.manual_seed(1)
+    assert sampled == generate_module.generate(model, tokenizer, ["新华社"] * 4, settings("sample", 6, temperature=5.0))
+    beam = generate_module.generate(model, tokenizer, ["新华社"], settings("beam", 6, num_beams=3))
+    assert beam[0].startswith("新华社")
+    # the context is 16 tokens: a 14-token prompt may only get 2 new ones
+    long_prompt = "新华社北京电记者报道人民日报社"
+    [out] = generate_module.generate(model, tokenizer, [long_prompt], settings("greedy", 10))
+    new_ids = tokenizer(out[len(long_prompt):], add_special_tokens=False)["input_ids"]
+    assert len(new_ids) <= 16 - len(tokenizer(long_prompt, add_special_tokens=False)["input_ids"])
+
+
+def test_generate_cli_refuses_bad_input(tiny_lm, tmp_path):
+    result = run_script("chinese_gpt2/generate.py", "新华社", "--model", tiny_lm, "--strategy", "sample",
+                        "--temperature", "0", check=False)
+    assert result.returncode == 2 and "temperature must be > 0" in result.stderr
+    result = run_script("chinese_gpt2/generate.py", "--model", tiny_lm, check=False)
+    assert result.returncode == 2 and "no prompt" in result.stderr
+    ok = run_script("chinese_gpt2/generate.py", "新华社", "--model", tiny_lm, "--max_new_tokens", "4")
+    assert ok.stdout.strip().splitlines()[-1].startswith("新华社")

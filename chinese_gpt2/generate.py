@@ -1,0 +1,125 @@
+"""Generate Chinese text with a trained GPT-2 (or any local causal LM with its tokenizer).
+
+    python chinese_gpt2/generate.py "中共中央总书记" "新华社北京电"
+    python chinese_gpt2/generate.py --file prompts.txt --strategy sample --temperature 0.8 --top_p 0.9
+    python chinese_gpt2/generate.py "今天" --strategy beam --num_beams 4 --max_new_tokens 40
+
+Strategies: greedy, sample (temperature, top-k, top-p) and beam search; all take a
+repetition penalty. Output is the prompt plus its continuation, without the spaces that a
+WordPiece decode puts between Chinese characters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+from common.data import check_utf8
+from common.errors import UserError, cli_main
+
+DEFAULT_MODEL = "outputs/chinese_gpt2"
+# A space next to a CJK character or full-width punctuation is a decoding artefact.
+_CJK = r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]"
+_SPACE_NEXT_TO_CJK = re.compile(rf"(?<={_CJK})\s+|\s+(?={_CJK})")
+
+
+def join_chinese(text: str) -> str:
+    return _SPACE_NEXT_TO_CJK.sub("", text).strip()
+
+
+def generation_settings(strategy: str, max_new_tokens: int, temperature: float = 1.0, top_k: int = 50,
+                        top_p: float = 1.0, repetition_penalty: float = 1.0, num_beams: int = 4) -> dict:
+    """Keyword arguments for `model.generate`, checked so that a bad value is a clear error."""
+    if max_new_tokens < 1:
+        raise UserError("max_new_tokens must be at least 1")
+    if repetition_penalty <= 0:
+        raise UserError("repetition_penalty must be > 0")
+    settings = {"max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty}
+    if strategy == "greedy":
+        return {**settings, "do_sample": False, "num_beams": 1}
+    if strategy == "beam":
+        if num_beams < 2:
+            raise UserError("beam search needs num_beams >= 2")
+        return {**settings, "do_sample": False, "num_beams": num_beams, "early_stopping": True}
+    if strategy == "sample":
+        if temperature <= 0:
+            raise UserError("temperature must be > 0 (use --strategy greedy for deterministic output)")
+        if not 0 < top_p <= 1:
+            raise UserError("top_p must be in (0, 1]")
+        if top_k < 0:
+            raise UserError("top_k must be >= 0 (0 = off)")
+        return {**settings, "do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    raise UserError(f"unknown strategy '{strategy}' (greedy, sample, beam)")
+
+
+def load_model(model_dir: str | Path, device: str | None = None):
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"no trained model in {model_dir}: run chinese_gpt2/train.py first")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.to(device).eval(), tokenizer
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], settings: dict) -> list[str]:
+    """Continue each prompt on its own (no padding, so no left-padding pitfalls)."""
+    outputs = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+        if ids.shape[1] == 0:
+            raise UserError(f"prompt {prompt!r} has no tokens")
+        room = model.config.max_position_embeddings - ids.shape[1]
+        if room < 1:
+            raise UserError(f"prompt of {ids.shape[1]} tokens leaves no room in the model's context "
+                            f"of {model.config.max_position_embeddings}")
+        generated = model.generate(
+            ids, **{**settings, "max_new_tokens": min(settings["max_new_tokens"], room)},
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        outputs.append(prompt + join_chinese(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)))
+    return outputs
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompts", nargs="*", help="Texts to continue.")
+    parser.add_argument("--file", type=Path, help="A UTF-8 file with one prompt per line.")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="Model directory (train.py's output_dir).")
+    parser.add_argument("--strategy", default="greedy", choices=["greedy", "sample", "beam"])
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=50)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--repetition_penalty", type=float, default=1.0)
+    parser.add_argument("--num_beams", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=42, help="Makes sampling repeatable.")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+
+    prompts = list(args.prompts)
+    if args.file:
+        if not args.file.is_file():
+            raise UserError(f"{args.file}: file not found")
+        check_utf8(args.file)
+        prompts += [line.strip() for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompt: give prompts as arguments or --file")
+    settings = generation_settings(args.strategy, args.max_new_tokens, args.temperature, args.top_k,
+                                   args.top_p, args.repetition_penalty, args.num_beams)
+    model, tokenizer = load_model(args.model, args.device)
+    set_seed(args.seed)
+    texts = generate(model, tokenizer, prompts, settings)
+    for text in texts:
+        print(text)
+    return texts
+
+
+if __name__ == "__main__":
+    main()
