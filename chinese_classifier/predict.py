@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common.data import check_file, check_utf8
+from common.data import check_file, read_lines
 from common.errors import UserError, cli_main
 
 DEFAULT_MODEL = "outputs/chinese_classifier"
@@ -68,14 +68,13 @@ class TextClassifier:
 
 
 def read_texts(path: Path) -> list[str]:
+    if path.suffix.lower() != ".csv":
+        return read_lines(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    if path.suffix.lower() == ".csv":
-        check_file(path, required_columns=["text"])
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            return [row["text"].strip() for row in csv.DictReader(f)]
-    check_utf8(path)
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    check_file(path, required_columns=["text"])
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        return [row["text"].strip() for row in csv.DictReader(f)]
 
 
 @cli_main

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from common.data import check_utf8
+from common.data import read_lines
 from common.errors import UserError, cli_main
 
 DEFAULT_MODEL = "outputs/chinese_gpt2"
@@ -105,10 +105,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 
     prompts = list(args.prompts)
     if args.file:
-        if not args.file.is_file():
-            raise UserError(f"{args.file}: file not found")
-        check_utf8(args.file)
-        prompts += [line.strip() for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += read_lines(args.file)
     if not prompts:
         raise UserError("no prompt: give prompts as arguments or --file")
     settings = generation_settings(args.strategy, args.max_new_tokens, args.temperature, args.top_k,

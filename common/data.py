@@ -71,6 +71,15 @@ def check_utf8(path: Path) -> None:
             raise UserError(f"{path}: ends in a truncated UTF-8 character") from None
 
 
+def read_lines(path: str | Path) -> list[str]:
+    """The non-empty, stripped lines of a UTF-8 text file (prompts, texts to classify...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    check_utf8(path)
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def read_columns(path: Path) -> list[str]:
     """The column names of a CSV header or of the first JSON(L) record."""
     if path.suffix.lower() == ".csv":
@@ -214,4 +223,4 @@ class PackedTokenDataset(torch.utils.data.Dataset):
             raise IndexError(index)
         start = index * self.block_size
         block = torch.from_numpy(self.tokens[start:start + self.block_size].astype(np.int64))
-        return {"input_ids": block, "labels": block.clone()}
+        return {"input_ids": block, "labels": block}  # the collator stacks each into its own tensor

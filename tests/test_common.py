@@ -146,3 +146,15 @@ def test_bad_files_give_messages_naming_file_and_line(tmp_path):
         load_files(str(gbk), ["text"])
     with pytest.raises(UserError, match="bad.jsonl: first record is not valid JSON"):
         load_files(str(write(tmp_path / "bad.jsonl", "{oops\n")), ["text"])
+
+
+def test_read_lines_skips_blank_lines_and_names_bad_files(tmp_path):
+    from common.data import read_lines
+
+    assert read_lines(write(tmp_path / "p.txt", " 第一行 \n\n第二行\n  \n")) == ["第一行", "第二行"]
+    with pytest.raises(UserError, match="missing.txt: file not found"):
+        read_lines(tmp_path / "missing.txt")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("好\n".encode() + "很好".encode("gbk"))
+    with pytest.raises(UserError, match="bad.txt: line 2 is not valid UTF-8"):
+        read_lines(bad)
