@@ -12,7 +12,6 @@ WordPiece decode puts between Chinese characters.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import torch
@@ -20,16 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from common.data import read_lines
 from common.errors import UserError, cli_main
+from common.tokenizer import join_chinese
 
 DEFAULT_MODEL = "outputs/chinese_gpt2"
-# A space next to a CJK character or full-width punctuation is a decoding artefact.
-_CJK = r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]"
-_SPACE_NEXT_TO_CJK = re.compile(rf"(?<={_CJK})\s+|\s+(?={_CJK})")
-
-
-def join_chinese(text: str) -> str:
-    return _SPACE_NEXT_TO_CJK.sub("", text).strip()
-
 
 def generation_settings(strategy: str, max_new_tokens: int, temperature: float = 1.0, top_k: int = 50,
                         top_p: float = 1.0, repetition_penalty: float = 1.0, num_beams: int = 4) -> dict:

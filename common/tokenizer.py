@@ -10,7 +10,8 @@ generative recipes need (the original GPT-2 recipe added them to bert-base-chine
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -96,3 +97,24 @@ def add_missing_special_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
     added = tokenizer.add_special_tokens(missing)
     logger.info("added special tokens %s (%d new ids)", missing, added)
     return added
+
+
+# ------------------------------------------------------------------ decoded text
+# A WordPiece decode puts a space between every two tokens, so Chinese comes back as
+# "中 国 人". A space next to a CJK character or full-width punctuation is such an artefact.
+_CJK = r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]"
+_SPACE_NEXT_TO_CJK = re.compile(rf"(?<={_CJK})\s+|\s+(?={_CJK})")
+
+
+def join_chinese(text: str) -> str:
+    return _SPACE_NEXT_TO_CJK.sub("", text).strip()
+
+
+def display_cleaner(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], str]:
+    """What to apply to decoded text before showing it: `join_chinese` for WordPiece
+    tokenizers; nothing for byte-level BPE or sentencepiece, whose decode is already exact
+    (and where "我爱 Python" keeps its spaces)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "WordPiece":
+        return join_chinese
+    return lambda text: text

@@ -1,0 +1,735 @@
+"""Serve any local causal LM: streamed generation, an OpenAI-compatible HTTP API and a
+gradio chat UI. Every generative recipe's `serve.py` and `chatbot.py` are thin callers.
+
+    python chinese_gpt2/serve.py --model outputs/chinese_gpt2           # http://127.0.0.1:8000/v1
+    python chinese_gpt2/chatbot.py --model outputs/chinese_gpt2         # http://127.0.0.1:7860
+
+The pieces, from the bottom up:
+- `load_causal_lm`: model + tokenizer from a local directory (never downloads).
+- `Engine.stream`: one generation in a background thread, read as text deltas; stop
+  strings, a WordPiece-aware detokenizer, and cancellation (a client that goes away stops
+  its generation at the next token).
+- `create_app`: FastAPI app with `POST /v1/completions`, `POST /v1/chat/completions`
+  (`stream: true` gives server-sent events in OpenAI's chunk format, ending with
+  `data: [DONE]`), `GET /v1/models`, `GET /health`. Requests are validated (4xx with an
+  OpenAI-style error body); generations run at most `max_concurrent` at a time with at
+  most `max_waiting` queued; beyond that the answer is 429, and a request that waited
+  longer than `queue_timeout` gets 503. Nothing hangs.
+- `build_chat_ui`: gradio chat with streaming, history, sampling sliders and a stop button.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from common.errors import UserError
+from common.templates import render_chat
+from common.tokenizer import display_cleaner
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------ loading
+def load_causal_lm(model_dir: str | Path, device: str | None = None, dtype: str = "auto"):
+    """A local causal LM and its tokenizer, in eval mode on `device` (default: cuda if
+    present). dtype "auto" is bfloat16 on a GPU that supports it, float32 elsewhere."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"no model in {model_dir} (no config.json): train one first or give --model")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), trust_remote_code=False)
+    return model.to(device).eval(), tokenizer
+
+
+def context_length(model) -> int:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise UserError(f"cannot tell the context length of {type(model).__name__}")
+
+
+# --------------------------------------------------------------------- generation
+@dataclass
+class SamplingParams:
+    """One request's decoding settings. temperature 0 means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError("max_tokens must be at least 1")
+        if not 0 <= self.temperature <= 2:
+            raise UserError("temperature must be in [0, 2]")
+        if not 0 < self.top_p <= 1:
+            raise UserError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise UserError("top_k must be >= 0 (0 = off)")
+        if not 0 < self.repetition_penalty <= 10:
+            raise UserError("repetition_penalty must be in (0, 10]")
+        if any(not s for s in self.stop):
+            raise UserError("stop strings must not be empty")
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.ignore_eos:
+            kwargs["min_new_tokens"] = self.max_new_tokens
+        if self.temperature == 0:
+            return {**kwargs, "do_sample": False}
+        # top_k is always passed: otherwise the model's generation_config default (often 50) applies.
+        return {**kwargs, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _TokenQueue(BaseStreamer):
+    """Receives new token ids from `generate` (in its thread) for the reading thread."""
+
+    def __init__(self, on_tokens):
+        self.queue: queue.Queue = queue.Queue()
+        self.prompt_seen = False
+        self.on_tokens = on_tokens
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() first hands over the prompt itself
+            self.prompt_seen = True
+            return
+        ids = value.reshape(-1).tolist()
+        self.on_tokens(len(ids))
+        self.queue.put(ids)
+
+    def end(self):
+        pass
+
+
+_END = object()
+
+
+class GenerationStream:
+    """Iterate to get text deltas of one generation running in a background thread.
+
+    After iteration: `finish_reason` ("stop": end of text or a stop string; "length":
+    max_new_tokens reached), `completion_tokens`. `cancel()` (or leaving the loop early and
+    closing) stops the generation at its next token.
+    """
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams):
+        self.engine = engine
+        self.params = params
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._cancel = threading.Event()
+        self._tokens = _TokenQueue(engine.count_tokens)
+        self._thread = threading.Thread(target=self._generate, args=(prompt_ids,), daemon=True)
+        self._thread.start()
+
+    def _generate(self, prompt_ids: list[int]) -> None:
+        model, tokenizer = self.engine.model, self.engine.tokenizer
+        try:
+            if self.params.seed is not None:
+                torch.manual_seed(self.params.seed)
+            ids = torch.tensor([prompt_ids], device=model.device)
+            with torch.inference_mode():
+                model.generate(
+                    ids, attention_mask=torch.ones_like(ids), streamer=self._tokens,
+                    stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    **self.params.generate_kwargs(),
+                )
+        except Exception as err:  # handed to the reader, which raises it in the request
+            logger.exception("generation failed")
+            self._tokens.queue.put(err)
+        finally:
+            self._tokens.queue.put(_END)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def close(self) -> None:
+        """Cancel and wait for the generation thread to finish its current step."""
+        self._cancel.set()
+        self._thread.join()
+
+    def __iter__(self) -> Iterator[str]:
+        tokenizer, clean = self.engine.tokenizer, self.engine.clean
+        stop = self.params.stop
+        eos = tokenizer.eos_token_id
+        ids: list[int] = []
+        emitted = ""
+        ended_by_eos = False
+        try:
+            while True:
+                item = self._tokens.queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                ids.extend(item)
+                self.completion_tokens = len(ids)
+                ended_by_eos = bool(ids) and ids[-1] == eos and not self.params.ignore_eos
+                text = clean(self.engine.tokenizer.decode(ids, skip_special_tokens=True))
+                if text.endswith("\ufffd") or not text.startswith(emitted):
+                    continue  # half a multi-byte character, or a decode still settling: wait
+                cut = _find_stop(text, stop, start=max(0, len(emitted) - max(map(len, stop), default=0)))
+                if cut is not None:
+                    self.finish_reason = "stop"
+                    self.cancel()
+                    if cut > len(emitted):
+                        yield text[len(emitted):cut]
+                    return
+                safe = len(text) - _partial_stop_length(text, stop)
+                if safe > len(emitted):
+                    yield text[len(emitted):safe]
+                    emitted = text[:safe]
+            self.finish_reason = "stop" if ended_by_eos else "length"
+            if ids:
+                text = clean(tokenizer.decode(ids, skip_special_tokens=True))
+                if text.startswith(emitted) and len(text) > len(emitted):
+                    yield text[len(emitted):]
+        finally:
+            self.cancel()
+
+
+def _find_stop(text: str, stop: tuple[str, ...], start: int) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stop) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _partial_stop_length(text: str, stop: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that begins a stop string: held back until
+    the next tokens show whether the stop string follows."""
+    best = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class Engine:
+    """A model, its tokenizer and how to prompt it."""
+
+    def __init__(self, model, tokenizer, name: str, template: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.template = template
+        self.context_length = context_length(model)
+        self.clean = display_cleaner(tokenizer)
+        self.tokens_generated = 0  # by every generation since start, cancelled ones too
+        self._count_lock = threading.Lock()
+
+    def count_tokens(self, n: int) -> None:
+        with self._count_lock:
+            self.tokens_generated += n
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, name: str | None = None, template: str | None = None,
+                        device: str | None = None, dtype: str = "auto") -> Engine:
+        model, tokenizer = load_causal_lm(model_dir, device, dtype)
+        return cls(model, tokenizer, name or Path(model_dir).resolve().name, template)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def chat_prompt(self, messages: list[dict]) -> tuple[str, tuple[str, ...]]:
+        """Prompt text and the template's stop strings for a conversation."""
+        return render_chat(self.tokenizer, messages, self.template)
+
+    def room(self, prompt_ids: list[int]) -> int:
+        """How many tokens may still be generated after this prompt."""
+        return self.context_length - len(prompt_ids)
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
+        params.check()
+        if not prompt_ids:
+            raise UserError("the prompt is empty")
+        if params.max_new_tokens > self.room(prompt_ids):
+            raise UserError(
+                f"the prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_new_tokens}: "
+                f"together over the model's context of {self.context_length} tokens"
+            )
+        return GenerationStream(self, prompt_ids, params)
+
+    def complete(self, prompt: str, params: SamplingParams) -> str:
+        return "".join(self.stream(self.encode(prompt), params))
+
+
+# ------------------------------------------------------------------- HTTP server
+@dataclass
+class ServerSettings:
+    max_concurrent: int = 1  # generations at once; one model step already fills a GPU or the CPU
+    max_waiting: int = 8  # queued requests beyond those; more get 429
+    queue_timeout: float = 60.0  # seconds a queued request waits before 503
+    max_request_bytes: int = 1_000_000
+    default_max_tokens: int = 256  # when a request gives none (capped by the room left in the context)
+    cors: list[str] = field(default_factory=list)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def _error_body(message: str, kind: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+class Limiter:
+    """At most `max_concurrent` generations at once; at most `max_waiting` more queue (FIFO)."""
+
+    def __init__(self, max_concurrent: int, max_waiting: int, timeout: float):
+        self.semaphore = asyncio.Semaphore(max_concurrent)
+        self.max_waiting = max_waiting
+        self.timeout = timeout
+        self.waiting = 0
+        self.active = 0
+
+    async def acquire(self) -> None:
+        if self.semaphore.locked() and self.waiting >= self.max_waiting:
+            raise ApiError(429, f"server busy: {self.active} generations running and {self.waiting} waiting; "
+                                "retry later", kind="rate_limit_error")
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self.semaphore.acquire(), self.timeout)
+        except TimeoutError:
+            raise ApiError(503, f"no generation slot within {self.timeout:g} s; retry later",
+                           kind="server_overloaded") from None
+        finally:
+            self.waiting -= 1
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+        self.semaphore.release()
+
+
+class _SlotStreamingResponse(StreamingResponse):
+    """An event stream that gives its generation slot back however the response ends,
+    also when the client is gone before the first byte (then the body never runs)."""
+
+    def __init__(self, content, limiter: Limiter):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.limiter = limiter
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # runs the body's cleanup: its generation stops
+            self.limiter.release()
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
+
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # newer name of max_tokens in the chat API
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stream: bool = False
+    stream_options: dict | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool | int | None = None
+    # Extensions that vLLM and others accept too.
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict]
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage]
+
+
+def _message_text(message: ChatMessage, i: int) -> str:
+    if isinstance(message.content, str):
+        return message.content
+    texts = []
+    for part in message.content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"messages[{i}]: only text content parts are supported", param="messages")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    limiter = Limiter(settings.max_concurrent, settings.max_waiting, settings.queue_timeout)
+    app = FastAPI(title=f"{engine.name} (OpenAI-compatible)", description=__doc__)
+    app.state.engine, app.state.limiter = engine, limiter
+    if settings.cors:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors, allow_methods=["*"], allow_headers=["*"])
+
+    @app.middleware("http")
+    async def limit_body_size(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_request_bytes):
+            return JSONResponse(_error_body(f"request body over {settings.max_request_bytes} bytes",
+                                            "invalid_request_error"), status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        return JSONResponse(_error_body(err.message, err.kind, err.param), status_code=err.status)
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, err: UserError):
+        return JSONResponse(_error_body(str(err), "invalid_request_error"), status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in err.errors())
+        return JSONResponse(_error_body(problems or "invalid request", "invalid_request_error"), status_code=400)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": engine.name, "context_length": engine.context_length,
+                "active": limiter.active, "waiting": limiter.waiting, "tokens_generated": engine.tokens_generated}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [
+            {"id": engine.name, "object": "model", "created": 0, "owned_by": "local",
+             "max_model_len": engine.context_length},
+        ]}
+
+    def sampling_params(body: _Common, prompt_ids: list[int], extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+        if body.model not in (None, engine.name):
+            raise ApiError(404, f"model '{body.model}' not found; this server has '{engine.name}'",
+                           kind="not_found_error", param="model")
+        if body.n != 1:
+            raise ApiError(400, "only n=1 is supported", param="n")
+        if body.presence_penalty or body.frequency_penalty:
+            raise ApiError(400, "presence_penalty and frequency_penalty are not supported; "
+                                "use repetition_penalty", param="presence_penalty")
+        if body.logprobs:
+            raise ApiError(400, "logprobs are not supported", param="logprobs")
+        if not prompt_ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        room = engine.room(prompt_ids)
+        if room < 1:
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens, the model's context is "
+                                f"{engine.context_length}", param="prompt")
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:
+            max_tokens = min(settings.default_max_tokens, room)
+        elif not 1 <= max_tokens <= room:
+            raise ApiError(400, f"max_tokens must be in [1, {room}]: the prompt has {len(prompt_ids)} tokens "
+                                f"of the model's context of {engine.context_length}", param="max_tokens")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4:
+            raise ApiError(400, "at most 4 stop sequences", param="stop")
+        params = SamplingParams(max_tokens, body.temperature, body.top_p, body.top_k, body.repetition_penalty,
+                                tuple(stop) + extra_stop, body.seed, body.ignore_eos)
+        try:
+            params.check()
+        except UserError as err:
+            raise ApiError(400, str(err)) from None
+        return params
+
+    async def respond(request: Request, body: _Common, prompt_ids: list[int], params: SamplingParams,
+                      chat: bool, final_body):
+        """Run one generation in a slot: as server-sent events, or one JSON answer at the end."""
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        def chunk(delta: str | None = None, finish_reason: str | None = None, opening: bool = False) -> str:
+            if chat:
+                message = {"role": "assistant", "content": ""} if opening else (
+                    {"content": delta} if delta is not None else {})
+                choice = {"index": 0, "delta": message, "logprobs": None, "finish_reason": finish_reason}
+            else:
+                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
+            return _sse({"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                         "created": created, "model": engine.name, "choices": [choice]})
+
+        async def deltas(generation: GenerationStream):
+            """The generation's text pieces; stops it when the client goes away."""
+            iterator = iter(generation)
+            try:
+                while (delta := await anyio.to_thread.run_sync(next, iterator, None)) is not None:
+                    yield delta
+                    if await request.is_disconnected():
+                        logger.info("%s: client went away; generation stopped", request_id)
+                        return
+            finally:
+                await anyio.to_thread.run_sync(generation.close)
+
+        await limiter.acquire()  # 429 / 503 come before anything else is sent
+        if not body.stream:
+            try:
+                generation = engine.stream(prompt_ids, params)
+                text = "".join([delta async for delta in deltas(generation)])
+            finally:
+                limiter.release()
+            answer = final_body(text, generation.finish_reason)
+            return JSONResponse({"id": request_id, "created": created, "model": engine.name, **answer,
+                                 "usage": _usage(generation)})
+
+        async def events():
+            generation = engine.stream(prompt_ids, params)
+            if chat:
+                yield chunk(opening=True)
+            try:
+                async for delta in deltas(generation):
+                    yield chunk(delta)
+            except Exception as err:  # the 200 status is sent already: report the failure in the stream
+                yield _sse(_error_body(f"generation failed: {err}", "server_error"))
+                return
+            finally:  # also when the response is aborted with this generator suspended mid-stream
+                await anyio.to_thread.run_sync(generation.close)
+            yield chunk(finish_reason=generation.finish_reason)
+            if (body.stream_options or {}).get("include_usage"):
+                yield _sse({"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                            "created": created, "model": engine.name, "choices": [], "usage": _usage(generation)})
+            yield "data: [DONE]\n\n"
+
+        return _SlotStreamingResponse(events(), limiter)
+
+    # ------------------------------------------------------------- /v1/completions
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, "give one prompt per request", param="prompt")
+        prompt = prompts[0]
+        if not prompt.strip():
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        prompt_ids = engine.encode(prompt)
+        params = sampling_params(body, prompt_ids)
+
+        def final_body(text: str, finish_reason: str) -> dict:
+            return {"object": "text_completion", "choices": [
+                {"index": 0, "text": (prompt if body.echo else "") + text, "logprobs": None,
+                 "finish_reason": finish_reason}]}
+
+        return await respond(request, body, prompt_ids, params, chat=False, final_body=final_body)
+
+    # -------------------------------------------------------- /v1/chat/completions
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        messages = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(body.messages)]
+        if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+            raise ApiError(400, "messages need at least one non-empty user message", param="messages")
+        prompt, template_stop = engine.chat_prompt(messages)
+        prompt_ids = engine.encode(prompt)
+        params = sampling_params(body, prompt_ids, template_stop)
+
+        def final_body(text: str, finish_reason: str) -> dict:
+            return {"object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                 "finish_reason": finish_reason}]}
+
+        return await respond(request, body, prompt_ids, params, chat=True, final_body=final_body)
+
+    return app
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _usage(generation: GenerationStream) -> dict:
+    return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
+            "total_tokens": generation.prompt_tokens + generation.completion_tokens}
+
+
+# ---------------------------------------------------------------------- chat UI
+def _history_text(content) -> str:
+    """gradio hands message content over as a string or as a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text", "")
+    if isinstance(content, list):
+        return "".join(_history_text(part) for part in content)
+    return ""
+
+
+def fit_conversation(engine: Engine, messages: list[dict], max_new_tokens: int) -> tuple[list[int], tuple[str, ...]]:
+    """Prompt ids for the conversation, dropping the oldest turns (never the system message
+    or the last user message) until prompt and reply fit in the context."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    while True:
+        prompt, stop = engine.chat_prompt(system + turns)
+        ids = engine.encode(prompt)
+        if len(ids) + max_new_tokens <= engine.context_length:
+            return ids, stop
+        if len(turns) <= 1:
+            raise UserError(f"the message is {len(ids)} tokens long; with {max_new_tokens} new tokens it does "
+                            f"not fit the model's context of {engine.context_length}: shorten it or lower max tokens")
+        turns = turns[2:] if turns[0]["role"] == "user" and len(turns) > 2 else turns[1:]
+
+
+def build_chat_ui(engine: Engine, title: str, description: str = "", defaults: SamplingParams | None = None,
+                  system_prompt: str = "", examples: list[str] | None = None):
+    """A gradio ChatInterface over `engine`: streamed replies, multi-turn history, sampling
+    sliders, and a stop button that stops the generation itself, not only the display."""
+    import gradio as gr
+
+    defaults = defaults or SamplingParams()
+    max_new = max(1, engine.context_length // 2)
+
+    def reply(message: str, history: list[dict], system: str, max_new_tokens: float, temperature: float,
+              top_p: float, top_k: float, repetition_penalty: float):
+        messages = [{"role": "system", "content": system}] if system.strip() else []
+        messages += [{"role": m["role"], "content": _history_text(m["content"])} for m in history
+                     if m.get("role") in ("user", "assistant")]
+        messages.append({"role": "user", "content": message})
+        if not message.strip():
+            raise gr.Error("Type a message first.")
+        params = SamplingParams(int(max_new_tokens), temperature, top_p, int(top_k), repetition_penalty)
+        try:
+            prompt_ids, stop = fit_conversation(engine, messages, params.max_new_tokens)
+            params.stop = stop
+            generation = engine.stream(prompt_ids, params)
+        except UserError as err:
+            raise gr.Error(str(err)) from None
+        text = ""
+        try:  # gradio closes this generator when the user presses stop: the finally cancels
+            for delta in generation:
+                text += delta
+                yield text
+        finally:
+            generation.cancel()
+        if not text:
+            yield "（模型没有生成内容 / the model produced no text）"
+
+    inputs = [
+        gr.Textbox(system_prompt, label="System prompt"),
+        gr.Slider(1, max_new, min(defaults.max_new_tokens, max_new), step=1, label="Max new tokens"),
+        gr.Slider(0.0, 2.0, defaults.temperature, step=0.05, label="Temperature (0 = greedy)"),
+        gr.Slider(0.05, 1.0, defaults.top_p, step=0.05, label="Top-p"),
+        gr.Slider(0, 200, defaults.top_k, step=1, label="Top-k (0 = off)"),
+        gr.Slider(1.0, 2.0, defaults.repetition_penalty, step=0.01, label="Repetition penalty"),
+    ]
+    return gr.ChatInterface(
+        reply, title=title, description=description, additional_inputs=inputs,
+        additional_inputs_accordion=gr.Accordion("Generation settings", open=False),
+        examples=[[e, system_prompt, *[i.value for i in inputs[1:]]] for e in examples or []] or None,
+        fill_height=True, api_name="chat",
+    )
+
+
+# ------------------------------------------------------------- command lines
+def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
+    parser.add_argument("--model", default=default_model, help="Local model directory (config.json, weights, tokenizer).")
+    parser.add_argument("--template", default=None,
+                        help="Chat template from common/templates.py; default: the tokenizer's own, else 'plain'.")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if present).")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 = this machine only; 0.0.0.0 = everyone.")
+
+
+def run_server(argv: list[str] | None, default_model: str, description: str) -> None:
+    """The `serve.py` of a generative recipe."""
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arguments(parser, default_model)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served_model_name", default=None, help="Name in /v1/models (default: the folder name).")
+    defaults = ServerSettings()
+    parser.add_argument("--max_concurrent", type=int, default=defaults.max_concurrent,
+                        help="Generations running at once.")
+    parser.add_argument("--max_waiting", type=int, default=defaults.max_waiting,
+                        help="Requests queued beyond those; more are answered 429.")
+    parser.add_argument("--queue_timeout", type=float, default=defaults.queue_timeout,
+                        help="Seconds a queued request waits for a slot before 503.")
+    parser.add_argument("--max_request_bytes", type=int, default=defaults.max_request_bytes)
+    parser.add_argument("--default_max_tokens", type=int, default=defaults.default_max_tokens,
+                        help="max_tokens of a request that gives none.")
+    parser.add_argument("--cors", nargs="*", default=[], help="Origins allowed to call from a browser.")
+    args = parser.parse_args(argv)
+    if args.max_concurrent < 1 or args.max_waiting < 0 or args.queue_timeout <= 0:
+        raise UserError("need --max_concurrent >= 1, --max_waiting >= 0 and --queue_timeout > 0")
+    engine = Engine.from_pretrained(args.model, args.served_model_name, args.template, args.device, args.dtype)
+    settings = ServerSettings(args.max_concurrent, args.max_waiting, args.queue_timeout, args.max_request_bytes,
+                              args.default_max_tokens, args.cors)
+    print(f"serving '{engine.name}' at http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
+    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
+
+
+def run_chatbot(argv: list[str] | None, default_model: str, description: str, title: str,
+                defaults: SamplingParams | None = None, examples: list[str] | None = None) -> None:
+    """The `chatbot.py` of a generative recipe."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arguments(parser, default_model)
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--system_prompt", default="", help="Initial system prompt (editable in the UI).")
+    defaults = defaults or SamplingParams()
+    group = parser.add_argument_group("initial generation settings (the UI's sliders change them)")
+    group.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
+    group.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy.")
+    group.add_argument("--top_p", type=float, default=defaults.top_p)
+    group.add_argument("--top_k", type=int, default=defaults.top_k, help="0 = off.")
+    group.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty)
+    args = parser.parse_args(argv)
+    defaults = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    defaults.check()
+    engine = Engine.from_pretrained(args.model, None, args.template, args.device, args.dtype)
+    demo = build_chat_ui(engine, title, description.split("\n\n")[0], defaults, args.system_prompt, examples)
+    print(f"chatbot for '{engine.name}' at http://{args.host}:{args.port}", flush=True)
+    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
+                                                   share=False, show_error=True)

@@ -1,0 +1,370 @@
+"""common/serving.py and chinese_gpt2's serve.py / chatbot.py: streamed generation, the
+OpenAI-compatible server over a real uvicorn (driven by the official `openai` client), its
+limits, and the gradio chatbot in a real headless Chromium."""
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from common.corpora import load_peoples_daily
+from common.errors import UserError
+from common.serving import (
+    ApiError,
+    Engine,
+    Limiter,
+    SamplingParams,
+    _partial_stop_length,
+    fit_conversation,
+)
+from common.templates import get_template, render_chat
+from common.tokenizer import build_chinese_tokenizer, display_cleaner, join_chinese
+
+from conftest import REPO, free_port
+
+CONTEXT = 1024
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random 4 x 256 GPT-2 with a 1024-token context: a few ms per token on a CPU, so a
+    long generation lasts long enough to be interrupted."""
+    path = tmp_path_factory.mktemp("serving_lm")
+    tokenizer = build_chinese_tokenizer(load_peoples_daily()[:2000], vocab_size=3000)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=CONTEXT, n_layer=4, n_head=4, n_embd=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return Engine.from_pretrained(model_dir, name="tiny", device="cpu")
+
+
+# ------------------------------------------------------------------ templates
+def test_plain_template_renders_turns_and_ends_with_the_assistant_prefix():
+    messages = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "今天几号？"}]
+    template = get_template("plain")
+    assert template.render(messages) == "你是助手。\n用户：你好\n助手：你好！\n用户：今天几号？\n助手："
+    # the serving prompt of a conversation is the training text of that conversation up to the reply
+    finished = messages + [{"role": "assistant", "content": "三号。"}]
+    training_text = template.render(finished, add_generation_prompt=False)
+    assert training_text.startswith(template.render(messages))
+    with pytest.raises(UserError, match="role"):
+        template.render([{"role": "robot", "content": "x"}])
+    with pytest.raises(UserError, match="unknown chat template"):
+        get_template("nope")
+
+
+def test_render_chat_prefers_the_tokenizers_own_template(engine):
+    tokenizer = engine.tokenizer
+    messages = [{"role": "user", "content": "你好"}]
+    assert render_chat(tokenizer, messages) == ("用户：你好\n助手：", ("\n用户：", "用户："))
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    try:
+        assert render_chat(tokenizer, messages) == ("<user>你好<assistant>", ())
+        assert render_chat(tokenizer, messages, template="plain")[0] == "用户：你好\n助手："
+    finally:
+        tokenizer.chat_template = None
+
+
+def test_display_cleaner_only_joins_wordpiece_output(engine):
+    assert join_chinese(" 新 华 社 北 京 电 ， 记 者 abc def ") == "新华社北京电，记者abc def"
+    assert display_cleaner(engine.tokenizer)("中 国") == "中国"
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()))
+    assert display_cleaner(byte_level)("我爱 Python") == "我爱 Python"
+
+
+# ----------------------------------------------------------------- generation
+def test_streamed_text_equals_the_full_text_and_stop_strings_cut_it(engine):
+    greedy = SamplingParams(max_new_tokens=40, temperature=0)
+    prompt = engine.encode("新华社北京电")
+    pieces = list(engine.stream(prompt, greedy))
+    full = "".join(pieces)
+    assert len(pieces) > 5 and len(full) > 10
+    assert engine.complete("新华社北京电", greedy) == full  # deterministic
+    stop = full[8:10]
+    cut = engine.stream(prompt, SamplingParams(max_new_tokens=40, temperature=0, stop=(stop,)))
+    assert "".join(cut) == full[:full.index(stop)]
+    assert cut.finish_reason == "stop"
+    whole = engine.stream(prompt, greedy)
+    assert "".join(whole) == full and whole.finish_reason == "length" and whole.completion_tokens == 40
+
+
+def test_a_partial_stop_string_is_held_back():
+    assert _partial_stop_length("今天用", ("用户：",)) == 1
+    assert _partial_stop_length("今天用户", ("用户：", "X")) == 2
+    assert _partial_stop_length("今天", ("用户：",)) == 0
+
+
+def test_sampling_is_seeded_and_checked(engine):
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, top_k=50, seed=7)
+    assert engine.complete("今天", params) == engine.complete("今天", params)
+    for bad, message in [({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"),
+                         ({"max_new_tokens": 0}, "max_tokens"), ({"top_k": -1}, "top_k")]:
+        with pytest.raises(UserError, match=message):
+            engine.stream(engine.encode("今天"), SamplingParams(**{"max_new_tokens": 5, **bad}))
+    with pytest.raises(UserError, match="context"):
+        engine.stream(engine.encode("今天"), SamplingParams(max_new_tokens=CONTEXT))
+
+
+def test_fit_conversation_drops_the_oldest_turns_first(engine):
+    old = "人民日报社论" * 60  # about 360 tokens per turn
+    messages = [{"role": "system", "content": "系统"}]
+    for mark in "甲乙丙丁":
+        messages += [{"role": "user", "content": f"问题{mark}{old}"}, {"role": "assistant", "content": f"回答{mark}{old}"}]
+    messages.append({"role": "user", "content": "最后的问题"})
+    ids, stop = fit_conversation(engine, messages, max_new_tokens=100)
+    prompt = engine.tokenizer.decode(ids)
+    assert len(ids) + 100 <= CONTEXT and stop == get_template("plain").stop
+    assert "系 统" in prompt and "最 后 的 问 题" in prompt and "问 题 甲" not in prompt and "回 答 丁" in prompt
+    with pytest.raises(UserError, match="does not fit"):
+        fit_conversation(engine, [{"role": "user", "content": old * 4}], max_new_tokens=10)
+
+
+def test_limiter_queues_then_refuses_with_429_and_times_out_with_503():
+    async def scenario():
+        limiter = Limiter(max_concurrent=1, max_waiting=1, timeout=0.3)
+        await limiter.acquire()  # the one running generation
+        waiter = asyncio.create_task(limiter.acquire())
+        await asyncio.sleep(0.05)
+        assert limiter.waiting == 1
+        with pytest.raises(ApiError) as busy:
+            await limiter.acquire()
+        with pytest.raises(ApiError) as timed_out:
+            await waiter
+        limiter.release()
+        await limiter.acquire()  # free again
+        return busy.value.status, timed_out.value.status, limiter.active, limiter.waiting
+
+    assert asyncio.run(scenario()) == (429, 503, 1, 0)
+
+
+# ------------------------------------------------------------ the real server
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    port = free_port()
+    log = (tmp_path_factory.mktemp("server") / "server.log").open("w+")
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "chinese_gpt2/serve.py"), "--model", str(model_dir), "--port", str(port),
+         "--device", "cpu", "--served_model_name", "tiny", "--max_concurrent", "1", "--max_waiting", "1",
+         "--queue_timeout", "1.0", "--max_request_bytes", "20000"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            assert process.poll() is None, "server exited"
+            time.sleep(0.3)
+    else:
+        pytest.fail("server did not start")
+    yield url
+    process.terminate()
+    process.wait(timeout=20)
+    log.seek(0)
+    print(log.read()[-3000:])
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health", timeout=5).json()
+
+
+def test_openai_client_completions_and_chat(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    done = client.completions.create(model="tiny", prompt="新华社北京电", max_tokens=12, temperature=0)
+    assert done.object == "text_completion" and done.choices[0].finish_reason in ("length", "stop")
+    assert done.usage.prompt_tokens == 6 and done.usage.completion_tokens <= 12
+    text = done.choices[0].text
+    assert text and " " not in text
+    streamed = client.completions.create(model="tiny", prompt="新华社北京电", max_tokens=12, temperature=0, stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == text  # the stream spells the same greedy text
+    assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+
+    messages = [{"role": "user", "content": "你好"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    reply = chat.choices[0].message.content
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+
+def test_the_event_stream_ends_with_done(server):
+    body = {"prompt": "今天", "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"prompt": "   "}, 400, "empty"),
+    ({"prompt": "今天", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "今天", "max_tokens": CONTEXT}, 400, "max_tokens"),
+    ({"prompt": "今天", "temperature": 2.5}, 400, "temperature"),
+    ({"prompt": "今天", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "今天", "n": 2}, 400, "n=1"),
+    ({"prompt": "今天", "model": "gpt-4"}, 404, "not found"),
+    ({"prompt": ["a", "b"]}, 400, "one prompt"),
+    ({"max_tokens": 5}, 400, "prompt"),
+    ({"prompt": "人民日报" * 300}, 400, "context"),
+    ({"prompt": "今" * 8000}, 413, "bytes"),
+])
+def test_bad_requests_get_4xx(server, body, status, message):
+    response = httpx.post(f"{server}/v1/completions", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_openai_client_sees_bad_requests_as_errors(client):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "assistant", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="今天")
+
+
+def test_disconnect_stops_generation_and_a_full_server_answers_429_then_503(server):
+    before = health(server)["tokens_generated"]
+    long_request = {"prompt": "今天", "max_tokens": 1020, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as first:
+        with first.stream("POST", f"{server}/v1/completions", json=long_request) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # generating now, in the only slot
+
+            # a second request queues (max_waiting 1) and gives up after queue_timeout (1 s) ...
+            waited = {}
+            second = threading.Thread(target=lambda: waited.update(response=httpx.post(
+                f"{server}/v1/completions", json={"prompt": "今天", "max_tokens": 5}, timeout=30)))
+            second.start()
+            for _ in range(50):
+                if health(server)["waiting"] == 1:
+                    break
+                time.sleep(0.02)
+            # ... while it waits, a third finds the queue full
+            third = httpx.post(f"{server}/v1/completions", json={"prompt": "今天", "max_tokens": 5}, timeout=30)
+            assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_error"
+            second.join()
+            assert waited["response"].status_code == 503
+        # leaving the block closes the connection mid-stream
+    for _ in range(100):
+        if health(server)["active"] == 0:
+            break
+        time.sleep(0.05)
+    state = health(server)
+    assert state["active"] == 0 and state["waiting"] == 0
+    generated = state["tokens_generated"] - before
+    time.sleep(0.5)
+    assert health(server)["tokens_generated"] - before == generated  # nothing runs on
+    assert generated < 600, f"{generated} of 1020 tokens generated after the client left"
+    after = httpx.post(f"{server}/v1/completions", json={"prompt": "今天", "max_tokens": 3}, timeout=30)
+    assert after.status_code == 200  # the slot came back
+
+
+def test_serve_cli_refuses_a_missing_model(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "chinese_gpt2/serve.py"), "--model", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no model in" in result.stderr
+
+
+# ------------------------------------------------------------ chatbot in a browser
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+# Records every text the last bot message shows, as the page changes.
+WATCH_REPLIES = """
+window.botTexts = [];
+new MutationObserver(() => {
+  const bots = document.querySelectorAll("[data-testid='bot']");
+  if (!bots.length) return;
+  const text = bots[bots.length - 1].innerText.trim();
+  if (text && window.botTexts[window.botTexts.length - 1] !== text) window.botTexts.push(text);
+}).observe(document.body, {subtree: true, childList: true, characterData: true});
+"""
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (make setup installs them)")
+def test_chatbot_streams_a_reply_in_headless_chromium(model_dir, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = free_port()
+    log = (tmp_path / "chatbot.log").open("w+")
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "chinese_gpt2/chatbot.py"), "--model", str(model_dir), "--port", str(port),
+         "--device", "cpu", "--max_new_tokens", "300"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = None
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert process.poll() is None, "chatbot exited"
+                time.sleep(0.3)
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        driver.get(url)
+        box = WebDriverWait(driver, 60).until(lambda d: d.find_element(By.CSS_SELECTOR, "textarea"))
+        driver.execute_script(WATCH_REPLIES)
+        box.send_keys("新华社北京电")
+        box.send_keys(Keys.ENTER)
+        user = WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid='user']"))
+        assert user[-1].text.strip() == "新华社北京电"
+
+        def settled(d):  # the reply stopped changing for a second
+            texts = d.execute_script("return window.botTexts")
+            time.sleep(1)
+            return texts and texts == d.execute_script("return window.botTexts") and texts
+        texts = WebDriverWait(driver, 120, poll_frequency=0.1).until(settled)
+        final = driver.find_elements(By.CSS_SELECTOR, "[data-testid='bot']")[-1].text.strip()
+        assert final and final == texts[-1]
+        assert len(texts) >= 3, f"the reply appeared at once, not streamed: {texts}"
+        assert all(final.startswith(t) for t in texts)  # it grew piece by piece
+    finally:
+        if driver is not None:
+            driver.quit()
+        process.terminate()
+        process.wait(timeout=20)
+        log.seek(0)
+        print(log.read()[-3000:])
