@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo test lint clean
+.PHONY: setup browser demo demo-classifier test lint clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The flagship recipe: GPT-2 from scratch on People's Daily (about 7 minutes on 2 CPU cores),
+# its perplexity beside a character-bigram model, a few samples, then the chatbot (Ctrl-C ends it).
 demo: setup
+	$(PY) chinese_gpt2/prepare_data.py
+	$(PY) chinese_gpt2/train.py chinese_gpt2/configs/default.yaml
+	$(PY) chinese_gpt2/generate.py --model outputs/chinese_gpt2 --strategy sample --temperature 0.8 \
+		--top_p 0.9 --repetition_penalty 1.2 --max_new_tokens 60 "新华社北京电" "今年以来，我国经济" "记者从教育部获悉"
+	$(PY) chinese_gpt2/chatbot.py --model outputs/chinese_gpt2
+
+demo-classifier: setup
 	$(PY) chinese_classifier/prepare_data.py
 	$(PY) chinese_classifier/train.py chinese_classifier/configs/default.yaml
 	$(PY) chinese_classifier/predict.py --model outputs/chinese_classifier \
