@@ -15,11 +15,12 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import set_seed
 
 from common.data import read_lines
 from common.errors import UserError, cli_main
-from common.tokenizer import join_chinese
+from common.serving import load_causal_lm
+from common.tokenizer import display_cleaner
 
 DEFAULT_MODEL = "outputs/chinese_gpt2"
 
@@ -48,19 +49,10 @@ def generation_settings(strategy: str, max_new_tokens: int, temperature: float =
     raise UserError(f"unknown strategy '{strategy}' (greedy, sample, beam)")
 
 
-def load_model(model_dir: str | Path, device: str | None = None):
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"no trained model in {model_dir}: run chinese_gpt2/train.py first")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.to(device).eval(), tokenizer
-
-
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], settings: dict) -> list[str]:
     """Continue each prompt on its own (no padding, so no left-padding pitfalls)."""
+    clean = display_cleaner(tokenizer)
     outputs = []
     for prompt in prompts:
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
@@ -74,7 +66,7 @@ def generate(model, tokenizer, prompts: list[str], settings: dict) -> list[str]:
             ids, **{**settings, "max_new_tokens": min(settings["max_new_tokens"], room)},
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
-        outputs.append(prompt + join_chinese(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)))
+        outputs.append(prompt + clean(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)))
     return outputs
 
 
@@ -92,7 +84,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--repetition_penalty", type=float, default=1.0)
     parser.add_argument("--num_beams", type=int, default=4)
     parser.add_argument("--seed", type=int, default=42, help="Makes sampling repeatable.")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if present).")
     args = parser.parse_args(argv)
 
     prompts = list(args.prompts)
@@ -102,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         raise UserError("no prompt: give prompts as arguments or --file")
     settings = generation_settings(args.strategy, args.max_new_tokens, args.temperature, args.top_k,
                                    args.top_p, args.repetition_penalty, args.num_beams)
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_causal_lm(args.model, args.device)
     set_seed(args.seed)
     texts = generate(model, tokenizer, prompts, settings)
     for text in texts:

@@ -8,7 +8,8 @@ import torch
 
 from common.data import PackedTokenDataset, TokenFileWriter, token_dtype
 from common.errors import UserError
-from common.tokenizer import load_tokenizer
+from common.serving import load_causal_lm
+from common.tokenizer import join_chinese, load_tokenizer
 
 from conftest import load_recipe_module, run_script
 
@@ -168,7 +169,7 @@ generate_module = load_recipe_module("chinese_gpt2", "generate")
 
 
 def test_decoded_spaces_between_chinese_characters_are_removed():
-    join = generate_module.join_chinese
+    join = join_chinese
     assert join("新 华 社 北 京 电 ， 记 者") == "新华社北京电，记者"
     assert join("价 格 3999 元") == "价格3999元"
     assert join("hello world 你 好") == "hello world你好"
@@ -204,7 +205,7 @@ def tiny_lm(tmp_path_factory):
 
 
 def test_generation_strategies(tiny_lm):
-    model, tokenizer = generate_module.load_model(tiny_lm, device="cpu")
+    model, tokenizer = load_causal_lm(tiny_lm, device="cpu")
     settings = generate_module.generation_settings
     greedy = generate_module.generate(model, tokenizer, ["新华社", "记者"], settings("greedy", 6))
     assert greedy == generate_module.generate(model, tokenizer, ["新华社", "记者"], settings("greedy", 6))
