@@ -414,7 +414,6 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     settings = settings or ServerSettings()
     limiter = Limiter(settings.max_concurrent, settings.max_waiting, settings.queue_timeout)
     app = FastAPI(title=f"{engine.name} (OpenAI-compatible)", description=__doc__)
-    app.state.engine, app.state.limiter = engine, limiter
     if settings.cors:
         from fastapi.middleware.cors import CORSMiddleware
 
