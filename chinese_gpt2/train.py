@@ -5,13 +5,21 @@
     python chinese_gpt2/train.py chinese_gpt2/configs/gpt2_small_gpu.yaml      # 12 x 768, context 1024
     python chinese_gpt2/train.py chinese_gpt2/configs/default.yaml --resume_from_checkpoint last
 
-Several GPUs: `torchrun --nproc_per_node 4 chinese_gpt2/train.py chinese_gpt2/configs/gpt2_small_gpu.yaml`.
+Several GPUs: `torchrun --nproc_per_node 4 chinese_gpt2/train.py chinese_gpt2/configs/gpt2_small_gpu.yaml
+--gradient_accumulation_steps 1` (the same global batch as one GPU with 4).
 
 Reads the packed token files of prepare_data.py as fixed-length blocks through a memory
-map. The model is `GPT2LMHeadModel` with SDPA attention, built from the sizes below or
-loaded from `--model_name_or_path`. Validation loss and perplexity go to
-`<output_dir>/metrics.json`, next to the perplexity of an add-one-smoothed character-bigram
-model fitted on the same train tokens and scored on the same validation positions.
+map. The model is `GPT2LMHeadModel` with SDPA attention (`sdpa_causal` in the GPU config:
+is_causal and no mask tensor, see `build_trainer`), built from the sizes below or loaded
+from `--model_name_or_path`. With `--loss_chunk_size N` the training loss is
+computed N positions at a time, so the [tokens, vocabulary] logits are never held whole
+(the GPU config uses it; evaluation and generation use the model's own forward). The
+speed options (bf16, torch.compile, fused AdamW, pinned non-blocking batches from
+worker processes, no per-step NaN check) are Trainer options set in the GPU config;
+`benchmarks/gpt2_train_throughput.py` measures what each buys.
+Validation loss and perplexity go to `<output_dir>/metrics.json`, next to the perplexity
+of an add-one-smoothed character-bigram model fitted on the same train tokens and scored
+on the same validation positions.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import (
+    AttentionInterface,
     AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
@@ -33,6 +43,8 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_outputs import CausalLMOutput
 from transformers.trainer_utils import get_last_checkpoint
 
 from common.config import parse_args
@@ -62,7 +74,16 @@ class ModelArguments:
     n_head: int = 4
     n_embd: int = 256
     dropout: float = field(default=0.0, metadata={"help": "Residual, embedding and attention dropout."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2."})
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "sdpa, sdpa_causal, eager or flash_attention_2. sdpa_causal: SDPA with is_causal=True and "
+                  "no mask tensor, exact here (training blocks are never padded) and fast under torch.compile."},
+    )
+    loss_chunk_size: int = field(
+        default=0,
+        metadata={"help": "Compute the training loss this many token positions at a time, never holding all "
+                  "[tokens, vocabulary] logits (0 = the model's own loss). Saves memory and time on GPU."},
+    )
 
 
 @dataclass
@@ -96,13 +117,101 @@ def bigram_perplexity(train: np.ndarray, valid_blocks: np.ndarray, vocab_size: i
     return float(np.exp(-log_p.mean()))
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> dict:
-    data_args, model_args, training_args = parse_args(
-        [DataArguments, ModelArguments, GPT2TrainingArguments], argv, description=__doc__
-    )
+# ----------------------------------------------------------------- chunked loss
+IGNORE_INDEX = -100
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, targets)) / divisor, `chunk` rows at a time.
+
+    A [tokens, vocabulary] logit matrix is large (32 x 1024 x 21128 is 1.4 GB in bf16, 2.8 GB
+    more as the fp32 copy the usual loss makes) and is read and written several times. Here
+    each chunk's logits exist only inside the loop: the forward pass also computes that
+    chunk's gradients (softmax minus one-hot, times the chunk's hidden states / weight) and
+    keeps only those, [tokens, hidden] and [vocabulary, hidden]. Rows whose target is -100
+    count neither in the loss nor in the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, divisor, chunk: int, compute_dtype: torch.dtype):
+        # Casting here rather than under autocast keeps one dtype per product; the weight
+        # gradient is accumulated over chunks in fp32.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            hidden_c, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)
+            classes = torch.arange(weight.shape[0], device=hidden.device)
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden_c[start:start + chunk]
+                target = targets[start:start + chunk]
+                logits = (h @ weight_c.t()).float()
+                valid = target != IGNORE_INDEX
+                safe_target = torch.where(valid, target, 0)
+                log_norm = torch.logsumexp(logits, dim=-1)
+                target_logit = logits.gather(1, safe_target[:, None]).squeeze(1)
+                loss = loss + torch.where(valid, log_norm - target_logit, 0.0).sum()
+                grad_logits = torch.exp(logits - log_norm[:, None]) - (classes[None, :] == safe_target[:, None]).float()
+                grad_logits = (grad_logits * (valid.float() / divisor)[:, None]).to(compute_dtype)
+                grad_hidden[start:start + chunk] = (grad_logits @ weight_c).to(hidden.dtype)
+                grad_weight += (grad_logits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
+
+
+def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           num_items_in_batch: torch.Tensor | int | None, chunk: int) -> torch.Tensor:
+    """The loss of transformers' ForCausalLMLoss (position t predicts label t + 1, the sum over
+    non-ignored positions divided by `num_items_in_batch` or else by their count), computed
+    by `ChunkedLinearCrossEntropy` from the final hidden states and the output embedding."""
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    divisor = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
+    if torch.is_autocast_enabled(hidden.device.type):
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+    else:
+        compute_dtype = hidden.dtype
+    return ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets, divisor,
+                                           chunk, compute_dtype)
+
+
+def use_chunked_loss(model, chunk: int) -> None:
+    """Make the model's training forward (labels given, `model.training`) return only the
+    chunked loss; evaluation and generation keep its own forward and logits. The model
+    object and its saved checkpoint stay a plain `GPT2LMHeadModel`."""
+    output_embeddings = model.get_output_embeddings()
+    if not isinstance(output_embeddings, torch.nn.Linear) or output_embeddings.bias is not None:
+        raise UserError(f"--loss_chunk_size needs an output layer without bias; {type(model).__name__} has "
+                        f"{type(output_embeddings).__name__}: use --loss_chunk_size 0")
+    model_forward = model.forward
+
+    def forward(input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+        if labels is None or not model.training:
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return model_forward(input_ids=input_ids, labels=labels, **kwargs)
+        kwargs["use_cache"] = False  # a training step has no use for a key/value cache
+        hidden = model.base_model(input_ids=input_ids, **kwargs).last_hidden_state
+        return CausalLMOutput(
+            loss=chunked_causal_lm_loss(hidden, output_embeddings.weight, labels, num_items_in_batch, chunk)
+        )
+
+    model.forward = forward  # an instance attribute: nn.Module.__call__ and the Trainer find it
+
+
+def parse(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, GPT2TrainingArguments]:
+    return parse_args([DataArguments, ModelArguments, GPT2TrainingArguments], argv, description=__doc__)
+
+
+def build_trainer(data_args: DataArguments, model_args: ModelArguments,
+                  training_args: GPT2TrainingArguments) -> Trainer:
+    """Data, tokenizer, model and Trainer, exactly as `main` trains them (the throughput
+    benchmark builds its Trainer here too)."""
     set_seed(training_args.seed)
-    start = time.time()
 
     # ------------------------------------------------------------------------- data
     data_dir = Path(data_args.data_dir)
@@ -115,6 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ------------------------------------------------------------- tokenizer and model
     tokenizer = load_tokenizer(data_dir / meta["tokenizer"])
+    # Training blocks are never padded, so every attention mask is the plain causal one. Under
+    # torch.compile, transformers 5.17 still hands SDPA that mask as a [B, 1, T, T] tensor, and
+    # SDPA then computes all T x T scores on a slower kernel (on an H100: attention 29% of the
+    # step). An attention function registered without a mask function gets no mask from
+    # transformers, so SDPA runs with is_causal=True. Checkpoints do not record it.
+    AttentionInterface.register("sdpa_causal", sdpa_attention_forward)
     if model_args.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path, attn_implementation=model_args.attn_implementation,
@@ -139,9 +254,14 @@ def main(argv: list[str] | None = None) -> dict:
         model = GPT2LMHeadModel._from_config(config, attn_implementation=model_args.attn_implementation)
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens, the model only {model.config.vocab_size}")
+    # GPT2LMHeadModel's name maps to no loss type; naming it spares a warning that also
+    # splits the compiled graph in two.
+    model.loss_type = "ForCausalLM"
+    if model_args.loss_chunk_size > 0:
+        use_chunked_loss(model, model_args.loss_chunk_size)
     logger.info("model: %s, %.2fM parameters", type(model).__name__, model.num_parameters() / 1e6)
 
-    # --------------------------------------------------------------------------- train
+    # --------------------------------------------------------------------------- trainer
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -150,6 +270,18 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=default_data_collator,
     )
+    return trainer
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    data_args, model_args, training_args = parse(argv)
+    start = time.time()
+    trainer = build_trainer(data_args, model_args, training_args)
+    model, tokenizer = trainer.model, trainer.processing_class
+    train_blocks, valid_blocks = trainer.train_dataset, trainer.eval_dataset
+
+    # --------------------------------------------------------------------------- train
     resume = training_args.resume_from_checkpoint
     if resume == "last":
         resume = get_last_checkpoint(training_args.output_dir)

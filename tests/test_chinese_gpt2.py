@@ -119,6 +119,72 @@ def test_bigram_perplexity_matches_a_hand_computation():
     assert bigram_perplexity(train, valid, vocab_size=3) == pytest.approx(expected)
 
 
+# ---------------------------------------------------- GPU speed paths, checked on CPU
+def tiny_gpt2(attn_implementation="sdpa", vocab_size=300):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=32, n_layer=2, n_head=2, n_embd=32,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    model = GPT2LMHeadModel._from_config(config, attn_implementation=attn_implementation)
+    model.loss_type = "ForCausalLM"
+    return model.train()
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])  # several chunks with a ragged last one; one chunk
+def test_chunked_loss_equals_the_model_loss_and_gradients(chunk):
+    import copy
+
+    train = load_recipe_module("chinese_gpt2", "train")
+    reference = tiny_gpt2()
+    chunked = copy.deepcopy(reference)
+    train.use_chunked_loss(chunked, chunk)
+    input_ids = torch.randint(0, 300, (3, 32))
+    labels = input_ids.clone()
+    labels[0, :5] = -100
+    labels[2, 10:] = -100
+    counted = (labels[:, 1:] != -100).sum()
+    for kwargs in ({}, {"num_items_in_batch": counted * 4}):  # mean over tokens; the Trainer's divisor
+        reference.zero_grad()
+        chunked.zero_grad()
+        expected = reference(input_ids=input_ids, labels=labels, **kwargs).loss
+        expected.backward()
+        output = chunked(input_ids=input_ids, labels=labels, **kwargs)
+        output.loss.backward()
+        assert output.logits is None  # the [tokens, vocabulary] logits were never returned
+        assert output.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        for (name, p_ref), p_chunked in zip(reference.named_parameters(), chunked.parameters()):
+            torch.testing.assert_close(p_chunked.grad, p_ref.grad, rtol=1e-5, atol=1e-7, msg=name)
+    chunked.eval()  # evaluation keeps the model's own forward, logits included
+    evaluated = chunked(input_ids=input_ids, labels=labels)
+    assert evaluated.logits.shape == (3, 32, 300)
+    assert evaluated.loss.item() == pytest.approx(reference.eval()(input_ids=input_ids, labels=labels).loss.item())
+
+
+def test_sdpa_causal_reaches_sdpa_as_is_causal_without_a_mask_when_compiled():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("sdpa_causal", sdpa_attention_forward)  # as train.py does
+    model = tiny_gpt2("sdpa_causal")
+    input_ids = torch.randint(0, 300, (2, 32))
+    calls = []
+
+    def inspecting_backend(graph_module, example_inputs):
+        for node in graph_module.graph.nodes:
+            if "scaled_dot_product_attention" in str(node.target):
+                mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+                calls.append((mask is None, node.kwargs.get("is_causal")))
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=inspecting_backend)(input_ids=input_ids, labels=input_ids).loss
+    torch._dynamo.reset()
+    assert calls == [(True, True)] * 2  # both layers: no mask tensor, SDPA's own causal kernel
+    plain = tiny_gpt2("sdpa")(input_ids=input_ids, labels=input_ids).loss
+    assert compiled.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
 # ------------------------------------------------------------------ end to end
 TINY = """
 block_size: 32
