@@ -213,7 +213,7 @@ class GenerationStream:
                 ids.extend(item)
                 self.completion_tokens = len(ids)
                 ended_by_eos = bool(ids) and ids[-1] == eos and not self.params.ignore_eos
-                text = clean(self.engine.tokenizer.decode(ids, skip_special_tokens=True))
+                text = clean(tokenizer.decode(ids, skip_special_tokens=True))
                 if text.endswith("\ufffd") or not text.startswith(emitted):
                     continue  # half a multi-byte character, or a decode still settling: wait
                 cut = _find_stop(text, stop, start=max(0, len(emitted) - max(map(len, stop), default=0)))
