@@ -1,0 +1,275 @@
+"""Train a Chinese CLIP (BERT-style text tower + ViT image tower) contrastively, then score
+retrieval and zero-shot classification on the held-out split.
+
+    python chinese_clip/prepare_data.py
+    python chinese_clip/train.py chinese_clip/configs/default.yaml                 # tiny towers, CPU minutes
+    python chinese_clip/train.py ... --text_model /models/chinese-roberta --vision_model /models/vit-base
+    python chinese_clip/train.py ... --model_name_or_path /models/chinese-clip-vit-base-patch16 --freeze_vision true
+
+Reads the cached uint8 images of prepare_data.py (memory copies, no JPEG decoding); batches
+cross to the device as uint8 and are normalised there. `--freeze_vision` trains the text tower
+against a fixed image tower (or `--freeze_text` the reverse): the usual fix when a loss will
+not fall with a pretrained tower on one side.
+
+Evaluation on `--eval_split` (default test): image->text and text->image recall@1/5/10, where a
+hit is any retrieved item whose caption equals the query's (the synthetic set repeats
+captions), next to the chance level of that same rule; and zero-shot accuracy over the
+caption attributes when the CSV has them. All in `<output_dir>/metrics.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModel,
+    ChineseCLIPConfig,
+    ChineseCLIPModel,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from common.config import parse_args
+from common.errors import UserError, cli_main
+from common.images import COLOURS, CORNERS, SHAPES, ImageCache, normalize
+from common.tokenizer import load_tokenizer
+
+logger = logging.getLogger("train")
+# CLIP's image statistics: the towers, pretrained or not, expect inputs normalised this way.
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class DataArguments:
+    data_dir: str = field(default="data/chinese_clip", metadata={"help": "Output folder of prepare_data.py."})
+    max_text_length: int = field(default=32, metadata={"help": "Captions are cut to this many tokens."})
+    eval_split: str = field(default="test", metadata={"help": "Split scored after training (valid or test)."})
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A local Chinese-CLIP checkpoint."})
+    text_model: str | None = field(default=None, metadata={"help": "A local BERT-style text tower."})
+    vision_model: str | None = field(default=None, metadata={"help": "A local ViT / CLIP vision tower."})
+    hidden_size: int = field(default=128, metadata={"help": "Width of both towers built from config."})
+    num_layers: int = field(default=2, metadata={"help": "Layers of each tower built from config."})
+    num_heads: int = 4
+    patch_size: int = 8
+    projection_dim: int = 128
+    freeze_text: bool = field(default=False, metadata={"help": "Train only the image side."})
+    freeze_vision: bool = field(default=False, metadata={"help": "Train only the text side."})
+
+
+@dataclass
+class CLIPTrainingArguments(TrainingArguments):
+    output_dir: str = field(default="outputs/chinese_clip", metadata={"help": "Where model and metrics go."})
+    eval_strategy: str = "no"
+    save_strategy: str = "no"
+    lr_scheduler_type: str = "cosine"
+    report_to: str = "none"
+    logging_steps: int = 20
+    remove_unused_columns: bool = False  # the collator needs every field
+
+
+# ------------------------------------------------------------------------- data
+class ImageTextSplit(torch.utils.data.Dataset):
+    """Captions (tokenised once) and their cached images of one prepared split."""
+
+    def __init__(self, data_dir: Path, split: str, tokenizer, max_length: int):
+        csv_path = data_dir / f"{split}.csv"
+        if not csv_path.is_file():
+            raise UserError(f"{csv_path} not found: run chinese_clip/prepare_data.py first")
+        with csv_path.open(encoding="utf-8", newline="") as f:
+            self.records = list(csv.DictReader(f))
+        self.images = ImageCache(data_dir / "cache" / split)
+        if len(self.images) != len(self.records):
+            raise UserError(f"{data_dir}: {split}.csv and its image cache differ in length: run prepare_data.py again")
+        self.texts = [r["text"] for r in self.records]
+        self.input_ids = tokenizer(self.texts, truncation=True, max_length=max_length)["input_ids"]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.input_ids[i], "pixel_values": torch.from_numpy(self.images[i])}
+
+
+class Collator:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict]) -> dict:
+        text = self.tokenizer.pad({"input_ids": [x["input_ids"] for x in items]}, return_tensors="pt")
+        return {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
+                "pixel_values": torch.stack([x["pixel_values"] for x in items])}  # uint8 [B, H, W, 3]
+
+
+class CLIPTrainer(Trainer):
+    """The Trainer moves the uint8 images to the device; they are normalised there."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {**inputs, "pixel_values": normalize(inputs["pixel_values"], IMAGE_MEAN, IMAGE_STD)}
+        outputs = model(**inputs, return_loss=True)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+
+# ------------------------------------------------------------------------- model
+def build_model(args: ModelArguments, vocab_size: int, image_size: int, pad_token_id: int) -> ChineseCLIPModel:
+    if args.model_name_or_path:
+        return ChineseCLIPModel.from_pretrained(args.model_name_or_path, trust_remote_code=False)
+    text_config = dict(vocab_size=vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
+                       num_attention_heads=args.num_heads, intermediate_size=4 * args.hidden_size,
+                       max_position_embeddings=128, pad_token_id=pad_token_id)
+    vision_config = dict(image_size=image_size, patch_size=args.patch_size, hidden_size=args.hidden_size,
+                         num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
+                         intermediate_size=4 * args.hidden_size)
+    if args.text_model:
+        text_config = AutoModel.from_pretrained(args.text_model, trust_remote_code=False).config.to_dict()
+    if args.vision_model:
+        vision = AutoModel.from_pretrained(args.vision_model, trust_remote_code=False).config
+        vision_config = getattr(vision, "vision_config", vision).to_dict()
+    config = ChineseCLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=args.projection_dim)
+    model = ChineseCLIPModel(config)
+    if args.text_model:
+        model.text_model.load_state_dict(AutoModel.from_pretrained(args.text_model).state_dict(), strict=False)
+    if args.vision_model:
+        tower = AutoModel.from_pretrained(args.vision_model)
+        tower = getattr(tower, "vision_model", tower)
+        model.vision_model.load_state_dict(tower.state_dict(), strict=False)
+    return model
+
+
+# -------------------------------------------------------------------- evaluation
+@torch.inference_mode()
+def embed(model, split: ImageTextSplit, collator: Collator, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    device = next(model.parameters()).device
+    texts, images = [], []
+    for start in range(0, len(split), batch_size):
+        batch = collator([split[i] for i in range(start, min(start + batch_size, len(split)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        texts.append(model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output)
+        pixels = normalize(batch["pixel_values"], IMAGE_MEAN, IMAGE_STD)
+        images.append(model.get_image_features(pixel_values=pixels).pooler_output)
+    text = torch.nn.functional.normalize(torch.cat(texts).float(), dim=-1)
+    image = torch.nn.functional.normalize(torch.cat(images).float(), dim=-1)
+    return text.cpu(), image.cpu()
+
+
+def chance_recall(matches: np.ndarray, candidates: int, k: int) -> float:
+    """Mean probability that k candidates drawn at random include one of the query's
+    `matches` equal ones: 1 - C(N - m, k) / C(N, k) per query."""
+    miss = np.ones(len(matches))
+    for i in range(k):
+        miss *= np.clip(candidates - matches - i, 0, None) / (candidates - i)
+    return float(1 - miss.mean())
+
+
+def retrieval_metrics(similarity: torch.Tensor, texts: list[str], ks=(1, 5, 10)) -> dict:
+    """similarity [images, texts]; item i of each side belongs to caption texts[i]."""
+    codes = {t: i for i, t in enumerate(dict.fromkeys(texts))}
+    labels = torch.tensor([codes[t] for t in texts])
+    same = labels[:, None] == labels[None, :]  # [query, candidate]: same caption
+    matches = same.sum(1).numpy()
+    metrics = {}
+    for name, scores in (("image_to_text", similarity), ("text_to_image", similarity.t())):
+        ranked = scores.argsort(dim=1, descending=True)
+        for k in ks:
+            hits = same.gather(1, ranked[:, :k]).any(dim=1).float().mean().item()
+            metrics[f"{name}_recall@{k}"] = hits
+            metrics[f"{name}_recall@{k}_chance"] = chance_recall(matches, len(texts), k)
+    return metrics
+
+
+def zero_shot_metrics(model, tokenizer, text_features: torch.Tensor, image_features: torch.Tensor,
+                      records: list[dict], max_length: int) -> dict:
+    """For single-shape scenes: pick the shape (colour, position) among all values, the other
+    words of the caption kept: accuracy against chance (1 / number of values)."""
+    singles = [i for i, r in enumerate(records) if r.get("kind") == "single"]
+    if not singles:
+        return {}
+    device = next(model.parameters()).device
+    choices = {"shape": SHAPES, "colour": tuple(COLOURS), "position": tuple(CORNERS)}
+    metrics = {}
+    for attribute, values in choices.items():
+        correct = 0
+        for i in singles:
+            record = records[i]
+
+            def caption(value, attribute=attribute, record=record):
+                fields = {"shape": record["shape"], "colour": record["colour"], "position": record["position"], attribute: value}
+                return f"{fields['position']}有一个{fields['colour']}的{fields['shape']}"
+
+            encoded = tokenizer([caption(v) for v in values], padding=True, truncation=True, max_length=max_length,
+                                return_tensors="pt").to(device)
+            with torch.inference_mode():
+                candidates = model.get_text_features(input_ids=encoded["input_ids"],
+                                                     attention_mask=encoded["attention_mask"]).pooler_output
+            candidates = torch.nn.functional.normalize(candidates.float(), dim=-1).cpu()
+            correct += values[int((candidates @ image_features[i]).argmax())] == record[attribute]
+        metrics[f"zero_shot_{attribute}_accuracy"] = correct / len(singles)
+        metrics[f"zero_shot_{attribute}_chance"] = 1 / len(values)
+    metrics["zero_shot_images"] = len(singles)
+    return metrics
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    data_args, model_args, training_args = parse_args(
+        [DataArguments, ModelArguments, CLIPTrainingArguments], argv, description=__doc__
+    )
+    set_seed(training_args.seed)
+    start = time.time()
+    data_dir = Path(data_args.data_dir)
+    tokenizer = load_tokenizer(data_dir / "tokenizer")
+    train = ImageTextSplit(data_dir, "train", tokenizer, data_args.max_text_length)
+    held_out = ImageTextSplit(data_dir, data_args.eval_split, tokenizer, data_args.max_text_length)
+    model = build_model(model_args, len(tokenizer), train.images.size, tokenizer.pad_token_id)
+    if model_args.freeze_text and model_args.freeze_vision:
+        raise UserError("--freeze_text and --freeze_vision together leave nothing to train")
+    for frozen, tower in ((model_args.freeze_text, model.text_model), (model_args.freeze_vision, model.vision_model)):
+        if frozen:
+            tower.requires_grad_(False)
+    logger.info("ChineseCLIPModel: %.2fM parameters, %.2fM trained", model.num_parameters() / 1e6,
+                model.num_parameters(only_trainable=True) / 1e6)
+
+    collator = Collator(tokenizer)
+    trainer = CLIPTrainer(model=model, args=training_args, train_dataset=train, data_collator=collator,
+                          processing_class=tokenizer)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if not trainer.is_world_process_zero():
+        return {}
+
+    text, image = embed(trainer.model, held_out, collator)
+    metrics = {"eval_split": data_args.eval_split, "eval_pairs": len(held_out),
+               **retrieval_metrics(image @ text.t(), held_out.texts),
+               **zero_shot_metrics(trainer.model, tokenizer, text, image, held_out.records, data_args.max_text_length)}
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics["train"] = {"first_logged_loss": logged[0] if logged else None,
+                        "last_logged_loss": logged[-1] if logged else None,
+                        "steps": trainer.state.global_step, "runtime_s": round(result.metrics["train_runtime"], 1)}
+    metrics["runtime_s"] = round(time.time() - start, 1)
+    out = Path(training_args.output_dir)
+    (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    for key in ("image_to_text_recall@1", "text_to_image_recall@1", "image_to_text_recall@5"):
+        print(f"{key}: {metrics[key]:.3f} (chance {metrics[key + '_chance']:.3f})")
+    for attribute in ("shape", "colour", "position"):
+        if f"zero_shot_{attribute}_accuracy" in metrics:
+            print(f"zero-shot {attribute}: {metrics[f'zero_shot_{attribute}_accuracy']:.3f} "
+                  f"(chance {metrics[f'zero_shot_{attribute}_chance']:.3f})")
+    print(f"model and metrics.json in {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
