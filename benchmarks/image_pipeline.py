@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.images import CLIP_MEAN as MEAN  # noqa: E402
+from common.images import CLIP_STD as STD  # noqa: E402
 from common.images import ImageCache, build_image_cache, normalize, render_scene, to_rgb  # noqa: E402
-
-MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:

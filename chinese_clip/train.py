@@ -39,13 +39,10 @@ from transformers import (
 
 from common.config import parse_args
 from common.errors import UserError, cli_main
-from common.images import COLOURS, CORNERS, SHAPES, ImageCache, normalize
+from common.images import CLIP_MEAN, CLIP_STD, COLOURS, CORNERS, SHAPES, ImageCache, normalize
 from common.tokenizer import load_tokenizer
 
 logger = logging.getLogger("train")
-# CLIP's image statistics: the towers, pretrained or not, expect inputs normalised this way.
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -117,7 +114,7 @@ class CLIPTrainer(Trainer):
     """The Trainer moves the uint8 images to the device; they are normalised there."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {**inputs, "pixel_values": normalize(inputs["pixel_values"], IMAGE_MEAN, IMAGE_STD)}
+        inputs = {**inputs, "pixel_values": normalize(inputs["pixel_values"], CLIP_MEAN, CLIP_STD)}
         outputs = model(**inputs, return_loss=True)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -158,7 +155,7 @@ def embed(model, split: ImageTextSplit, collator: Collator, batch_size: int = 25
         batch = collator([split[i] for i in range(start, min(start + batch_size, len(split)))])
         batch = {k: v.to(device) for k, v in batch.items()}
         texts.append(model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output)
-        pixels = normalize(batch["pixel_values"], IMAGE_MEAN, IMAGE_STD)
+        pixels = normalize(batch["pixel_values"], CLIP_MEAN, CLIP_STD)
         images.append(model.get_image_features(pixel_values=pixels).pooler_output)
     text = torch.nn.functional.normalize(torch.cat(texts).float(), dim=-1)
     image = torch.nn.functional.normalize(torch.cat(images).float(), dim=-1)

@@ -134,7 +134,7 @@ def load_square(path: Path, size: int) -> np.ndarray:
                                Image.Resampling.BICUBIC)
         left = (resized.width - size) // 2
         top = (resized.height - size) // 2
-        return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+        return np.array(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 def _load(args: tuple[Path, int]) -> np.ndarray:
@@ -185,6 +185,11 @@ class ImageCache:
 
     def __getitem__(self, index):
         return np.array(self.pixels[index])  # a copy: writable, and free of the file
+
+
+# CLIP's image statistics (OpenAI CLIP, Chinese-CLIP): the input normalisation of its towers.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:

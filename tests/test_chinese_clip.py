@@ -3,13 +3,17 @@
 import csv
 import itertools
 import json
+import subprocess
+import sys
+import time
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import load_recipe_module, run_script
+from conftest import REPO, free_port, load_recipe_module, run_script
 
 train_module = load_recipe_module("chinese_clip", "train")
 
@@ -32,7 +36,7 @@ def test_retrieval_counts_any_item_with_the_same_caption_as_a_hit():
     assert train_module.retrieval_metrics(similarity, texts, ks=(1,))["image_to_text_recall@1"] == 0.75
 
 
-def test_prepare_and_train_end_to_end(tmp_path):
+def test_prepare_drops_a_broken_image_from_a_user_csv(tmp_path):
     # the user's CSV layout, with a broken image among good ones
     user = tmp_path / "user"
     (user / "img").mkdir(parents=True)
@@ -52,18 +56,82 @@ def test_prepare_and_train_end_to_end(tmp_path):
     assert report["splits"]["train"] == {"read": 13, "kept": 12, "ok": 12, "unreadable": 1}
     assert "dropped: {'unreadable': 1}" in result.stdout
 
-    # the built-in synthetic set, tiny, then training: the loss falls, metrics are written
-    synthetic = tmp_path / "synthetic"
-    run_script("chinese_clip/prepare_data.py", "--output_dir", synthetic, "--image_size", "32",
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The built-in synthetic set, tiny, and a tiny CLIP trained on it."""
+    root = tmp_path_factory.mktemp("clip")
+    run_script("chinese_clip/prepare_data.py", "--output_dir", root / "data", "--image_size", "32",
                "--synthetic_size", "256", "64", "64", "--workers", "1")
-    out = tmp_path / "model"
-    run_script("chinese_clip/train.py", "--data_dir", synthetic, "--output_dir", out, "--hidden_size", "32",
+    run_script("chinese_clip/train.py", "--data_dir", root / "data", "--output_dir", root / "model", "--hidden_size", "32",
                "--num_layers", "1", "--num_heads", "2", "--patch_size", "8", "--projection_dim", "32",
                "--num_train_epochs", "6", "--per_device_train_batch_size", "32", "--learning_rate", "2e-3",
                "--logging_steps", "8", "--disable_tqdm", "true")
+    return root
+
+
+def test_training_lowers_the_loss_and_writes_metrics(trained):
+    out = trained / "model"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train"]["last_logged_loss"] < metrics["train"]["first_logged_loss"]
     assert metrics["eval_pairs"] == 64
-    for key in ("image_to_text_recall@1", "text_to_image_recall@5", "zero_shot_colour_accuracy"):
-        assert 0 <= metrics[key] <= 1 and 0 < metrics[key.replace("accuracy", "chance") if "zero" in key else key + "_chance"] < 1
+    for name in ("image_to_text_recall@1", "text_to_image_recall@5"):
+        assert 0 <= metrics[name] <= 1 and 0 < metrics[name + "_chance"] < 1
+    assert 0 <= metrics["zero_shot_colour_accuracy"] <= 1 and metrics["zero_shot_colour_chance"] == pytest.approx(1 / 6)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_predict_ranks_texts_and_searches_a_folder_with_a_reused_index(trained, tmp_path):
+    predict = load_recipe_module("chinese_clip", "predict")
+    searcher = predict.CLIPSearcher(trained / "model", device="cpu")
+    image = trained / "data/source/images/test/00000.jpg"
+    ranked = searcher.rank_texts(image, ["左上角有一个红色的圆形", "图中有两个蓝色的正方形"])
+    assert sum(p for _, p in ranked) == pytest.approx(1.0) and ranked[0][1] >= ranked[1][1]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.jpg").write_bytes((trained / f"data/source/images/test/{i:05d}.jpg").read_bytes())
+    (folder / "broken.jpg").write_bytes(b"nope")
+    index = tmp_path / "index.npz"
+    first = searcher.search("左上角有一个红色的圆形", folder, top_k=3, index_path=index)
+    assert len(first) == 3 and all(p.name != "broken.jpg" for p, _ in first)
+    assert [s for _, s in first] == sorted([s for _, s in first], reverse=True)
+    paths, embeddings = searcher.index_folder(folder, index)
+    assert len(paths) == 5 and np.load(index)["embeddings"].shape == tuple(embeddings.shape)
+    # the cached embedding of an image equals a fresh one
+    fresh = searcher.embed_images(searcher.load(paths[0])[None])[0]
+    assert torch.allclose(embeddings[0], fresh, atol=1e-5)
+    result = run_script("chinese_clip/predict.py", "--model", trained / "model", check=False)
+    assert result.returncode == 2 and "either --image" in result.stderr
+
+
+def test_app_answers_over_http(trained):
+    from gradio_client import Client, handle_file
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "chinese_clip/app.py"), "--model", str(trained / "model"), "--port", str(port),
+         "--image_dir", str(trained / "data/source/images/test"), "--device", "cpu"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert process.poll() is None, process.stdout.read()
+                time.sleep(0.3)
+        client = Client(url, verbose=False)
+        label = client.predict(handle_file(str(trained / "data/source/images/test/00001.jpg")),
+                               "左下角有一个紫色的菱形\n图中有两个蓝色的正方形", api_name="/rank")
+        confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
+        assert set(confidences) == {"左下角有一个紫色的菱形", "图中有两个蓝色的正方形"}
+        assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-3)
+        gallery = client.predict("左上角有一个红色的圆形", 4, api_name="/search")
+        assert len(gallery) == 4
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
