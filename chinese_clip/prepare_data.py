@@ -15,7 +15,6 @@ attribute columns of the input kept), `cache/<split>/`, `tokenizer/` and `report
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -25,10 +24,10 @@ from pathlib import Path
 from common.config import parse_args
 from common.errors import UserError, cli_main
 from common.images import (
-    build_image_cache,
     make_synthetic_image_text,
+    prepare_image_text_splits,
+    print_report,
     read_image_csv,
-    verify_images,
 )
 from common.tokenizer import build_chinese_tokenizer, load_tokenizer
 
@@ -55,22 +54,6 @@ class PrepareArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the built-in set."})
 
 
-def write_rows(csv_in: Path, kept_paths: set[Path], csv_out: Path) -> int:
-    """Copy the kept rows of `csv_in` (all its columns) with absolute image paths."""
-    count = 0
-    with csv_in.open(encoding="utf-8-sig", newline="") as f_in, csv_out.open("w", encoding="utf-8", newline="") as f_out:
-        reader = csv.DictReader(f_in)
-        writer = csv.DictWriter(f_out, fieldnames=reader.fieldnames)
-        writer.writeheader()
-        for record in reader:
-            path = Path(record["image_path"].strip())
-            path = path if path.is_absolute() else csv_in.parent / path
-            if record["text"].strip() and path in kept_paths:
-                writer.writerow({**record, "text": record["text"].strip(), "image_path": str(path.resolve())})
-                count += 1
-    return count
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_args([PrepareArguments], argv, description=__doc__)
@@ -87,18 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
         sources = make_synthetic_image_text(out / "source", dict(zip(SPLITS, args.synthetic_size)),
                                             size=args.image_size, seed=args.seed)
 
-    report = {"workers": workers, "image_size": args.image_size, "splits": {}}
-    for split, csv_path in sources.items():
-        rows = read_image_csv(csv_path)
-        kept, counts = verify_images(rows, min_size=args.min_size, workers=workers, desc=f"verifying {split}")
-        if not kept:
-            raise UserError(f"{csv_path}: no usable image-text pair ({dict(counts)})")
-        kept_paths = {row.path for row in kept}
-        written = write_rows(csv_path, kept_paths, out / f"{split}.csv")
-        kept_rows = read_image_csv(out / f"{split}.csv")
-        build_image_cache([row.path for row in kept_rows], out / "cache" / split, args.image_size, workers)
-        report["splits"][split] = {"read": len(rows), "kept": written, **{k: v for k, v in counts.items() if k != "kept"}}
-        logger.info("%s: %s", split, report["splits"][split])
+    report = {"workers": workers, "image_size": args.image_size,
+              "splits": prepare_image_text_splits(sources, out, args.image_size, args.min_size, workers)}
 
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
@@ -108,10 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer.save_pretrained(out / "tokenizer")
     report["vocab_size"] = len(tokenizer)
     (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
-    for split, numbers in report["splits"].items():
-        dropped = {k: v for k, v in numbers.items() if k not in ("read", "kept", "ok", "converted") and v}
-        print(f"{split}: {numbers['read']} rows read, {numbers['kept']} kept "
-              f"({numbers.get('converted', 0)} converted to RGB); dropped: {dropped or 'none'}")
+    print_report(report["splits"])
     print(f"wrote {', '.join(f'{s}.csv' for s in sources)}, cache/, tokenizer/ and report.json to {out}")
     return report
 

@@ -122,6 +122,42 @@ def verify_images(rows: list[ImageText], min_size: int = 16, workers: int = 1,
     return kept, report
 
 
+def prepare_image_text_splits(sources: dict[str, Path], out_dir: Path, image_size: int, min_size: int = 16,
+                              workers: int = 1) -> dict[str, dict]:
+    """For each split's `text,image_path` CSV: verify every pair, write the kept rows to
+    `out_dir/<split>.csv` (every input column kept, image paths made absolute) and cache their
+    images in `out_dir/cache/<split>/`. Returns per split the rows read, kept and dropped by reason."""
+    report = {}
+    for split, csv_path in sources.items():
+        rows = read_image_csv(csv_path)
+        kept, counts = verify_images(rows, min_size=min_size, workers=workers, desc=f"verifying {split}")
+        if not kept:
+            raise UserError(f"{csv_path}: no usable image-text pair ({dict(counts)})")
+        kept_paths = {row.path for row in kept}
+        written = 0
+        with csv_path.open(encoding="utf-8-sig", newline="") as f_in, \
+                (out_dir / f"{split}.csv").open("w", encoding="utf-8", newline="") as f_out:
+            reader = csv.DictReader(f_in)
+            writer = csv.DictWriter(f_out, fieldnames=reader.fieldnames)
+            writer.writeheader()
+            for record, row in zip(reader, rows):  # read_image_csv read the same rows in the same order
+                if row.text and row.path in kept_paths:
+                    writer.writerow({**record, "text": row.text, "image_path": str(row.path.resolve())})
+                    written += 1
+        build_image_cache([row.path for row in read_image_csv(out_dir / f"{split}.csv")], out_dir / "cache" / split,
+                          image_size, workers)
+        report[split] = {"read": len(rows), "kept": written, **{k: v for k, v in counts.items() if k != "kept"}}
+        logger.info("%s: %s", split, report[split])
+    return report
+
+
+def print_report(report: dict[str, dict]) -> None:
+    for split, numbers in report.items():
+        dropped = {k: v for k, v in numbers.items() if k not in ("read", "kept", "ok", "converted") and v}
+        print(f"{split}: {numbers['read']} rows read, {numbers['kept']} kept "
+              f"({numbers.get('converted', 0)} converted to RGB); dropped: {dropped or 'none'}")
+
+
 # ------------------------------------------------------------ preprocessing cache
 def load_square(path: Path, size: int) -> np.ndarray:
     """uint8 [size, size, 3]: RGB, shortest side resized to `size` (bicubic), centre crop,
