@@ -1,13 +1,17 @@
 """vit_gpt2_captioning: label masking, caption scoring, and the command line end to end."""
 
 import json
+import subprocess
+import sys
+import time
 
+import httpx
 import pytest
 import torch
 
 from common.tokenizer import build_chinese_tokenizer
 
-from conftest import load_recipe_module, run_script
+from conftest import REPO, free_port, load_recipe_module, run_script
 
 train_module = load_recipe_module("vit_gpt2_captioning", "train")
 
@@ -40,7 +44,7 @@ def test_attribute_parsing_and_scores():
     assert scores["position_accuracy"] == 1.0 and scores["count_accuracy"] == 1.0  # position scored on captions that have one
 
 
-def test_prepare_train_predict_end_to_end(tmp_path):
+def test_prepare_train_predict_and_app_end_to_end(tmp_path):
     data, out = tmp_path / "data", tmp_path / "model"
     run_script("vit_gpt2_captioning/prepare_data.py", "--output_dir", data, "--image_size", "32",
                "--synthetic_size", "192", "32", "48", "--workers", "1")
@@ -59,3 +63,25 @@ def test_prepare_train_predict_end_to_end(tmp_path):
     assert predicted.stdout.strip().split("\t")[1] == metrics["examples"][0]["caption"]  # same model, same search
     bad = run_script("vit_gpt2_captioning/predict.py", tmp_path / "missing.jpg", "--model", out, check=False)
     assert bad.returncode == 2 and "missing" in bad.stderr
+
+    # the gradio app captions the same image the same way over HTTP
+    from gradio_client import Client, handle_file
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(REPO / "vit_gpt2_captioning/app.py"), "--model", str(out),
+                                "--port", str(port), "--device", "cpu"], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert process.poll() is None, "app exited"
+                time.sleep(0.3)
+        caption = Client(url, verbose=False).predict(handle_file(str(image)), 2, 16, api_name="/caption")
+        assert caption == metrics["examples"][0]["caption"]
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
