@@ -3,7 +3,7 @@ retrieval and zero-shot classification on the held-out split.
 
     python chinese_clip/prepare_data.py
     python chinese_clip/train.py chinese_clip/configs/default.yaml                 # tiny towers, CPU minutes
-    python chinese_clip/train.py ... --text_model /models/chinese-roberta --vision_model /models/vit-base
+    python chinese_clip/train.py ... --text_model /models/chinese-roberta --vision_model /models/clip-vit-base-patch16
     python chinese_clip/train.py ... --model_name_or_path /models/chinese-clip-vit-base-patch16 --freeze_vision true
 
 Reads the cached uint8 images of prepare_data.py (memory copies, no JPEG decoding); batches
@@ -56,7 +56,7 @@ class DataArguments:
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "A local Chinese-CLIP checkpoint."})
     text_model: str | None = field(default=None, metadata={"help": "A local BERT-style text tower."})
-    vision_model: str | None = field(default=None, metadata={"help": "A local ViT / CLIP vision tower."})
+    vision_model: str | None = field(default=None, metadata={"help": "A local CLIP / Chinese-CLIP model or vision tower."})
     hidden_size: int = field(default=128, metadata={"help": "Width of both towers built from config."})
     num_layers: int = field(default=2, metadata={"help": "Layers of each tower built from config."})
     num_heads: int = 4
@@ -129,20 +129,32 @@ def build_model(args: ModelArguments, vocab_size: int, image_size: int, pad_toke
     vision_config = dict(image_size=image_size, patch_size=args.patch_size, hidden_size=args.hidden_size,
                          num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
                          intermediate_size=4 * args.hidden_size)
-    if args.text_model:
-        text_config = AutoModel.from_pretrained(args.text_model, trust_remote_code=False).config.to_dict()
-    if args.vision_model:
-        vision = AutoModel.from_pretrained(args.vision_model, trust_remote_code=False).config
-        vision_config = getattr(vision, "vision_config", vision).to_dict()
+    text_tower = AutoModel.from_pretrained(args.text_model, trust_remote_code=False) if args.text_model else None
+    vision_tower = AutoModel.from_pretrained(args.vision_model, trust_remote_code=False) if args.vision_model else None
+    if vision_tower is not None:
+        vision_tower = getattr(vision_tower, "vision_model", vision_tower)  # a whole CLIP: its image side
+    if text_tower is not None:
+        text_config = text_tower.config.to_dict()
+    if vision_tower is not None:
+        vision_config = vision_tower.config.to_dict()
     config = ChineseCLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=args.projection_dim)
     model = ChineseCLIPModel(config)
-    if args.text_model:
-        model.text_model.load_state_dict(AutoModel.from_pretrained(args.text_model).state_dict(), strict=False)
-    if args.vision_model:
-        tower = AutoModel.from_pretrained(args.vision_model)
-        tower = getattr(tower, "vision_model", tower)
-        model.vision_model.load_state_dict(tower.state_dict(), strict=False)
+    if text_tower is not None:
+        load_tower(model.text_model, text_tower, args.text_model)
+    if vision_tower is not None:
+        load_tower(model.vision_model, vision_tower, args.vision_model)
     return model
+
+
+def load_tower(target: torch.nn.Module, source: torch.nn.Module, name: str) -> None:
+    """Copy a pretrained tower's weights; refuse a checkpoint whose layout does not match (a
+    plain ViT's names differ from a CLIP vision tower's: loading it leniently would silently
+    keep random weights)."""
+    result = target.load_state_dict(source.state_dict(), strict=False)
+    if result.missing_keys:
+        raise UserError(f"{name}: {len(result.missing_keys)} of {len(target.state_dict())} weights of the "
+                        f"{type(target).__name__} are missing (e.g. {result.missing_keys[0]}); give a BERT-style "
+                        "text model for --text_model and a CLIP / Chinese-CLIP vision tower for --vision_model")
 
 
 # -------------------------------------------------------------------- evaluation

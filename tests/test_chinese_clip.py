@@ -135,3 +135,32 @@ def test_app_answers_over_http(trained):
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+def test_local_towers_load_exactly_and_a_mismatched_tower_is_refused(tmp_path):
+    from transformers import (
+        BertConfig,
+        BertModel,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        ViTConfig,
+        ViTModel,
+    )
+
+    from common.errors import UserError
+
+    sizes = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    BertModel(BertConfig(vocab_size=50, **sizes)).save_pretrained(tmp_path / "bert")
+    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, **sizes)).save_pretrained(tmp_path / "clip_vision")
+    ViTModel(ViTConfig(image_size=32, patch_size=8, **sizes)).save_pretrained(tmp_path / "vit")
+    args = train_module.ModelArguments(text_model=str(tmp_path / "bert"), vision_model=str(tmp_path / "clip_vision"),
+                                       projection_dim=16)
+    model = train_module.build_model(args, vocab_size=50, image_size=32, pad_token_id=0)
+    bert = BertModel.from_pretrained(tmp_path / "bert")
+    vision = CLIPVisionModel.from_pretrained(tmp_path / "clip_vision")
+    vision = getattr(vision, "vision_model", vision)  # nested in older transformers
+    assert torch.equal(model.text_model.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+    assert torch.equal(model.vision_model.embeddings.patch_embedding.weight, vision.embeddings.patch_embedding.weight)
+    args.vision_model = str(tmp_path / "vit")
+    with pytest.raises(UserError, match="CLIP / Chinese-CLIP vision tower"):
+        train_module.build_model(args, vocab_size=50, image_size=32, pad_token_id=0)
