@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,22 @@ def load_recipe_module(recipe: str, name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll `url` until it answers 200; fail at once if `process` (the server) exits."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, f"the server exited with code {process.returncode}"
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"{url} did not answer within {timeout:.0f} s")
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ prepare -> train -> predict -> serve (real uvicorn) -> ONNX on a tiny configurat
 import json
 import subprocess
 import sys
-import time
 
 import httpx
 import pandas as pd
@@ -12,7 +11,7 @@ import pytest
 
 from common.errors import UserError
 
-from conftest import REPO, free_port, load_recipe_module, run_script
+from conftest import REPO, free_port, load_recipe_module, run_script, wait_until_up
 
 prepare_data = load_recipe_module("chinese_classifier", "prepare_data")
 clean, encode_labels, split = prepare_data.clean, prepare_data.encode_labels, prepare_data.split
@@ -180,14 +179,7 @@ def server(trained):
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            if process.poll() is not None:
-                raise AssertionError(process.stdout.read()) from None
-            time.sleep(0.2)
+    wait_until_up(f"{url}/health", process)
     yield url
     process.terminate()
     process.wait(timeout=10)

@@ -5,15 +5,13 @@ import itertools
 import json
 import subprocess
 import sys
-import time
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, free_port, load_recipe_module, run_script
+from conftest import REPO, free_port, load_recipe_module, run_script, wait_until_up
 
 train_module = load_recipe_module("chinese_clip", "train")
 
@@ -117,13 +115,7 @@ def test_app_answers_over_http(trained):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(url, timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert process.poll() is None, process.stdout.read()
-                time.sleep(0.3)
+        wait_until_up(url, process)
         client = Client(url, verbose=False)
         label = client.predict(handle_file(str(trained / "data/source/images/test/00001.jpg")),
                                "左下角有一个紫色的菱形\n图中有两个蓝色的正方形", api_name="/rank")

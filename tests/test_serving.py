@@ -29,7 +29,7 @@ from common.serving import (
 from common.templates import get_template, render_chat
 from common.tokenizer import build_chinese_tokenizer, display_cleaner, join_chinese
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, wait_until_up
 
 CONTEXT = 1024
 
@@ -170,16 +170,7 @@ def server(model_dir, tmp_path_factory):
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            assert process.poll() is None, "server exited"
-            time.sleep(0.3)
-    else:
-        pytest.fail("server did not start")
+    wait_until_up(f"{url}/health", process)
     yield url
     process.terminate()
     process.wait(timeout=20)
@@ -336,13 +327,7 @@ def test_chatbot_streams_a_reply_in_headless_chromium(model_dir, tmp_path):
     driver = None
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(url, timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert process.poll() is None, "chatbot exited"
-                time.sleep(0.3)
+        wait_until_up(url, process)
         driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
         driver.get(url)
         box = WebDriverWait(driver, 60).until(lambda d: d.find_element(By.CSS_SELECTOR, "textarea"))

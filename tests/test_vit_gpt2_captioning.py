@@ -3,15 +3,13 @@
 import json
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 import torch
 
 from common.tokenizer import build_chinese_tokenizer
 
-from conftest import REPO, free_port, load_recipe_module, run_script
+from conftest import REPO, free_port, load_recipe_module, run_script, wait_until_up
 
 train_module = load_recipe_module("vit_gpt2_captioning", "train")
 
@@ -73,13 +71,7 @@ def test_prepare_train_predict_and_app_end_to_end(tmp_path):
                                stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(url, timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert process.poll() is None, "app exited"
-                time.sleep(0.3)
+        wait_until_up(url, process)
         caption = Client(url, verbose=False).predict(handle_file(str(image)), 2, 16, api_name="/caption")
         assert caption == metrics["examples"][0]["caption"]
     finally:
