@@ -19,7 +19,6 @@ caption attributes when the CSV has them. All in `<output_dir>/metrics.json`.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -39,7 +38,15 @@ from transformers import (
 
 from common.config import parse_args
 from common.errors import UserError, cli_main
-from common.images import CLIP_MEAN, CLIP_STD, COLOURS, CORNERS, SHAPES, ImageCache, normalize
+from common.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    COLOURS,
+    CORNERS,
+    SHAPES,
+    load_prepared_split,
+    normalize,
+)
 from common.tokenizer import load_tokenizer
 
 logger = logging.getLogger("train")
@@ -82,14 +89,7 @@ class ImageTextSplit(torch.utils.data.Dataset):
     """Captions (tokenised once) and their cached images of one prepared split."""
 
     def __init__(self, data_dir: Path, split: str, tokenizer, max_length: int):
-        csv_path = data_dir / f"{split}.csv"
-        if not csv_path.is_file():
-            raise UserError(f"{csv_path} not found: run chinese_clip/prepare_data.py first")
-        with csv_path.open(encoding="utf-8", newline="") as f:
-            self.records = list(csv.DictReader(f))
-        self.images = ImageCache(data_dir / "cache" / split)
-        if len(self.images) != len(self.records):
-            raise UserError(f"{data_dir}: {split}.csv and its image cache differ in length: run prepare_data.py again")
+        self.records, self.images = load_prepared_split(data_dir, split, "chinese_clip/prepare_data.py")
         self.texts = [r["text"] for r in self.records]
         self.input_ids = tokenizer(self.texts, truncation=True, max_length=max_length)["input_ids"]
 

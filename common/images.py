@@ -228,6 +228,20 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def load_prepared_split(data_dir: Path, split: str, prepare_script: str) -> tuple[list[dict], ImageCache]:
+    """The rows of `<data_dir>/<split>.csv` written by `prepare_image_text_splits` and their
+    image cache, checked to belong together."""
+    csv_path = data_dir / f"{split}.csv"
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path} not found: run {prepare_script} first")
+    with csv_path.open(encoding="utf-8", newline="") as f:
+        records = list(csv.DictReader(f))
+    images = ImageCache(data_dir / "cache" / split)
+    if len(images) != len(records):
+        raise UserError(f"{data_dir}: {split}.csv and its image cache differ in length: run {prepare_script} again")
+    return records, images
+
+
 def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float [B, 3, H, W] = (x / 255 - mean) / std per channel; run it
     after moving the uint8 batch to the GPU (4x fewer bytes to copy). One conversion and one

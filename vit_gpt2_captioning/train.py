@@ -18,7 +18,6 @@ trivial baseline that always answers the most common train caption. In `metrics.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re
@@ -40,7 +39,7 @@ from transformers import (
 
 from common.config import parse_args
 from common.errors import UserError, cli_main
-from common.images import COLOURS, CORNERS, COUNT_WORDS, SHAPES, ImageCache, normalize
+from common.images import COLOURS, CORNERS, COUNT_WORDS, SHAPES, load_prepared_split, normalize
 from common.tokenizer import display_cleaner, load_tokenizer
 
 logger = logging.getLogger("train")
@@ -83,14 +82,7 @@ class CaptionTrainingArguments(TrainingArguments):
 # ------------------------------------------------------------------------- data
 class CaptionSplit(torch.utils.data.Dataset):
     def __init__(self, data_dir: Path, split: str, tokenizer, max_tokens: int):
-        csv_path = data_dir / f"{split}.csv"
-        if not csv_path.is_file():
-            raise UserError(f"{csv_path} not found: run vit_gpt2_captioning/prepare_data.py first")
-        with csv_path.open(encoding="utf-8", newline="") as f:
-            self.records = list(csv.DictReader(f))
-        self.images = ImageCache(data_dir / "cache" / split)
-        if len(self.images) != len(self.records):
-            raise UserError(f"{data_dir}: {split}.csv and its image cache differ in length: run prepare_data.py again")
+        self.records, self.images = load_prepared_split(data_dir, split, "vit_gpt2_captioning/prepare_data.py")
         self.texts = [r["text"] for r in self.records]
         ids = tokenizer(self.texts, add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
         self.labels = [caption + [tokenizer.eos_token_id] for caption in ids]
