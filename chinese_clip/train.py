@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 from transformers import (
     AutoModel,
     ChineseCLIPConfig,
@@ -105,9 +106,12 @@ class Collator:
         self.tokenizer = tokenizer
 
     def __call__(self, items: list[dict]) -> dict:
-        text = self.tokenizer.pad({"input_ids": [x["input_ids"] for x in items]}, return_tensors="pt")
+        text = self.tokenizer.pad({"input_ids": [x["input_ids"] for x in items]}, pad_to_multiple_of=8,
+                                  return_tensors="pt")  # few distinct shapes: compile and tensor cores like that
+        # uint8 [B, H, W, 3]; in a loader worker default_collate stacks straight into shared
+        # memory, so handing the batch to the training process copies nothing more
         return {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
-                "pixel_values": torch.stack([x["pixel_values"] for x in items])}  # uint8 [B, H, W, 3]
+                "pixel_values": default_collate([x["pixel_values"] for x in items])}
 
 
 class CLIPTrainer(Trainer):
@@ -231,17 +235,11 @@ def zero_shot_metrics(model, tokenizer, text_features: torch.Tensor, image_featu
     return metrics
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> dict:
-    data_args, model_args, training_args = parse_args(
-        [DataArguments, ModelArguments, CLIPTrainingArguments], argv, description=__doc__
-    )
-    set_seed(training_args.seed)
-    start = time.time()
-    data_dir = Path(data_args.data_dir)
-    tokenizer = load_tokenizer(data_dir / "tokenizer")
-    train = ImageTextSplit(data_dir, "train", tokenizer, data_args.max_text_length)
-    held_out = ImageTextSplit(data_dir, data_args.eval_split, tokenizer, data_args.max_text_length)
+def build_trainer(data_args: DataArguments, model_args: ModelArguments, training_args: CLIPTrainingArguments,
+                  trainer_class: type[CLIPTrainer] = CLIPTrainer) -> CLIPTrainer:
+    """Tokenizer, train split, model (towers frozen as asked) and the Trainer over them."""
+    tokenizer = load_tokenizer(Path(data_args.data_dir) / "tokenizer")
+    train = ImageTextSplit(Path(data_args.data_dir), "train", tokenizer, data_args.max_text_length)
     model = build_model(model_args, len(tokenizer), train.images.size, tokenizer.pad_token_id)
     if model_args.freeze_text and model_args.freeze_vision:
         raise UserError("--freeze_text and --freeze_vision together leave nothing to train")
@@ -250,10 +248,22 @@ def main(argv: list[str] | None = None) -> dict:
             tower.requires_grad_(False)
     logger.info("ChineseCLIPModel: %.2fM parameters, %.2fM trained", model.num_parameters() / 1e6,
                 model.num_parameters(only_trainable=True) / 1e6)
+    return trainer_class(model=model, args=training_args, train_dataset=train, data_collator=Collator(tokenizer),
+                         processing_class=tokenizer)
 
-    collator = Collator(tokenizer)
-    trainer = CLIPTrainer(model=model, args=training_args, train_dataset=train, data_collator=collator,
-                          processing_class=tokenizer)
+
+def parse(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, CLIPTrainingArguments]:
+    return parse_args([DataArguments, ModelArguments, CLIPTrainingArguments], argv, description=__doc__)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    data_args, model_args, training_args = parse(argv)
+    set_seed(training_args.seed)
+    start = time.time()
+    trainer = build_trainer(data_args, model_args, training_args)
+    tokenizer, collator = trainer.processing_class, trainer.data_collator
+    held_out = ImageTextSplit(Path(data_args.data_dir), data_args.eval_split, tokenizer, data_args.max_text_length)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if not trainer.is_world_process_zero():

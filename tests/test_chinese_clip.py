@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from common.tokenizer import build_chinese_tokenizer
+
 from conftest import REPO, free_port, load_recipe_module, run_script, wait_until_up
 
 train_module = load_recipe_module("chinese_clip", "train")
@@ -32,6 +34,23 @@ def test_retrieval_counts_any_item_with_the_same_caption_as_a_hit():
     assert metrics["image_to_text_recall@1"] == 1.0
     similarity[1] = torch.tensor([0.9, 0.1, 0.0, 0.0])  # image 1 prefers a different caption
     assert train_module.retrieval_metrics(similarity, texts, ks=(1,))["image_to_text_recall@1"] == 0.75
+
+
+def test_gpu_config_names_only_known_keys_and_describes_vit_b16():
+    # bf16 / tf32 are refused on a machine without a GPU: switch them off to parse here
+    config = REPO / "chinese_clip" / "configs" / "clip_vit_b16_gpu.yaml"
+    data_args, model_args, training_args = train_module.parse([str(config), "--bf16", "false", "--tf32", "false"])
+    assert (model_args.hidden_size, model_args.num_layers, model_args.patch_size) == (768, 12, 16)
+    assert training_args.per_device_train_batch_size == 256 and training_args.dataloader_num_workers == 6
+
+
+def test_collator_pads_text_to_a_multiple_of_8_and_keeps_images_uint8():
+    tokenizer = build_chinese_tokenizer(["红色的圆形在左上角"], vocab_size=50, min_frequency=1)
+    items = [{"input_ids": tokenizer(text)["input_ids"], "pixel_values": torch.full((4, 4, 3), i, dtype=torch.uint8)}
+             for i, text in enumerate(["红色", "红色的圆形在左上角红色的圆形"])]
+    batch = train_module.Collator(tokenizer)(items)
+    assert batch["input_ids"].shape == (2, 16) and batch["attention_mask"][0].sum() == len(items[0]["input_ids"])
+    assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"][:, 0, 0, 0].tolist() == [0, 1]
 
 
 def test_prepare_drops_a_broken_image_from_a_user_csv(tmp_path):

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
 from transformers import (
     GPT2Config,
     Trainer,
@@ -95,13 +96,13 @@ class CaptionSplit(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack uint8 images; right-pad labels with -100, which the loss ignores (the model
+    """Stack uint8 images (into shared memory in a loader worker: default_collate); right-pad labels with -100, which the loss ignores (the model
     builds its decoder inputs by shifting labels right, -100 becoming the pad id)."""
     longest = max(len(x["labels"]) for x in items)
     labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
     for row, x in enumerate(items):
         labels[row, :len(x["labels"])] = torch.tensor(x["labels"])
-    return {"pixel_values": torch.stack([x["pixel_values"] for x in items]), "labels": labels}
+    return {"pixel_values": default_collate([x["pixel_values"] for x in items]), "labels": labels}
 
 
 class CaptionTrainer(Trainer):
