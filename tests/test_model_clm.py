@@ -1,0 +1,206 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from common.errors import UserError
+from common.shards import (
+    MixedTokens,
+    ShardOptions,
+    TokenShards,
+    make_units,
+    unit_texts,
+    write_token_shards,
+)
+from common.tokenizer import build_chinese_tokenizer
+
+from conftest import run_script
+
+LINES = ["今天天气很好，我们去公园散步。", "人民日报发表评论文章。", "短", "", "这本书写得很好，推荐大家阅读。",
+         "今天天气很好，我们去公园散步。", "物流很快，包装也不错，下次还来。", "经济形势总体平稳，稳中有进。"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_chinese_tokenizer(LINES * 3, vocab_size=500, min_frequency=1)
+
+
+def write_source(path, tokenizer, inputs, **options):
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(path / "tokenizer")
+    return write_token_shards(inputs, path, tokenizer, ShardOptions(**options), workers=2)
+
+
+def all_tokens(source, split):
+    index = json.loads((source / "index.json").read_text())
+    ids = [np.fromfile(source / split / f"{int(i):05d}.bin", dtype=index["dtype"]) for i in sorted(index["done"], key=int)]
+    return np.concatenate(ids).tolist()
+
+
+def expected_tokens(tokenizer, texts):
+    return [t for text in texts for t in (*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id)]
+
+
+def test_units_own_every_line_exactly_once(tmp_path):
+    lines = [f"第{i}行" + "字" * (i * 7 % 40) for i in range(60)] + ["很长" * 200, "最后一行"]
+    path = tmp_path / "a.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    units = make_units([path], unit_bytes=50)
+    assert len(units) > 20 and units[-1]["end"] == path.stat().st_size
+    read = [text.rstrip("\n") for unit in units for text in unit_texts(unit, None)]
+    assert read == lines
+
+
+def test_shards_round_trip_txt_jsonl_csv_and_clean(tmp_path, tokenizer):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("\n".join(LINES[:4]) + "\n", encoding="utf-8")
+    with (tmp_path / "in" / "b.jsonl").open("w", encoding="utf-8") as f:
+        for text in LINES[4:6]:
+            f.write(json.dumps({"text": "\u3000" + text, "other": 1}, ensure_ascii=False) + "\n")
+    (tmp_path / "in" / "c.csv").write_text("id,content\n1,\"" + LINES[6] + "\"\n2," + LINES[7] + "\n", encoding="utf-8")
+    report = write_source(tmp_path / "out", tokenizer, [tmp_path / "in"], valid_ratio=0.01, min_chars=2)
+    assert report["documents_read"] == 8 and report["dropped_empty"] == 1 and report["dropped_too_short"] == 1
+    kept = [t for t in LINES if len(t) >= 2]
+    assert report["train_documents"] + report["valid_documents"] == len(kept) == 6
+    # every kept document exactly once, each followed by eos, in input order within a split
+    train, valid = all_tokens(tmp_path / "out", "train"), all_tokens(tmp_path / "out", "valid")
+    assert sorted(train + valid) == sorted(expected_tokens(tokenizer, kept))
+    assert report["train_tokens"] == len(train) and json.loads((tmp_path / "out" / "index.json").read_text())["dtype"] == "uint16"
+    blocks = TokenShards(tmp_path / "out", "train", block_size=4)
+    assert len(blocks) == len(train) // 4  # one unit per file here: tails are per shard
+    assert blocks[0]["input_ids"].dtype == torch.int64
+
+
+def test_large_vocabulary_is_stored_as_uint32(tmp_path, tokenizer):
+    big = build_chinese_tokenizer(LINES, vocab_size=500, min_frequency=1)
+    big.add_tokens([f"<extra_{i}>" for i in range(65_600)])
+    (tmp_path / "a.txt").write_text("<extra_65550>" + LINES[0] + "\n", encoding="utf-8")
+    write_source(tmp_path / "out", big, [tmp_path / "a.txt"], valid_ratio=0.01, min_chars=1)
+    assert json.loads((tmp_path / "out" / "index.json").read_text())["dtype"] == "uint32"
+    assert all_tokens(tmp_path / "out", "train") == expected_tokens(big, ["<extra_65550>" + LINES[0]])
+    assert max(all_tokens(tmp_path / "out", "train")) > 65_535
+
+
+def test_interrupted_prepare_resumes_only_the_unfinished_unit(tmp_path, tokenizer):
+    text = "\n".join(f"{LINES[i % 8]}{i}" for i in range(400)) + "\n"
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    options = dict(unit_bytes=2000, valid_ratio=0.1, min_chars=2)
+    first = write_source(tmp_path / "out", tokenizer, [tmp_path / "a.txt"], **options)
+    assert first["units"] >= 4
+    original = {p.name: p.read_bytes() for p in (tmp_path / "out" / "train").iterdir()}
+    # an interruption during unit 2: its shards half written under the temporary name, not in the index
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    del index["done"]["2"]
+    index["complete"] = False
+    (tmp_path / "out" / "index.json").write_text(json.dumps(index))
+    train2 = tmp_path / "out" / "train" / "00002.bin"
+    train2.rename(train2.with_suffix(".tmp"))
+    with pytest.raises(UserError, match="did not finish"):
+        TokenShards(tmp_path / "out", "train", 8)
+    again = write_source(tmp_path / "out", tokenizer, [tmp_path / "a.txt"], **options)
+    assert again["units_this_run"] == 1 and again["train_tokens"] == first["train_tokens"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out" / "train").iterdir()} == original
+    # other inputs into the same folder are refused, not mixed in
+    (tmp_path / "a.txt").write_text(text + "新的一行文字\n", encoding="utf-8")
+    with pytest.raises(UserError, match="other inputs"):
+        write_source(tmp_path / "out", tokenizer, [tmp_path / "a.txt"], **options)
+
+
+def test_dedup_keeps_the_first_copy_across_units(tmp_path, tokenizer):
+    lines = [f"第{i}条不同的文字内容" for i in range(100)]
+    (tmp_path / "a.txt").write_text("\n".join(lines + lines[:30]) + "\n", encoding="utf-8")
+    report = write_source(tmp_path / "out", tokenizer, [tmp_path / "a.txt"], unit_bytes=600, dedup=True,
+                          valid_ratio=0.01, min_chars=2)
+    assert report["units"] > 3 and report["dropped_duplicate"] == 30
+    assert report["train_documents"] + report["valid_documents"] == 100
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory, tokenizer):
+    """Source a holds only 甲乙 text, b only 丙丁: a block's source shows in its tokens."""
+    root = tmp_path_factory.mktemp("mix")
+    tok = build_chinese_tokenizer(["甲乙丙丁"] * 5, vocab_size=100, min_frequency=1)
+    rng = np.random.default_rng(0)
+    for name, chars in (("a", "甲乙"), ("b", "丙丁")):
+        lines = ("".join(rng.choice(list(chars), size=6 + i % 9)) for i in range(300))
+        (root / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_source(root / name, tok, [root / f"{name}.txt"], valid_ratio=0.1, min_chars=1)
+    return root, tok
+
+
+def test_mixing_follows_the_schedule_through_two_loader_workers(two_sources):
+    root, tok = two_sources
+    sources = [TokenShards(root / name, "train", 8) for name in ("a", "b")]
+    mixed = MixedTokens(sources, ["a", "b"], [2, 1], [1, 4], total_steps=40, global_batch=64, seed=3)
+    loader = torch.utils.data.DataLoader(mixed, batch_size=64, num_workers=2)
+    a_ids = set(tok("甲乙", add_special_tokens=False)["input_ids"])
+    share_a = [float(np.mean([bool(a_ids & set(block.tolist())) for block in batch["input_ids"]])) for batch in loader]
+    assert len(share_a) == 40
+    # realised = planned within sampling noise (8 steps x 64 samples: sd about 0.02)
+    assert np.mean(share_a[:8]) == pytest.approx(mixed.weights_at(np.arange(8))[:, 0].mean(), abs=0.06)
+    assert np.mean(share_a[-8:]) == pytest.approx(mixed.weights_at(np.arange(32, 40))[:, 0].mean(), abs=0.06)
+    assert np.mean(share_a[:8]) > 0.55 and np.mean(share_a[-8:]) < 0.3
+    # what is logged is exactly what the loader delivered
+    assert mixed.proportions(0, 8)["a"] == pytest.approx(np.mean(share_a[:8]))
+    # deterministic: the same seed gives the same sequence, another seed another one
+    again = MixedTokens(sources, ["a", "b"], [2, 1], [1, 4], total_steps=40, global_batch=64, seed=3)
+    other = MixedTokens(sources, ["a", "b"], [2, 1], [1, 4], total_steps=40, global_batch=64, seed=4)
+    assert all(torch.equal(mixed[i]["input_ids"], again[i]["input_ids"]) for i in range(0, 2560, 97))
+    assert not all(torch.equal(mixed[i]["input_ids"], other[i]["input_ids"]) for i in range(0, 2560, 97))
+    with pytest.raises(UserError, match="weights"):
+        MixedTokens(sources, ["a", "b"], [1], None, total_steps=4, global_batch=8, seed=0)
+
+
+TINY = ["--block_size", "32", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+        "--intermediate_size", "64", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+        "--learning_rate", "3e-3", "--warmup_steps", "2", "--max_eval_blocks", "20", "--logging_steps", "1",
+        "--dataloader_num_workers", "2"]
+
+
+def test_resume_gives_the_same_next_batches_and_losses(two_sources, tmp_path):
+    root, _ = two_sources
+    common = ["--data_dir", root / "a", root / "b", "--mix_weights", "2", "1", "--mix_weights_end", "1", "4",
+              "--max_steps", "6", "--save_steps", "3", "--eval_steps", "100", *TINY]
+    run_script("model_clm/train.py", *common, "--output_dir", tmp_path / "straight")
+    # as if the run had stopped after its step-3 checkpoint
+    run_script("model_clm/train.py", *common, "--output_dir", tmp_path / "resumed",
+               "--resume_from_checkpoint", tmp_path / "straight" / "checkpoint-3")
+
+    def losses(out):
+        history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+        return {h["step"]: (h["loss"], h["mix_a"]) for h in history if "loss" in h}
+
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert set(resumed) >= {4, 5, 6}
+    for step in (4, 5, 6):
+        assert resumed[step][0] == pytest.approx(straight[step][0], rel=1e-4)
+        assert resumed[step][1] == straight[step][1]
+
+
+def test_prepare_and_train_on_builtin_data(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    result = run_script("model_clm/prepare_data.py", "--output_dir", data, "--vocab_size", "2000", "--dedup", "true")
+    assert "dropped_duplicate" in result.stdout
+    reviews = json.loads((data / "reviews" / "report.json").read_text())
+    assert reviews["dropped_duplicate"] > 10_000  # the review corpus repeats about half of itself
+    run_script("model_clm/train.py", "model_clm/configs/default.yaml", "--data_dir", data / "news", data / "reviews",
+               "--output_dir", out, "--max_steps", "40", "--eval_steps", "40", "--save_steps", "40", *TINY)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("news", "reviews"):
+        assert metrics["valid"][name]["after"]["perplexity"] < 0.5 * metrics["valid"][name]["before"]["perplexity"]
+    assert metrics["model_type"] == "llama" and metrics["train"]["steps"] == 40
+    assert metrics["mix"]["realised_first_10pct"]["news"] > metrics["mix"]["realised_last_10pct"]["news"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_key_value_heads == 2
+
+
+def test_clear_errors(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "好的文本内容"}\n{"text": \n', encoding="utf-8")
+    result = run_script("model_clm/prepare_data.py", "--input", tmp_path / "bad.jsonl", "--output_dir", tmp_path / "o",
+                        check=False)
+    assert result.returncode != 0 and "bad.jsonl: the line at byte 31 is not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_script("model_clm/train.py", "--data_dir", tmp_path / "nothing", check=False)
+    assert result.returncode != 0 and "no index.json" in result.stderr and "Traceback" not in result.stderr
