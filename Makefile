@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo demo-classifier test lint clean
+.PHONY: setup browser demo demo-classifier demo-clm test lint clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ demo-classifier: setup
 	$(PY) chinese_classifier/train.py chinese_classifier/configs/default.yaml
 	$(PY) chinese_classifier/predict.py --model outputs/chinese_classifier \
 		"质量很好，物流也快，推荐购买" "用了两天就坏了，非常失望" "这本书写得太好了，强烈推荐"
+
+# Pretraining a tiny Llama on two built-in sources mixed 2:1 -> 1:4 (about 5 minutes on 2 CPU cores).
+demo-clm: setup
+	$(PY) model_clm/prepare_data.py --dedup true
+	$(PY) model_clm/train.py model_clm/configs/default.yaml
 
 # The chatbot test drives Debian's chromium headless; install it when missing (needs root or sudo).
 CHROMIUM_PKGS := chromium chromium-driver

@@ -21,6 +21,7 @@ always lands on the same side, whatever the worker count).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -141,19 +142,30 @@ def _unit_hashes(unit: dict, options: ShardOptions) -> np.ndarray:
 _TOKENIZER = None
 
 
+def batch_encoder(tokenizer):
+    """texts -> token ids without special tokens. For a fast tokenizer, its Rust backend's
+    `encode_batch_fast` (no offsets, no BatchEncoding): the same ids as `tokenizer(texts)`,
+    about 1.5x faster here."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
 def _init_worker(tokenizer_dir: str) -> None:
     global _TOKENIZER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     from common.tokenizer import load_tokenizer
 
-    _TOKENIZER = load_tokenizer(tokenizer_dir, add_special_tokens=False)
+    tokenizer = load_tokenizer(tokenizer_dir, add_special_tokens=False)
+    _TOKENIZER = (batch_encoder(tokenizer), tokenizer.eos_token_id)
 
 
 def _write_unit(out: str, unit_id: int, unit: dict, options: ShardOptions, dtype: str,
                 keep: np.ndarray | None) -> dict:
     """Clean, tokenise and write one unit's train and valid shards; returns its counts."""
-    tokenizer, counts = _TOKENIZER, _new_counts()
-    eos = tokenizer.eos_token_id
+    (encode, eos), counts = _TOKENIZER, _new_counts()
     valid_below = int(options.valid_ratio * 2**64)
     paths = {split: Path(out) / split / f"{unit_id:05d}.bin" for split in ("train", "valid")}
     files = {split: path.with_suffix(".tmp").open("wb") for split, path in paths.items()}
@@ -163,12 +175,13 @@ def _write_unit(out: str, unit_id: int, unit: dict, options: ShardOptions, dtype
             texts = [text for text, s in zip(batch, splits) if s == split]
             if not texts:
                 continue
-            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-            total = sum(map(len, ids)) + len(ids)
-            array = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=dtype, count=total)
+            ids = encode(texts)
+            for doc in ids:
+                doc.append(eos)
+            array = np.array(list(itertools.chain.from_iterable(ids)), dtype=dtype)
             files[split].write(array.tobytes())
             counts[f"{split}_documents"] += len(ids)
-            counts[f"{split}_tokens"] += total
+            counts[f"{split}_tokens"] += len(array)
 
     try:
         batch, splits = [], []

@@ -1,6 +1,6 @@
 """Tokenise a text corpus of any size into memory-mapped token shards, in parallel and resumably.
 
-    python model_clm/prepare_data.py                      # built-in: People's Daily + product reviews, 2 sources
+    python model_clm/prepare_data.py --dedup true         # built-in: People's Daily + product reviews, 2 sources
     python model_clm/prepare_data.py --input 'corpus/**/*.jsonl' --tokenizer /models/llama-2-7b \\
         --output_dir data/model_clm/general --dedup true
     python model_clm/prepare_data.py --input domain/ --tokenizer data/model_clm/general/tokenizer \\

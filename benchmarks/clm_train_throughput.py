@@ -1,0 +1,207 @@
+"""1B-class Llama pretraining throughput: the Trainer's defaults against model_clm/train.py.
+
+    python benchmarks/clm_train_throughput.py                      # one GPU, all variants
+    python benchmarks/clm_train_throughput.py --variants recipe --measure_steps 8
+    python benchmarks/clm_train_throughput.py --tiny               # CPU smoke test, seconds
+
+The model: model_clm/configs/llama_1b_gpu.yaml's Llama (16 layers x 2048, 32 heads, 8
+key/value heads, MLP 8192, tied embeddings, context 2048) with a 32,000-token vocabulary,
+random weights. Data: random token ids written in common/shards.py's format (throughput
+does not depend on the values). Each variant runs in its own child process:
+
+  baseline          what the plain Trainer gives: `AutoModelForCausalLM.from_config` (SDPA
+                    attention, transformers' default), fp32, TrainingArguments' defaults; only
+                    batch size and step count set (batch 4 x 2048: fp32 activations).
+  recipe            model_clm/train.py (its own parse / build_trainer) with llama_1b_gpu.yaml:
+                    bf16 autocast, torch.compile, causal SDPA without a mask tensor, fused
+                    AdamW, 8 x 2048 x 16 accumulation steps, pinned non-blocking batches.
+  recipe_sdpa_mask  the recipe with attn_implementation sdpa (a [B, 1, T, T] mask under compile).
+  recipe_no_compile the recipe without torch.compile.
+
+Timing: --warmup_steps optimizer steps (compilation happens there), then --measure_steps
+timed between two `torch.cuda.synchronize()` calls. MFU = tokens/s x (6 N + 12 L T d) /
+--peak_tflops (989: H100 SXM dense bf16; used for fp32 too, as the ratio to the chip's
+best), N = parameters (tied embedding once), L layers, T context, d width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+CONFIG = REPO / "model_clm" / "configs" / "llama_1b_gpu.yaml"
+VOCAB_SIZE = 32000
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128, "block_size": 64, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+        "bf16": False, "tf32": False, "torch_compile": False, "dataloader_num_workers": 0,
+        "dataloader_persistent_workers": False}
+VARIANTS = {
+    "baseline": {},
+    "recipe": {},
+    "recipe_sdpa_mask": {"attn_implementation": "sdpa"},
+    "recipe_no_compile": {"torch_compile": False},
+}
+
+
+def write_synthetic_source(path: Path, train_tokens: int, vocab_size: int, seed: int = 0) -> None:
+    """common/shards.py's layout with uniformly random ids and a BERT-style tokenizer of
+    exactly `vocab_size` tokens."""
+    import numpy as np
+    from transformers import BertTokenizer
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"]
+    tokens = special + [chr(c) for c in range(33, 127)]
+    tokens += [chr(0x4E00 + i) for i in range(vocab_size - len(tokens))]
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=False,
+                              bos_token="[BOS]", eos_token="[EOS]")
+    assert len(tokenizer) == vocab_size
+    tokenizer.save_pretrained(path / "tokenizer")
+    rng = np.random.default_rng(seed)
+    counts = {}
+    for split, n in (("train", train_tokens), ("valid", 65536)):
+        (path / split).mkdir(parents=True, exist_ok=True)
+        rng.integers(0, vocab_size, size=n, dtype=np.uint16).tofile(path / split / "00000.bin")
+        counts[f"{split}_tokens"] = n
+    index = {"format": 1, "dtype": "uint16", "vocab_size": vocab_size, "eos_token_id": tokenizer.eos_token_id,
+             "tokenizer": "tokenizer", "done": {"0": counts}, "complete": True, "synthetic": "uniform random ids"}
+    (path / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("model_clm_train", REPO / "model_clm" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_variant(name: str, opts) -> dict:
+    import torch
+    import yaml
+    from transformers import (
+        AutoModelForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    from common.shards import TokenShards
+
+    cuda = torch.cuda.is_available()
+    warmup, measured = opts.warmup_steps, opts.measure_steps
+    marks = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (warmup, warmup + measured):
+                if cuda:
+                    torch.cuda.synchronize()
+                marks[state.global_step] = time.perf_counter()
+
+    config = yaml.safe_load(CONFIG.read_text()) | (TINY if opts.tiny else {}) | VARIANTS.get(name, {})
+    out = tempfile.mkdtemp(prefix=f"clm_{name}_")
+    train = load_train_module()
+    if name == "baseline":
+        from transformers import AutoConfig
+
+        block = config["block_size"]
+        model_config = AutoConfig.for_model(
+            "llama", vocab_size=VOCAB_SIZE, hidden_size=config["hidden_size"],
+            num_hidden_layers=config["num_hidden_layers"], num_attention_heads=config["num_attention_heads"],
+            num_key_value_heads=config["num_key_value_heads"], intermediate_size=config["intermediate_size"],
+            max_position_embeddings=block, tie_word_embeddings=True)
+        model = AutoModelForCausalLM.from_config(model_config)
+        batch, accumulation = (2, 1) if opts.tiny else (opts.baseline_batch_size, 1)
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=warmup + measured,
+                                 save_strategy="no", report_to="none", disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, data_collator=default_data_collator,
+                          train_dataset=TokenShards(opts.data_dir, "train", block))
+        settings = {"dtype": "fp32", "compile": False, "attention": model.config._attn_implementation}
+    else:
+        path = Path(out) / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        data_args, model_args, args = train.parse([
+            str(path), "--data_dir", str(opts.data_dir), "--output_dir", out, "--max_steps", str(warmup + measured),
+            "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "100000", "--disable_tqdm", "true"])
+        trainer = train.build_trainer(data_args, model_args, args)
+        model, block = trainer.model, data_args.block_size
+        batch, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        settings = {"dtype": "bf16 autocast" if args.bf16 else "fp32", "compile": bool(args.torch_compile),
+                    "attention": model_args.attn_implementation, "changes": VARIANTS[name]}
+    trainer.add_callback(Clock())
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    seconds = marks[warmup + measured] - marks[warmup]
+    tokens = measured * batch * accumulation * block
+    c = model.config
+    parameters = sum(p.numel() for p in model.parameters())  # a tied embedding is one parameter
+    flops_per_token = 6 * parameters + 12 * c.num_hidden_layers * block * c.hidden_size
+    return {"variant": name, "settings": settings, "batch": batch, "accumulation": accumulation, "block_size": block,
+            "parameters": parameters, "measured_steps": measured, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds), "mfu": tokens / seconds * flops_per_token / (opts.peak_tflops * 1e12),
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--warmup_steps", type=int, default=3)
+    parser.add_argument("--measure_steps", type=int, default=4)
+    parser.add_argument("--baseline_batch_size", type=int, default=4)
+    parser.add_argument("--peak_tflops", type=float, default=989.0)
+    parser.add_argument("--data_dir", type=Path, default=Path(tempfile.gettempdir()) / "clm_throughput_data")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "clm_train_throughput.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.tiny:
+        opts.data_dir = opts.data_dir.with_name(opts.data_dir.name + "_tiny")
+        opts.warmup_steps, opts.measure_steps = 1, 2
+    if opts.child:
+        print("ROW " + json.dumps(run_variant(opts.child, opts)), flush=True)
+        return
+    if not (opts.data_dir / "index.json").is_file():
+        write_synthetic_source(opts.data_dir, 8_000_000, VOCAB_SIZE)
+    import subprocess
+
+    import torch
+    import transformers
+
+    rows = []
+    for name in opts.variants.split(","):
+        result = subprocess.run([sys.executable, __file__, "--child", name, *sys.argv[1:]], capture_output=True, text=True)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("ROW ")]
+        if result.returncode or not lines:
+            print(result.stdout[-2000:], result.stderr[-4000:], file=sys.stderr)
+            rows.append({"variant": name, "error": result.stderr.strip().splitlines()[-1:]})
+            continue
+        rows.append(json.loads(lines[-1][4:]))
+        print(json.dumps(rows[-1]), flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    header = f"{device}, torch {torch.__version__}, transformers {transformers.__version__}, {time.strftime('%Y-%m-%d')}"
+    print(header)
+    base = next((r for r in rows if r["variant"] == "baseline" and "error" not in r), None)
+    print(f"{'variant':<19}{'batch x acc':>12}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}{'x baseline':>12}")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['variant']:<19} failed: {row['error']}")
+            continue
+        ratio = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
+        memory = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "-"
+        print(f"{row['variant']:<19}{row['batch']:>6} x {row['accumulation']:<3}{row['tokens_per_s']:>11,}"
+              f"{row['mfu']:>7.1%}{memory:>10}{ratio:>12}")
+    opts.out.write_text(json.dumps({"environment": header, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()
