@@ -225,8 +225,12 @@ def main(argv: list[str] | None = None) -> dict:
         resume = get_last_checkpoint(training_args.output_dir)
         if resume is None:
             logger.info("no checkpoint in %s: starting from scratch", training_args.output_dir)
-    before = None if resume else perplexities(trainer.evaluate(), names)
+    # Evaluating inside train() (eval_on_start) rather than before it: DeepSpeed ZeRO-1/2 can
+    # only evaluate through the engine that train() builds.
+    trainer.args.eval_on_start = not resume
     result = trainer.train(resume_from_checkpoint=resume)
+    start_logs = {k: v for h in trainer.state.log_history if h.get("step") == 0 for k, v in h.items()}
+    before = perplexities(start_logs, names) if not resume else None
     after = perplexities(trainer.evaluate(), names)
     trainer.save_model(training_args.output_dir)
     if not trainer.is_world_process_zero():
@@ -243,6 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
                                         * data_args.block_size / result.metrics["train_runtime"], 1)},
         "parameters": trainer.model.num_parameters(),
         "model_type": trainer.model.config.model_type,
+        "distributed": {"world_size": trainer.args.world_size, "engine": type(trainer.model_wrapped).__name__,
+                        "zero_stage": trainer.model_wrapped.zero_optimization_stage()
+                        if trainer.is_deepspeed_enabled else None},
         "block_size": data_args.block_size,
     }
     if isinstance(trainer.train_dataset, MixedTokens):

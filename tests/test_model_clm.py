@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +19,7 @@ from common.shards import (
 )
 from common.tokenizer import build_chinese_tokenizer
 
-from conftest import run_script
+from conftest import REPO, run_script
 
 LINES = ["今天天气很好，我们去公园散步。", "人民日报发表评论文章。", "短", "", "这本书写得很好，推荐大家阅读。",
          "今天天气很好，我们去公园散步。", "物流很快，包装也不错，下次还来。", "经济形势总体平稳，稳中有进。"]
@@ -204,3 +207,28 @@ def test_clear_errors(tmp_path):
     assert "Traceback" not in result.stderr
     result = run_script("model_clm/train.py", "--data_dir", tmp_path / "nothing", check=False)
     assert result.returncode != 0 and "no index.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_deepspeed_zero2_on_two_cpu_processes_matches_one_process(tmp_path):
+    pytest.importorskip("deepspeed")
+    data = tmp_path / "data"
+    run_script("model_clm/prepare_data.py", "--output_dir", data, "--vocab_size", "1000")
+    common = ["--data_dir", data / "news", "--max_steps", "4", "--eval_steps", "100", "--save_steps", "100",
+              "--warmup_steps", "0", *TINY, "--dataloader_num_workers", "0"]
+    run_script("model_clm/train.py", *common, "--per_device_train_batch_size", "8", "--output_dir", tmp_path / "one")
+    # two processes with 4 sequences each: the same global batch, parameters sharded by ZeRO-2
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "model_clm" / "train.py"), *map(str, common), "--per_device_train_batch_size", "4",
+               "--output_dir", str(tmp_path / "zero2"), "--use_cpu", "true",
+               "--deepspeed", str(REPO / "model_clm" / "configs" / "ds_zero2.json")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    zero2 = json.loads((tmp_path / "zero2" / "metrics.json").read_text())
+    assert zero2["distributed"] == {"world_size": 2, "engine": "DeepSpeedEngine", "zero_stage": 2}
+    # equal up to summation order (Adam turns that noise, in near-zero gradients, into small steps)
+    for key in ("first_logged_loss", "last_logged_loss"):
+        assert zero2["train"][key] == pytest.approx(one["train"][key], rel=2e-4)
+    assert one["valid"]["news"]["after"]["loss"] < one["valid"]["news"]["before"]["loss"] - 0.01, one["valid"]  # weights moved
+    assert zero2["valid"]["news"]["after"]["loss"] == pytest.approx(one["valid"]["news"]["after"]["loss"], rel=2e-4)
