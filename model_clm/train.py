@@ -4,7 +4,8 @@
     python model_clm/train.py model_clm/configs/default.yaml                       # tiny Llama, CPU minutes
     python model_clm/train.py model_clm/configs/default.yaml --resume_from_checkpoint last
     python model_clm/train.py ... --model_name_or_path /models/Qwen2.5-0.5B        # continue a local checkpoint
-    torchrun --nproc_per_node 4 model_clm/train.py model_clm/configs/llama_1b_gpu.yaml --deepspeed model_clm/configs/ds_zero2.json
+    torchrun --nproc_per_node 4 model_clm/train.py model_clm/configs/llama_1b_gpu.yaml --gradient_accumulation_steps 4 \
+        --deepspeed model_clm/configs/ds_zero2.json
     accelerate launch --config_file model_clm/configs/fsdp.yaml model_clm/train.py model_clm/configs/llama_1b_gpu.yaml
 
 Model: `--model_name_or_path` (any local `AutoModelForCausalLM` checkpoint: Llama, Qwen,
