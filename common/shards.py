@@ -204,12 +204,16 @@ def _write_unit(out: str, unit_id: int, unit: dict, options: ShardOptions, dtype
     return counts
 
 
+def vocabulary_hash(tokenizer) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return hashlib.sha256(vocab.encode("utf-8")).hexdigest()
+
+
 def _fingerprint(units: list[dict], options: ShardOptions, tokenizer) -> str:
     """What the shards depend on: the inputs (paths, sizes, times), the options, the vocabulary."""
     files = sorted({u["file"] for u in units})
     state = [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
-    vocab = sorted(tokenizer.get_vocab().items())
-    text = json.dumps([state, asdict(options) | {"batch_size": None}, vocab], ensure_ascii=False)
+    text = json.dumps([state, asdict(options) | {"batch_size": None}, vocabulary_hash(tokenizer)])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -234,7 +238,8 @@ def write_token_shards(inputs: Sequence[str | Path], out: str | Path, tokenizer,
     units = make_units(files, options.unit_bytes)
     fingerprint = _fingerprint(units, options, tokenizer)
     index = {"format": FORMAT, "fingerprint": fingerprint, "dtype": token_dtype(len(tokenizer)).name,
-             "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "tokenizer": "tokenizer",
+             "vocab_size": len(tokenizer), "vocab_sha256": vocabulary_hash(tokenizer),
+             "eos_token_id": tokenizer.eos_token_id, "tokenizer": "tokenizer",
              "options": asdict(options), "units": units, "done": {}, "complete": False}
     if (out / "index.json").is_file():
         previous = json.loads((out / "index.json").read_text())

@@ -114,7 +114,7 @@ def load_sources(data_args: DataArguments, training_args: CLMTrainingArguments):
     """The training dataset (one source's blocks, or a MixedTokens over all) and a held-out
     dataset per source."""
     indexes = [read_index(d) for d in data_args.data_dir]
-    if len({(i["vocab_size"], i["eos_token_id"], i["dtype"]) for i in indexes}) > 1:
+    if len({(i["vocab_size"], i.get("vocab_sha256"), i["eos_token_id"]) for i in indexes}) > 1:
         raise UserError("the data_dir sources were prepared with different tokenizers; prepare every source with "
                         "the same --tokenizer")
     names = [Path(d).name for d in data_args.data_dir]

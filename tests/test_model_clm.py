@@ -205,6 +205,14 @@ def test_clear_errors(tmp_path):
                         check=False)
     assert result.returncode != 0 and "bad.jsonl: the line at byte 31 is not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
+    # two sources whose tokenizers differ cannot be mixed
+    for name, texts in (("x", LINES[:3]), ("y", LINES[4:])):
+        (tmp_path / f"{name}.txt").write_text("\n".join(texts * 30) + "\n", encoding="utf-8")
+        tok = build_chinese_tokenizer(texts, vocab_size=300, min_frequency=1)
+        write_source(tmp_path / name, tok, [tmp_path / f"{name}.txt"], valid_ratio=0.3, min_chars=1)
+    result = run_script("model_clm/train.py", "--data_dir", tmp_path / "x", tmp_path / "y", "--block_size", "8",
+                        "--max_steps", "2", "--output_dir", tmp_path / "o", check=False)
+    assert result.returncode != 0 and "different tokenizers" in result.stderr
     result = run_script("model_clm/train.py", "--data_dir", tmp_path / "nothing", check=False)
     assert result.returncode != 0 and "no index.json" in result.stderr and "Traceback" not in result.stderr
 
