@@ -163,10 +163,10 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
     if model_args.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise UserError("attn_implementation flash_attention_2 needs the flash-attn package; use sdpa")
     if model_args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path, attn_implementation=model_args.attn_implementation,
-            trust_remote_code=False, dtype=torch.float32,
-        )
+        model = with_attention_fallback(
+            lambda attn: AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, attn_implementation=attn,
+                                                              trust_remote_code=False, dtype=torch.float32),
+            model_args.attn_implementation)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
         return model
@@ -184,7 +184,19 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
         )
     except ValueError as err:
         raise UserError(f"--model_type {model_args.model_type}: {err}") from None
-    return AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)
+    return with_attention_fallback(lambda attn: AutoModelForCausalLM.from_config(config, attn_implementation=attn),
+                                   model_args.attn_implementation)
+
+
+def with_attention_fallback(make_model, attn_implementation: str):
+    """Build with the asked attention; a class without SDPA support (BLOOM, say) gets eager."""
+    try:
+        return make_model(attn_implementation)
+    except ValueError as err:
+        if not attn_implementation.startswith("sdpa") or "does not support" not in str(err):
+            raise
+        logger.warning("%s: using eager attention", str(err).split(".")[0])
+        return make_model("eager")
 
 
 def parse(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, CLMTrainingArguments]:

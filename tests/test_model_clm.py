@@ -240,3 +240,32 @@ def test_deepspeed_zero2_on_two_cpu_processes_matches_one_process(tmp_path):
         assert zero2["train"][key] == pytest.approx(one["train"][key], rel=2e-4)
     assert one["valid"]["news"]["after"]["loss"] < one["valid"]["news"]["before"]["loss"] - 0.01, one["valid"]  # weights moved
     assert zero2["valid"]["news"]["after"]["loss"] == pytest.approx(one["valid"]["news"]["after"]["loss"], rel=2e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gpt_neox", "bloom", "falcon", "gpt2", "glm"])
+def test_new_models_of_each_family_are_built_to_the_asked_sizes(model_type, tokenizer):
+    from conftest import load_recipe_module
+
+    train = load_recipe_module("model_clm", "train")
+    args = train.ModelArguments(model_type=model_type, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, intermediate_size=64)
+    model = train.build_model(args, tokenizer, block_size=16)  # BLOOM has no SDPA: falls back to eager
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (2, 32)
+    assert model.get_input_embeddings().num_embeddings >= len(tokenizer)
+    ids = torch.randint(0, len(tokenizer), (2, 16))
+    loss = model(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(loss) and abs(loss.item() - np.log(model.config.vocab_size)) < 1.0  # near uniform at init
+
+
+def test_continued_pretraining_from_a_local_checkpoint_with_gradient_checkpointing(two_sources, tmp_path):
+    root, _ = two_sources
+    common = ["--data_dir", root / "a", "--max_steps", "5", "--eval_steps", "100", "--save_steps", "100", *TINY]
+    run_script("model_clm/train.py", *common, "--model_type", "qwen2", "--output_dir", tmp_path / "first")
+    run_script("model_clm/train.py", *common, "--model_name_or_path", tmp_path / "first",
+               "--gradient_checkpointing", "true", "--output_dir", tmp_path / "second")
+    first = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    second = json.loads((tmp_path / "second" / "metrics.json").read_text())
+    assert second["model_type"] == "qwen2"
+    # the checkpoint loaded exactly: the second run starts where the first ended, then improves
+    assert second["valid"]["a"]["before"]["loss"] == pytest.approx(first["valid"]["a"]["after"]["loss"], rel=1e-5)
+    assert second["valid"]["a"]["after"]["loss"] < second["valid"]["a"]["before"]["loss"]
