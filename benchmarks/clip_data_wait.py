@@ -33,7 +33,6 @@ timed phases. Prints a table and writes JSON to --out.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import subprocess
@@ -41,6 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from recipe_loader import load_recipe_script  # benchmarks/ is on sys.path when a benchmark runs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -58,14 +59,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("clip_train", REPO / "chinese_clip" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_variant(name: str, args) -> dict:
     """In the child process: train and time one variant; returns its row."""
     import torch
@@ -74,15 +67,17 @@ def run_variant(name: str, args) -> dict:
 
     from common.config import load_yaml
 
-    clip = load_train_module()
+    clip = load_recipe_script("chinese_clip")
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     warmup, synced, free = args.warmup_steps, args.synced_steps, args.free_steps
     resident = name.startswith("resident")
 
     class TimedTrainer(clip.CLIPTrainer):
-        fetches: list[tuple[int, float]] = []  # (step, seconds) in the synced phase
-        first_batches = None
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.fetches: list[tuple[int, float]] = []  # (step, seconds) in the synced phase
+            self.first_batches = None
 
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             step = self.state.global_step

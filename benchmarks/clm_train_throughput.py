@@ -32,13 +32,14 @@ best), N = parameters (tied embedding once), L layers, T context, d width.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from recipe_loader import load_recipe_script  # benchmarks/ is on sys.path when a benchmark runs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -87,14 +88,6 @@ def write_synthetic_source(path: Path, train_tokens: int, vocab_size: int, seed:
     (path / "index.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("model_clm_train", REPO / "model_clm" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_variant(name: str, opts) -> dict:
     import torch
     import yaml
@@ -122,7 +115,7 @@ def run_variant(name: str, opts) -> dict:
     config = yaml.safe_load(CONFIG.read_text()) | (TINY if opts.tiny else {}) | VARIANTS[name].get("yaml", {})
     workdir = tempfile.TemporaryDirectory(prefix=f"clm_{name}_")  # removed when this child exits
     out = workdir.name
-    train = load_train_module()
+    train = load_recipe_script("model_clm")
     if name == "baseline":
         from transformers import AutoConfig
 

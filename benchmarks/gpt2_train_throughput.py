@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import platform
@@ -51,6 +50,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from recipe_loader import load_recipe_script  # benchmarks/ is on sys.path when a benchmark runs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "chinese_gpt2" / "configs" / "gpt2_small_gpu.yaml"
@@ -124,14 +125,6 @@ def write_synthetic_data(data_dir: Path, train_tokens: int, valid_tokens: int, s
 
 
 # ------------------------------------------------------------------- one variant (child)
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("chinese_gpt2_train", REPO / "chinese_gpt2" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def plan_steps(tokens_per_step: int, warmup_tokens: int, measure_tokens: int) -> tuple[int, int]:
     """(warm-up, measured) optimizer steps covering at least the given token counts."""
     return max(2, -(-warmup_tokens // tokens_per_step)), max(1, -(-measure_tokens // tokens_per_step))
@@ -233,7 +226,7 @@ def run_variant(name: str, opts: argparse.Namespace) -> dict:
     else:
         import yaml
 
-        train = load_train_module()
+        train = load_recipe_script("chinese_gpt2")
         config_yaml = yaml.safe_load(CONFIG.read_text())
         if opts.tiny:
             config_yaml.update(TINY_YAML)

@@ -134,7 +134,7 @@ def prepare_image_text_splits(sources: dict[str, Path], out_dir: Path, image_siz
         if not kept:
             raise UserError(f"{csv_path}: no usable image-text pair ({dict(counts)})")
         kept_paths = {row.path for row in kept}
-        written = 0
+        written = []  # image paths in the order of the written rows: the cache's order
         with csv_path.open(encoding="utf-8-sig", newline="") as f_in, \
                 (out_dir / f"{split}.csv").open("w", encoding="utf-8", newline="") as f_out:
             reader = csv.DictReader(f_in)
@@ -143,10 +143,9 @@ def prepare_image_text_splits(sources: dict[str, Path], out_dir: Path, image_siz
             for record, row in zip(reader, rows):  # read_image_csv read the same rows in the same order
                 if row.text and row.path in kept_paths:
                     writer.writerow({**record, "text": row.text, "image_path": str(row.path.resolve())})
-                    written += 1
-        build_image_cache([row.path for row in read_image_csv(out_dir / f"{split}.csv")], out_dir / "cache" / split,
-                          image_size, workers)
-        report[split] = {"read": len(rows), "kept": written, **{k: v for k, v in counts.items() if k != "kept"}}
+                    written.append(row.path)
+        build_image_cache(written, out_dir / "cache" / split, image_size, workers)
+        report[split] = {"read": len(rows), "kept": len(written), **{k: v for k, v in counts.items() if k != "kept"}}
         logger.info("%s: %s", split, report[split])
     return report
 

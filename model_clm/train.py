@@ -111,8 +111,8 @@ class CLMTrainingArguments(TrainingArguments):
 
 # -------------------------------------------------------------------------------- data
 def load_sources(data_args: DataArguments, training_args: CLMTrainingArguments):
-    """The training dataset (one source's blocks, or a MixedTokens over all) and a held-out
-    dataset per source."""
+    """The training dataset (one source's blocks, or a MixedTokens over all), a held-out
+    dataset per source, the source names and the sources' (shared) tokenizer folder."""
     indexes = [read_index(d) for d in data_args.data_dir]
     if len({(i["vocab_size"], i.get("vocab_sha256"), i["eos_token_id"]) for i in indexes}) > 1:
         raise UserError("the data_dir sources were prepared with different tokenizers; prepare every source with "
@@ -127,13 +127,14 @@ def load_sources(data_args: DataArguments, training_args: CLMTrainingArguments):
         if data_args.max_eval_blocks:
             blocks = torch.utils.data.Subset(blocks, range(min(len(blocks), data_args.max_eval_blocks)))
         valid[name] = blocks
+    tokenizer_dir = Path(data_args.data_dir[0]) / indexes[0]["tokenizer"]
     if len(train) == 1 and data_args.mix_weights_end is None:
-        return train[0], valid, names
+        return train[0], valid, names, tokenizer_dir
     global_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                     * training_args.world_size)
     mixed = MixedTokens(train, names, data_args.mix_weights or [1.0] * len(train), data_args.mix_weights_end,
                         training_args.max_steps, global_batch, training_args.seed)
-    return mixed, valid, names
+    return mixed, valid, names, tokenizer_dir
 
 
 class CLMTrainer(Trainer):
@@ -209,8 +210,8 @@ def build_trainer(data_args: DataArguments, model_args: ModelArguments,
     set_seed(training_args.seed)
     if training_args.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
         raise UserError("use_liger_kernel needs the liger-kernel package (pip install liger-kernel)")
-    train, valid, names = load_sources(data_args, training_args)
-    tokenizer = load_tokenizer(Path(data_args.data_dir[0]) / read_index(data_args.data_dir[0])["tokenizer"])
+    train, valid, names, tokenizer_dir = load_sources(data_args, training_args)
+    tokenizer = load_tokenizer(tokenizer_dir)
     model = build_model(model_args, tokenizer, data_args.block_size)
     logger.info("model: %s, %.2fM parameters; train: %s of %d blocks of %d tokens", type(model).__name__,
                 model.num_parameters() / 1e6, type(train).__name__, len(train), data_args.block_size)
