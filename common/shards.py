@@ -414,6 +414,11 @@ class MixedTokens(torch.utils.data.Dataset):
         block = int(self._draws(index, 1)[0] % self.sizes[source])
         return self.sources[source][block]
 
+    def planned(self, first_step: int, end_step: int) -> dict[str, float]:
+        """The schedule's mean weight of each source over steps [first_step, end_step)."""
+        weights = self.weights_at(np.arange(first_step, max(end_step, first_step + 1))).mean(axis=0)
+        return {name: float(w) for name, w in zip(self.names, weights)}
+
     def proportions(self, first_step: int, end_step: int) -> dict[str, float]:
         """The share of each source among the samples of steps [first_step, end_step)."""
         indices = np.arange(first_step * self.global_batch, end_step * self.global_batch)

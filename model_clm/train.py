@@ -267,22 +267,19 @@ def main(argv: list[str] | None = None) -> dict:
         "block_size": data_args.block_size,
     }
     if isinstance(trainer.train_dataset, MixedTokens):
-        mixed = trainer.train_dataset
-        metrics["mix"] = {"planned_start": dict(zip(names, mixed.start.round(4).tolist())),
-                          "planned_end": dict(zip(names, mixed.end.round(4).tolist())),
-                          "realised_first_10pct": mixed.proportions(0, max(steps // 10, 1)),
-                          "realised_last_10pct": mixed.proportions(steps - max(steps // 10, 1), steps),
-                          "realised_all": mixed.proportions(0, steps)}
+        mixed, tenth = trainer.train_dataset, max(steps // 10, 1)
+        windows = {"first_10pct": (0, tenth), "last_10pct": (steps - tenth, steps), "all": (0, steps)}
+        metrics["mix"] = {window: {"planned": mixed.planned(a, b), "realised": mixed.proportions(a, b)}
+                          for window, (a, b) in windows.items()}
     metrics["runtime_s"] = round(time.time() - start, 1)
     out = Path(training_args.output_dir)
     (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     for name in names:
         was = f"{before[name]['perplexity']:.1f} -> " if before else ""
         print(f"{name}: valid perplexity {was}{after[name]['perplexity']:.1f}")
-    if "mix" in metrics:
-        print("mix realised: first 10% of steps " + ", ".join(f"{k} {v:.2f}" for k, v in
-              metrics["mix"]["realised_first_10pct"].items()) + "; last 10% " + ", ".join(
-              f"{k} {v:.2f}" for k, v in metrics["mix"]["realised_last_10pct"].items()))
+    for window, shares in metrics.get("mix", {}).items():
+        print(f"mix over {window.replace('_10pct', ' 10%')} of steps, planned / realised: " + ", ".join(
+            f"{name} {shares['planned'][name]:.2f} / {shares['realised'][name]:.2f}" for name in names))
     print(f"model and metrics.json in {out}")
     return metrics
 
