@@ -44,7 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from transformers.generation.streamers import BaseStreamer
 
 from common.errors import UserError
-from common.templates import render_chat
+from common.templates import check_messages, encode_chat, get_template, saved_template_name, stop_criteria
 from common.tokenizer import display_cleaner
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
@@ -52,11 +52,22 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------ loading
-def load_causal_lm(model_dir: str | Path, device: str | None = None, dtype: str = "auto"):
+def load_causal_lm(model_dir: str | Path, device: str | None = None, dtype: str = "auto",
+                   base_model: str | Path | None = None):
     """A local causal LM and its tokenizer, in eval mode on `device` (default: cuda if
-    present). dtype "auto" is bfloat16 on a GPU that supports it, float32 elsewhere."""
+    present). dtype "auto" is bfloat16 on a GPU that supports it, float32 elsewhere.
+
+    A LoRA adapter directory (adapter_config.json) is loaded over its base model (the one
+    recorded in the adapter, or `base_model`) and merged into it: generation then costs
+    what the base model's does."""
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
+    adapter_config = model_dir / "adapter_config.json"
+    if adapter_config.is_file():
+        base_model = Path(base_model or json.loads(adapter_config.read_text())["base_model_name_or_path"])
+        if not (base_model / "config.json").is_file():
+            raise UserError(f"{model_dir} is a LoRA adapter of {base_model}, which is not a local model: "
+                            "give its base with --base_model")
+    elif not (model_dir / "config.json").is_file():
         raise UserError(f"no model in {model_dir} (no config.json): train one first or give --model")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -68,7 +79,17 @@ def load_causal_lm(model_dir: str | Path, device: str | None = None, dtype: str 
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), trust_remote_code=False)
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=getattr(torch, dtype), trust_remote_code=False)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):  # markers added in training
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
+        logger.info("loaded the adapter %s over %s and merged it", model_dir, base_model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), trust_remote_code=False)
+    model.config.use_cache = True  # a checkpoint saved by training may carry use_cache=False
     return model.to(device).eval(), tokenizer
 
 
@@ -179,7 +200,7 @@ class GenerationStream:
                 model.generate(
                     ids, attention_mask=torch.ones_like(ids), streamer=self._tokens,
                     stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=self.engine.stop_token_ids, pad_token_id=tokenizer.pad_token_id,
                     **self.params.generate_kwargs(),
                 )
         except Exception as err:  # handed to the reader, which raises it in the request
@@ -199,7 +220,7 @@ class GenerationStream:
     def __iter__(self) -> Iterator[str]:
         tokenizer, clean = self.engine.tokenizer, self.engine.clean
         stop = self.params.stop
-        eos = tokenizer.eos_token_id
+        stop_ids = set(self.engine.stop_token_ids)
         ids: list[int] = []
         emitted = ""
         ended_by_eos = False
@@ -212,7 +233,7 @@ class GenerationStream:
                     raise item
                 ids.extend(item)
                 self.completion_tokens = len(ids)
-                ended_by_eos = bool(ids) and ids[-1] == eos and not self.params.ignore_eos
+                ended_by_eos = bool(ids) and ids[-1] in stop_ids and not self.params.ignore_eos
                 text = clean(tokenizer.decode(ids, skip_special_tokens=True))
                 if text.endswith("\ufffd") or not text.startswith(emitted):
                     continue  # half a multi-byte character, or a decode still settling: wait
@@ -254,13 +275,21 @@ def _partial_stop_length(text: str, stop: tuple[str, ...]) -> int:
 
 
 class Engine:
-    """A model, its tokenizer and how to prompt it."""
+    """A model, its tokenizer and how to prompt it.
+
+    `template` names an entry of common/templates.py; without one, the tokenizer's own Jinja
+    chat template is used when it has one, else "plain". Registry templates build prompts
+    with `encode_chat`, the code training uses, so a tuned model is prompted token for token
+    as it was trained; their stop markers that are single tokens end generation by id.
+    """
 
     def __init__(self, model, tokenizer, name: str, template: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
-        self.template = template
+        own = template is None and bool(getattr(tokenizer, "chat_template", None))
+        self.template = None if own else get_template(template or "plain")
+        self.stop_token_ids, self.template_stops = stop_criteria(tokenizer, self.template)
         self.context_length = context_length(model)
         self.clean = display_cleaner(tokenizer)
         self.tokens_generated = 0  # by every generation since start, cancelled ones too
@@ -272,16 +301,22 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, name: str | None = None, template: str | None = None,
-                        device: str | None = None, dtype: str = "auto") -> Engine:
-        model, tokenizer = load_causal_lm(model_dir, device, dtype)
-        return cls(model, tokenizer, name or Path(model_dir).resolve().name, template)
+                        device: str | None = None, dtype: str = "auto", base_model: str | None = None) -> Engine:
+        """`template` default: the one the model was tuned with (sft_template.json), if any."""
+        model, tokenizer = load_causal_lm(model_dir, device, dtype, base_model)
+        return cls(model, tokenizer, name or Path(model_dir).resolve().name, template or saved_template_name(model_dir))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def chat_prompt(self, messages: list[dict]) -> tuple[str, tuple[str, ...]]:
-        """Prompt text and the template's stop strings for a conversation."""
-        return render_chat(self.tokenizer, messages, self.template)
+    def chat_ids(self, messages: list[dict]) -> tuple[list[int], tuple[str, ...]]:
+        """Prompt ids of a conversation (ending with a user turn) and the template's text stops."""
+        if self.template is None:
+            check_messages(messages)
+            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.encode(prompt), ()
+        return encode_chat(self.tokenizer, self.template, messages, add_generation_prompt=True).input_ids, \
+            self.template_stops
 
     def room(self, prompt_ids: list[int]) -> int:
         """How many tokens may still be generated after this prompt."""
@@ -576,8 +611,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         messages = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(body.messages)]
         if not any(m["role"] == "user" and m["content"].strip() for m in messages):
             raise ApiError(400, "messages need at least one non-empty user message", param="messages")
-        prompt, template_stop = engine.chat_prompt(messages)
-        prompt_ids = engine.encode(prompt)
+        prompt_ids, template_stop = engine.chat_ids(messages)
         params = sampling_params(body, prompt_ids, template_stop)
 
         def final_body(text: str, finish_reason: str) -> dict:
@@ -617,14 +651,13 @@ def fit_conversation(engine: Engine, messages: list[dict], max_new_tokens: int) 
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system):]
     while True:
-        prompt, stop = engine.chat_prompt(system + turns)
-        ids = engine.encode(prompt)
+        ids, stop = engine.chat_ids(system + turns)
         if len(ids) + max_new_tokens <= engine.context_length:
             return ids, stop
         if len(turns) <= 1:
             raise UserError(f"the message is {len(ids)} tokens long; with {max_new_tokens} new tokens it does "
                             f"not fit the model's context of {engine.context_length}: shorten it or lower max tokens")
-        turns = turns[2:] if turns[0]["role"] == "user" and len(turns) > 2 else turns[1:]
+        turns = turns[2:]  # the oldest exchange
 
 
 def build_chat_ui(engine: Engine, title: str, description: str = "", defaults: SamplingParams | None = None,
@@ -681,7 +714,10 @@ def build_chat_ui(engine: Engine, title: str, description: str = "", defaults: S
 def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
     parser.add_argument("--model", default=default_model, help="Local model directory (config.json, weights, tokenizer).")
     parser.add_argument("--template", default=None,
-                        help="Chat template from common/templates.py; default: the tokenizer's own, else 'plain'.")
+                        help="Chat template from common/templates.py; default: the one the model was tuned with, "
+                             "else the tokenizer's own, else 'plain'.")
+    parser.add_argument("--base_model", default=None,
+                        help="Base model of a LoRA adapter given as --model (default: the one the adapter names).")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if present).")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 = this machine only; 0.0.0.0 = everyone.")
@@ -709,7 +745,8 @@ def run_server(argv: list[str] | None, default_model: str, description: str) -> 
     args = parser.parse_args(argv)
     if args.max_concurrent < 1 or args.max_waiting < 0 or args.queue_timeout <= 0:
         raise UserError("need --max_concurrent >= 1, --max_waiting >= 0 and --queue_timeout > 0")
-    engine = Engine.from_pretrained(args.model, args.served_model_name, args.template, args.device, args.dtype)
+    engine = Engine.from_pretrained(args.model, args.served_model_name, args.template, args.device, args.dtype,
+                                    args.base_model)
     settings = ServerSettings(args.max_concurrent, args.max_waiting, args.queue_timeout, args.max_request_bytes,
                               args.default_max_tokens, args.cors)
     print(f"serving '{engine.name}' at http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
@@ -733,7 +770,7 @@ def run_chatbot(argv: list[str] | None, default_model: str, description: str, ti
     args = parser.parse_args(argv)
     defaults = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty)
     defaults.check()
-    engine = Engine.from_pretrained(args.model, None, args.template, args.device, args.dtype)
+    engine = Engine.from_pretrained(args.model, None, args.template, args.device, args.dtype, args.base_model)
     demo = build_chat_ui(engine, title, description.split("\n\n")[0], defaults, args.system_prompt, examples)
     print(f"chatbot for '{engine.name}' at http://{args.host}:{args.port}", flush=True)
     demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,

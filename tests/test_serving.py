@@ -26,7 +26,7 @@ from common.serving import (
     _partial_stop_length,
     fit_conversation,
 )
-from common.templates import get_template, render_chat
+from common.templates import get_template
 from common.tokenizer import build_chinese_tokenizer, display_cleaner, join_chinese
 
 from conftest import REPO, free_port, wait_until_up
@@ -71,14 +71,16 @@ def test_plain_template_renders_turns_and_ends_with_the_assistant_prefix():
         get_template("nope")
 
 
-def test_render_chat_prefers_the_tokenizers_own_template(engine):
+def test_the_engine_prefers_the_tokenizers_own_template(engine):
     tokenizer = engine.tokenizer
     messages = [{"role": "user", "content": "你好"}]
-    assert render_chat(tokenizer, messages) == ("用户：你好\n助手：", ("\n用户：", "用户："))
+    ids, stop = engine.chat_ids(messages)
+    assert join_chinese(tokenizer.decode(ids)) == "用户：你好助手：" and stop == ("\n用户：", "用户：")
     tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
     try:
-        assert render_chat(tokenizer, messages) == ("<user>你好<assistant>", ())
-        assert render_chat(tokenizer, messages, template="plain")[0] == "用户：你好\n助手："
+        own = Engine(engine.model, tokenizer, "own")
+        assert own.chat_ids(messages) == (own.encode("<user>你好<assistant>"), ())
+        assert Engine(engine.model, tokenizer, "plain", template="plain").chat_ids(messages) == (ids, stop)
     finally:
         tokenizer.chat_template = None
 

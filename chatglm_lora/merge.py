@@ -1,0 +1,95 @@
+"""Merge a LoRA adapter into its base model and save a plain checkpoint, verified.
+
+    python chatglm_lora/merge.py --adapter outputs/chatglm_lora --output_dir outputs/chatglm_lora_merged
+    python chatglm_lora/merge.py --adapter outputs/glm4_lora --base_model /models/glm-4-9b-chat-hf --dtype bfloat16
+
+The merged model needs no PEFT to load (`AutoModelForCausalLM.from_pretrained`) and
+generates at the base model's cost. Before saving, the logits of base + adapter and of the
+merged model are compared on a few conversations (rendered with the adapter's template):
+the largest difference must be within --atol, else nothing is written. The comparison is
+printed and saved as merge_report.json beside the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common.errors import UserError, cli_main
+from common.templates import encode_chat, get_template, save_template_name, saved_template_name
+
+CHECK_CONVERSATIONS = [
+    [{"role": "user", "content": "判断下面这条评论的情感是正面还是负面：\n质量很好，物流也快"},
+     {"role": "assistant", "content": "正面"}],
+    [{"role": "system", "content": "你是一个乐于助人的助手。"},
+     {"role": "user", "content": "请给下面的句子分词，词与词之间用“/”隔开：\n新华社北京一月一日电。"},
+     {"role": "assistant", "content": "新华社/北京/一月/一日/电/。"}],
+]
+
+
+@torch.inference_mode()
+def logits_of(model, batches: list[list[int]]) -> list[torch.Tensor]:
+    return [model(input_ids=torch.tensor([ids], device=model.device)).logits.float().cpu() for ids in batches]
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", default="outputs/chatglm_lora", help="Adapter directory of train.py.")
+    parser.add_argument("--base_model", default=None, help="Base model (default: the one the adapter names).")
+    parser.add_argument("--output_dir", default="outputs/chatglm_lora_merged")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="Precision of the merge and of the saved weights.")
+    parser.add_argument("--atol", type=float, default=None,
+                        help="Largest allowed logit difference (default: 1e-3 for float32, 0.5 otherwise).")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    adapter = Path(args.adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter} holds no LoRA adapter (adapter_config.json)")
+    base = Path(args.base_model or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+    if not (base / "config.json").is_file():
+        raise UserError(f"base model {base} not found: give --base_model")
+    atol = args.atol if args.atol is not None else 1e-3 if args.dtype == "float32" else 0.5
+    dtype = getattr(torch, args.dtype)
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    template = get_template(saved_template_name(adapter) or "plain")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(args.device).eval()
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model = PeftModel.from_pretrained(model, adapter).eval()
+    inputs = [encode_chat(tokenizer, template, c).input_ids for c in CHECK_CONVERSATIONS]
+    with_adapter = logits_of(model, inputs)
+    with model.disable_adapter():
+        base_logits = logits_of(model, inputs)
+    merged = model.merge_and_unload()
+    after = logits_of(merged, inputs)
+
+    difference = max((a - b).abs().max().item() for a, b in zip(with_adapter, after))
+    adapter_effect = max((a - b).abs().max().item() for a, b in zip(with_adapter, base_logits))
+    report = {"adapter": str(adapter), "base_model": str(base), "dtype": args.dtype,
+              "tokens_compared": sum(map(len, inputs)), "max_abs_logit_difference": difference, "atol": atol,
+              "adapter_effect_max_abs_logit_change": adapter_effect, "verified": difference <= atol}
+    print(f"merged vs base + adapter: max |logit difference| {difference:.3g} over {report['tokens_compared']} "
+          f"tokens (tolerance {atol:g}; the adapter itself moves logits by up to {adapter_effect:.3g})")
+    if difference > atol:
+        raise UserError("the merged model does not reproduce base + adapter: nothing saved")
+    out = Path(args.output_dir)
+    merged.config.use_cache = True
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_template_name(out, template.name)
+    (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"verified; merged model saved to {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

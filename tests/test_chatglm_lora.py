@@ -1,0 +1,152 @@
+"""chatglm_lora end to end on a tiny GLM: prepare -> LoRA SFT -> scores -> merge (verified)
+-> generate -> the OpenAI-compatible server; resume and adapter continuation; full tuning."""
+
+import json
+import subprocess
+import sys
+
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GlmConfig, GlmForCausalLM
+
+from common.corpora import load_peoples_daily, load_reviews
+from common.serving import Engine, SamplingParams
+from common.tokenizer import build_chinese_tokenizer
+
+from conftest import REPO, free_port, run_script, wait_until_up
+
+QUESTION = "判断下面这条评论的情感是正面还是负面：\n质量很好，物流也快"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A random tiny GLM with a Chinese tokenizer, and small built-in instruction data."""
+    root = tmp_path_factory.mktemp("chatglm_lora")
+    texts = load_peoples_daily()[:1500] + [text for text, _ in load_reviews()[::20]]
+    tokenizer = build_chinese_tokenizer(texts, vocab_size=3000)
+    torch.manual_seed(0)
+    GlmForCausalLM(GlmConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=128, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    run_script("chatglm_lora/prepare_data.py", "--output_dir", root / "data", "--sentiment_items", "400",
+               "--segmentation_items", "400", "--valid_ratio", "0.1", "--test_ratio", "0.1")
+    return root
+
+
+def train(workdir, output: str, *extra: str) -> dict:
+    run_script("chatglm_lora/train.py", "chatglm_lora/configs/default.yaml", "--model_name_or_path", workdir / "base",
+               "--data_dir", workdir / "data", "--output_dir", workdir / output, "--max_length", "128",
+               "--per_device_train_batch_size", "4", "--lora_rank", "8", "--lora_alpha", "16",
+               "--eval_samples", "16", "--eval_max_new_tokens", "12", "--logging_steps", "5", *extra)
+    return json.loads((workdir / output / "metrics.json").read_text())
+
+
+def test_prepare_reports_and_splits_the_builtin_tasks(workdir):
+    report = json.loads((workdir / "data" / "report.json").read_text())
+    assert sum(report["items"].values()) == 800 and report["multi_turn_train_conversations"] > 0
+    test_rows = [json.loads(line) for line in (workdir / "data" / "test.jsonl").open()]
+    train_texts = {m["content"] for line in (workdir / "data" / "train.jsonl").open()
+                   for m in json.loads(line)["messages"]}
+    assert {row["task"] for row in test_rows} == {"sentiment", "segmentation"}
+    assert not any(row["messages"][0]["content"] in train_texts for row in test_rows)  # held out
+
+
+@pytest.fixture(scope="module")
+def tuned(workdir):
+    return train(workdir, "lora", "--max_steps", "40", "--learning_rate", "5e-3", "--eval_steps", "20")
+
+
+def test_lora_sft_learns_and_reports(workdir, tuned):
+    out = workdir / "lora"
+    assert tuned["template"] == "glm4" and tuned["finetuning_type"] == "lora"
+    assert tuned["valid"]["loss_after"] < tuned["valid"]["loss_before"] - 0.5
+    assert 0 < tuned["parameters"]["trainable_share"] < 0.5
+    for model in ("base", "tuned"):
+        assert 0 <= tuned["test"][model]["sentiment"]["accuracy"] <= 1
+        assert 0 <= tuned["test"][model]["segmentation"]["f1"] <= 1
+    assert tuned["data"]["train"]["kept_whole"] > 0 and tuned["data"]["packing"] is True
+    assert tuned["data"]["train_rows"] < tuned["data"]["train"]["kept_whole"]  # several conversations per row
+    assert (out / "adapter_model.safetensors").is_file() and json.loads((out / "sft_template.json").read_text()) == \
+        {"template": "glm4"}
+    # the GLM role markers were new to this tokenizer: added, and their embeddings trained with the adapter
+    assert "<|user|>" in json.loads((out / "tokenizer.json").read_text())["added_tokens"].__repr__()
+    assert any("trainable_tokens" in key for key in load_file(out / "adapter_model.safetensors"))
+
+
+def test_merge_is_verified_and_serves_like_the_adapter(workdir, tuned):
+    result = run_script("chatglm_lora/merge.py", "--adapter", workdir / "lora", "--output_dir", workdir / "merged")
+    report = json.loads((workdir / "merged" / "merge_report.json").read_text())
+    assert report["verified"] and report["max_abs_logit_difference"] <= 1e-3
+    assert report["adapter_effect_max_abs_logit_change"] > 0.1  # the adapter matters, so parity means something
+    assert "verified" in result.stdout
+    assert not (workdir / "merged" / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(workdir / "merged")  # a plain checkpoint
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    messages = [{"role": "user", "content": QUESTION}]
+    replies = []
+    for model in ("lora", "merged"):
+        engine = Engine.from_pretrained(workdir / model, device="cpu")
+        assert engine.template.name == "glm4"
+        ids, stop = engine.chat_ids(messages)
+        replies.append("".join(engine.stream(ids, SamplingParams(**{**greedy.__dict__, "stop": stop}))))
+    assert replies[0] == replies[1]
+
+
+def test_generate_and_the_server_give_the_same_greedy_reply(workdir, tuned):
+    generated = run_script("chatglm_lora/generate.py", "--model", workdir / "lora", "--max_new_tokens", "12",
+                           "--device", "cpu", QUESTION.replace("\n", "\\n")).stdout
+    reply = generated.split("A: ", 1)[1].rstrip("\n")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(REPO / "chatglm_lora/serve.py"), "--model", str(workdir / "lora"),
+                                "--port", str(port), "--device", "cpu"], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", process)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": QUESTION}]
+        answer = client.chat.completions.create(model="lora", messages=messages, temperature=0, max_tokens=12)
+        assert answer.choices[0].message.content == reply
+        stream = client.chat.completions.create(model="lora", messages=messages, temperature=0, max_tokens=12,
+                                                stream=True)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == reply
+        with pytest.raises(openai.BadRequestError, match="assistant"):  # two user turns in a row
+            client.chat.completions.create(model="lora", messages=messages * 2, max_tokens=4)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_resume_matches_an_uninterrupted_run_and_adapters_continue(workdir):
+    common = ("--max_steps", "12", "--save_steps", "6", "--eval_steps", "6", "--eval_samples", "-1")
+    whole = train(workdir, "whole", *common)
+    train(workdir, "interrupted", *common)
+    for leftover in ("checkpoint-12", "adapter_model.safetensors"):  # as if stopped after step 6
+        path = workdir / "interrupted" / leftover
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+    resumed = train(workdir, "interrupted", *common, "--resume_from_checkpoint", "last")
+    a = load_file(workdir / "whole" / "adapter_model.safetensors")
+    b = load_file(workdir / "interrupted" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert resumed["valid"]["loss_after"] == pytest.approx(whole["valid"]["loss_after"], abs=1e-5)
+    # continuing a saved adapter starts where it ended (not from a fresh adapter)
+    more = train(workdir, "continued", "--max_steps", "4", "--eval_samples", "-1",
+                 "--adapter_path", workdir / "whole")
+    assert more["valid"]["loss_before"] == pytest.approx(whole["valid"]["loss_after"], abs=1e-4)
+
+
+def test_full_finetuning_saves_a_plain_model_and_errors_are_clear(workdir):
+    full = train(workdir, "full", "--finetuning_type", "full", "--max_steps", "6", "--eval_samples", "-1")
+    assert full["parameters"]["trainable_share"] == 1.0 and (workdir / "full" / "config.json").is_file()
+    engine = Engine.from_pretrained(workdir / "full", device="cpu")
+    assert engine.template.name == "glm4"
+    bad = run_script("chatglm_lora/train.py", "--model_name_or_path", workdir / "nothing", "--data_dir",
+                     workdir / "data", check=False)
+    assert bad.returncode == 2 and "no model in" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_script("chatglm_lora/train.py", "--model_name_or_path", workdir / "base", "--data_dir",
+                     workdir / "data", "--finetuning_type", "qlora", check=False)
+    assert bad.returncode == 2 and "qlora needs" in bad.stderr

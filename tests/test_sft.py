@@ -1,0 +1,253 @@
+"""common/templates.py, common/sft.py and common/instructions.py: every chat template,
+label masking, truncation, packing isolation, data layouts and their errors, scoring."""
+
+import copy
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
+
+from common.corpora import load_peoples_daily
+from common.errors import UserError
+from common.instructions import score, segmentation_items, segmentation_scores, sentiment_items
+from common.sft import (
+    Conversation,
+    PackedCollator,
+    PaddingCollator,
+    pack,
+    pack_bins,
+    read_conversations,
+    tokenize_conversations,
+)
+from common.templates import IGNORE_INDEX, TEMPLATES, encode_chat, ensure_template_tokens, get_template, stop_criteria
+
+CONVERSATION = [
+    {"role": "system", "content": "你是一个助手。"},
+    {"role": "user", "content": "你好"},
+    {"role": "assistant", "content": "你好！有什么可以帮你？"},
+    {"role": "user", "content": "今天几号？\n说一下"},
+    {"role": "assistant", "content": "一月三日。"},
+    {"role": "user", "content": "谢谢"},
+    {"role": "assistant", "content": "不客气。"},
+]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A byte-level BPE (exact decode, keeps newlines) with eos / pad / bos."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<eos>", "<pad>", "<bos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(load_peoples_daily()[:300], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>")
+
+
+def with_markers(tokenizer, template):
+    tokenizer = copy.deepcopy(tokenizer)
+    ensure_template_tokens(tokenizer, template)
+    return tokenizer
+
+
+# ------------------------------------------------------------------ templates
+EXPECTED_TEXT = {  # the official layouts, written out by hand: two user turns, one reply between
+    "chatglm2": "[gMASK]sop[Round 1]\n\n问：你好\n\n答：好\n\n[Round 2]\n\n问：再见\n\n答：",
+    "chatglm3": "[gMASK]sop<|user|>\n你好<|assistant|>\n好<|user|>\n再见<|assistant|>\n",
+    "glm4": "[gMASK]<sop><|user|>\n你好<|assistant|>\n好<|user|>\n再见<|assistant|>\n",
+    "baichuan2": "<reserved_106>你好<reserved_107>好<reserved_106>再见<reserved_107>",
+    "llama2-chinese": "<s>Human: 你好\n</s><s>Assistant: 好\n</s><s>Human: 再见\n</s><s>Assistant: ",
+    "alpaca": "<bos>下面是一条描述任务的指令。请写出恰当完成该指令的回答。\n\n### Instruction:\n你好\n\n"
+              "### Response:\n好\n\n### Instruction:\n再见\n\n### Response:\n",
+    "plain": "用户：你好\n助手：好\n用户：再见\n助手：",
+}
+
+
+def test_the_registry_holds_the_promised_templates():
+    assert set(EXPECTED_TEXT) <= set(TEMPLATES)
+    with pytest.raises(UserError, match="unknown chat template"):
+        get_template("nope")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TEXT))
+def test_template_text_matches_the_official_layout(name):
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好"},
+                {"role": "user", "content": "再见"}]
+    assert get_template(name).render(messages, bos="<bos>", eos="<eos>") == EXPECTED_TEXT[name]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TEXT))
+def test_serving_prompt_equals_training_ids_up_to_every_reply(bpe, name):
+    template = get_template(name)
+    tokenizer = with_markers(bpe, template)
+    for conversation in (CONVERSATION, CONVERSATION[1:3]):  # multi-turn with a system message; single turn
+        full = encode_chat(tokenizer, template, conversation)
+        reply_positions = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
+        assert len(full.reply_starts) == len(reply_positions)
+        for start, at in zip(full.reply_starts, reply_positions):
+            served = encode_chat(tokenizer, template, conversation[:at], add_generation_prompt=True).input_ids
+            assert served == full.input_ids[:start]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TEXT))
+def test_only_replies_and_their_end_carry_loss(bpe, name):
+    template = get_template(name)
+    tokenizer = with_markers(bpe, template)
+    encoded = encode_chat(tokenizer, template, CONVERSATION)
+    assert len(encoded.labels) == len(encoded.input_ids)
+    suffix = template.assistant_suffix.replace("{eos}", "<eos>")
+    end = (template.end or "").replace("{eos}", "<eos>")
+    replies = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
+    trained = [label for label in encoded.labels if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "".join(r + suffix + end for r in replies)
+    # a label that differs from its input is the end token taught after an earlier reply
+    changed = [i for i, (x, y) in enumerate(zip(encoded.input_ids, encoded.labels)) if y not in (IGNORE_INDEX, x)]
+    assert len(changed) == (len(replies) - 1 if template.end else 0)
+    assert all(encoded.labels[i] == tokenizer.eos_token_id for i in changed)
+    assert encoded.labels[0] == IGNORE_INDEX
+
+
+def test_stop_tokens_become_ids_when_they_are_single_tokens(bpe):
+    glm4 = get_template("glm4")
+    tokenizer = with_markers(bpe, glm4)
+    ids, texts = stop_criteria(tokenizer, glm4)
+    vocab = tokenizer.get_vocab()
+    assert ids == [tokenizer.eos_token_id, vocab["<|user|>"], vocab["<|observation|>"]]
+    assert texts == ("<|endoftext|>",)  # not a token of this vocabulary: matched as text
+    ids, texts = stop_criteria(tokenizer, get_template("alpaca"))
+    assert ids == [tokenizer.eos_token_id] and texts == ("### Instruction:",)
+
+
+def test_conversations_out_of_order_are_refused():
+    template = get_template("glm4")
+    with pytest.raises(UserError, match="expected an assistant turn"):
+        template.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(UserError, match="end with an assistant turn"):
+        template.render([{"role": "user", "content": "a"}], add_generation_prompt=False)
+
+
+# ---------------------------------------------------------------- truncation
+def test_truncation_drops_whole_turns_and_reports_them(bpe):
+    template = get_template("chatglm3")
+    tokenizer = with_markers(bpe, template)
+    lengths = [len(encode_chat(tokenizer, template, CONVERSATION[:end]).input_ids) for end in (3, 5, 7)]
+    long_first = [{"role": "user", "content": "长" * 400}, {"role": "assistant", "content": "好"}]
+    conversations = [Conversation(CONVERSATION, "a:1"), Conversation(CONVERSATION[:3], "a:2"),
+                     Conversation(long_first, "a:3")]
+    rows, report = tokenize_conversations(tokenizer, template, conversations, max_length=lengths[1])
+    assert report["kept_whole"] == 1 and report["truncated"] == 1 and report["turns_dropped"] == 2
+    assert report["dropped_too_long"] == 1 and report["examples_too_long"] == ["a:3"]
+    assert [len(ids) for ids in rows["input_ids"]] == [lengths[1], lengths[0]]
+    # what was kept ends with a whole reply and its end token
+    kept = rows[0]
+    assert kept["labels"][-1] == tokenizer.eos_token_id and tokenizer.decode(kept["input_ids"]).endswith("一月三日。<eos>")
+
+
+# ------------------------------------------------------------------- packing
+def test_pack_bins_fill_rows_without_overflow():
+    lengths = [5, 9, 3, 7, 1, 10, 2, 6]
+    bins = pack_bins(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert len(bins) == 5  # 43 tokens need at least 5 rows of 10
+    with pytest.raises(ValueError):
+        pack_bins([11], 10)
+
+
+def test_packed_examples_do_not_see_each_other(bpe):
+    template = get_template("glm4")
+    tokenizer = with_markers(bpe, template)
+    conversations = [Conversation(CONVERSATION, "a"), Conversation(CONVERSATION[1:3], "b"),
+                     Conversation(CONVERSATION[3:5], "c")]
+    rows, _ = tokenize_conversations(tokenizer, template, conversations, max_length=512)
+    packed = pack(rows, max_length=512)
+    assert len(packed) == 1
+    torch.manual_seed(0)
+    model = GlmForCausalLM(GlmConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     intermediate_size=64, pad_token_id=tokenizer.pad_token_id)).eval()
+    batch = PackedCollator()([packed[0]])
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (1, sum(map(len, rows["input_ids"])))
+    with torch.no_grad():
+        together = model(**batch)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))  # pack puts longest first
+        alone = [model(input_ids=torch.tensor([rows[i]["input_ids"]]), labels=torch.tensor([rows[i]["labels"]]))
+                 for i in order]
+        unisolated = model(input_ids=batch["input_ids"], use_cache=False).logits
+    separate = torch.cat([out.logits for out in alone], dim=1)
+    assert torch.allclose(together.logits, separate, atol=1e-5)
+    assert not torch.allclose(unisolated, separate, atol=1e-3)  # the check can fail
+    counts = [sum(label != IGNORE_INDEX for label in rows[i]["labels"][1:]) for i in order]
+    mean = sum(out.loss * n for out, n in zip(alone, counts)) / sum(counts)
+    assert torch.allclose(together.loss, mean, atol=1e-5)
+
+
+def test_padding_collator_pads_right_with_ignored_labels():
+    batch = PaddingCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                                             {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["labels"][1].tolist() == [8] + [-100] * 7 and batch["attention_mask"][0].sum() == 3
+
+
+# ---------------------------------------------------------------- data layouts
+def test_every_layout_reads_to_the_same_messages(tmp_path):
+    user, reply = "判断情感：很好", "正面"
+    expected = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    (tmp_path / "alpaca.jsonl").write_text(json.dumps({"instruction": "判断情感：", "input": "很好", "output": reply},
+                                                      ensure_ascii=False) + "\n", encoding="utf-8")
+    (tmp_path / "sharegpt.json").write_text(json.dumps([{"conversations": [
+        {"from": "human", "value": user}, {"from": "gpt", "value": reply}]}], ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "messages.jsonl").write_text(json.dumps({"messages": expected}, ensure_ascii=False) + "\n\n",
+                                             encoding="utf-8")
+    (tmp_path / "adgen.jsonl").write_text(json.dumps({"content": user, "summary": reply}, ensure_ascii=False) + "\n",
+                                          encoding="utf-8")
+    (tmp_path / "llama2.csv").write_text(f'text\n"<s>Human: {user}\n</s><s>Assistant: {reply}\n</s>"\n',
+                                         encoding="utf-8")
+    conversations = read_conversations(str(tmp_path))
+    assert len(conversations) == 5
+    for conversation in conversations:
+        assert conversation.messages == [{"role": "user", "content": user.replace("：很好", "：\n很好")
+                                          if "alpaca" in conversation.source else user},
+                                         {"role": "assistant", "content": reply}]
+    alpaca_history = {"instruction": "再见", "output": "再见！", "system": "你是助手", "history": [["你好", "你好！"]]}
+    (tmp_path / "alpaca.jsonl").write_text(json.dumps(alpaca_history, ensure_ascii=False), encoding="utf-8")
+    [conversation] = read_conversations(str(tmp_path / "alpaca.jsonl"))
+    assert [m["role"] for m in conversation.messages] == ["system", "user", "assistant", "user", "assistant"]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("bad.jsonl", '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{oops\n',
+     r"bad.jsonl:2: malformed JSON"),
+    ("layout.jsonl", '{"question": "a", "answer": "b"}\n', r"layout.jsonl:1: unknown record layout .*question"),
+    ("order.jsonl", '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}\n',
+     r"order.jsonl:1: message 0: expected a user turn"),
+    ("empty.jsonl", '{"instruction": "a", "output": ""}\n', r"empty.jsonl:1: every assistant reply is empty"),
+    ("types.jsonl", '{"instruction": "a", "output": 3}\n', r"types.jsonl:1: 'output' must be a string"),
+    ("share.json", '[{"conversations": [{"from": "robot", "value": "a"}]}]', r"share.json item 0: .*'from' must be"),
+    ("nocol.csv", "prompt\nx\n", r"nocol.csv: a CSV needs a 'text' column"),
+    ("layout.csv", "text\nhello\n", r"layout.csv row 2: 'text' is not in the llama2-chinese layout"),
+])
+def test_bad_records_name_file_line_and_expectation(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    with pytest.raises(UserError, match=message):
+        read_conversations(str(tmp_path / name))
+
+
+# ------------------------------------------------------------------- scoring
+def test_builtin_items_have_gold_answers_from_the_corpora():
+    sentiment, segmentation = sentiment_items(), segmentation_items()
+    assert len(sentiment) > 10_000 and len(segmentation) > 10_000
+    assert {i["answer"] for i in sentiment} == {"正面", "负面"}
+    assert all(i["answer"].replace("/", "") == i["text"] for i in segmentation)
+
+
+def test_segmentation_f1_and_task_scores():
+    assert segmentation_scores("中国/人民/银行", "中国/人民/银行") == (3, 3, 3)
+    assert segmentation_scores("中国人民/银行", "中国/人民/银行") == (1, 2, 3)
+    items = [{"task": "sentiment", "answer": "正面"}, {"task": "sentiment", "answer": "负面"},
+             {"task": "sentiment", "answer": "负面"}, {"task": "segmentation", "text": "中国人民", "answer": "中国/人民"}]
+    result = score(items, ["正面", "正面", "我不知道", "中国/人民"])
+    assert result["sentiment"] == {"n": 3, "accuracy": 1 / 3, "unparsable": 1 / 3, "majority_class_accuracy": 2 / 3}
+    assert result["segmentation"]["f1"] == 1.0 and result["segmentation"]["one_char_per_word_f1"] == 0.0
