@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo demo-classifier demo-clm test lint clean
+.PHONY: setup browser demo demo-classifier demo-clm demo-sft test lint clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,18 @@ demo-classifier: setup
 demo-clm: setup
 	$(PY) model_clm/prepare_data.py --dedup true
 	$(PY) model_clm/train.py model_clm/configs/default.yaml
+
+# Instruction tuning: a tiny GLM pretrained on the built-in corpora, LoRA SFT on built-in tasks
+# (review sentiment, word segmentation), both models scored, the adapter merged (verified).
+demo-sft: setup
+	$(PY) model_clm/prepare_data.py --dedup true
+	$(PY) model_clm/train.py model_clm/configs/glm_tiny.yaml
+	$(PY) chatglm_lora/prepare_data.py
+	$(PY) chatglm_lora/train.py chatglm_lora/configs/default.yaml
+	$(PY) chatglm_lora/merge.py --adapter outputs/chatglm_lora --output_dir outputs/chatglm_lora_merged
+	$(PY) chatglm_lora/generate.py --model outputs/chatglm_lora_merged \
+		"判断下面这条评论的情感是正面还是负面：\n质量很好，物流也快，推荐购买" \
+		"请给下面的句子分词，词与词之间用“/”隔开：\n新华社北京一月一日电。"
 
 # The chatbot test drives Debian's chromium headless; install it when missing (needs root or sudo).
 CHROMIUM_PKGS := chromium chromium-driver

@@ -46,7 +46,7 @@ class PrepareArguments:
     valid_ratio: float = field(default=0.05, metadata={"help": "Share of conversations held out for validation."})
     test_ratio: float = field(default=0.05, metadata={"help": "Share held out for the final test."})
     sentiment_items: int = field(default=6000, metadata={"help": "Built-in: reviews drawn (all splits)."})
-    segmentation_items: int = field(default=6000, metadata={"help": "Built-in: sentences drawn (all splits)."})
+    segmentation_items: int = field(default=1500, metadata={"help": "Built-in: sentences drawn (all splits)."})
     multi_turn_share: float = field(default=0.2, metadata={"help": "Built-in: share of training items merged "
                                                           "pairwise into two-turn conversations."})
     seed: int = 42

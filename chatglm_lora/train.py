@@ -53,8 +53,16 @@ from transformers.trainer_utils import get_last_checkpoint
 from common.config import parse_args
 from common.errors import UserError, cli_main
 from common.instructions import generate_replies, score
-from common.sft import PackedCollator, PaddingCollator, format_report, pack, read_conversations, real_tokens
-from common.sft import tokenize_conversations
+from common.sft import (
+    PackedCollator,
+    PaddingCollator,
+    format_report,
+    pack,
+    read_conversations,
+    real_tokens,
+    register_liger_glm,
+    tokenize_conversations,
+)
 from common.templates import ensure_template_tokens, get_template, save_template_name
 from common.tokenizer import load_tokenizer
 
@@ -194,8 +202,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                       description=__doc__)
     start = time.time()
     set_seed(training_args.seed)
-    if training_args.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
-        raise UserError("use_liger_kernel needs the liger-kernel package (pip install liger-kernel)")
+    if training_args.use_liger_kernel:  # fused RMSNorm / SwiGLU / linear + cross-entropy (no [T, vocab] logits)
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise UserError("use_liger_kernel needs the liger-kernel package (pip install liger-kernel)")
+        register_liger_glm()  # Liger itself covers glm4 but not glm (GLM-4-9B)
     if not Path(model_args.model_name_or_path, "config.json").is_file():
         raise UserError(f"no model in {model_args.model_name_or_path}: give --model_name_or_path a local checkpoint "
                         "(the built-in base: python model_clm/train.py model_clm/configs/glm_tiny.yaml)")

@@ -44,7 +44,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from transformers.generation.streamers import BaseStreamer
 
 from common.errors import UserError
-from common.templates import check_messages, encode_chat, get_template, saved_template_name, stop_criteria
+from common.templates import (
+    check_messages,
+    encode_chat,
+    get_template,
+    saved_template_name,
+    stop_criteria,
+)
 from common.tokenizer import display_cleaner
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported

@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import csv
 import json
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from datasets import Dataset
 from common.data import check_utf8, resolve_files
 from common.errors import UserError
 from common.templates import IGNORE_INDEX, ChatTemplate, check_messages, encode_chat
+
+logger = logging.getLogger(__name__)
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "system": "system"}
@@ -304,3 +307,52 @@ class PackedCollator:
         labels[0, starts] = IGNORE_INDEX
         return {"input_ids": cat("input_ids"), "labels": labels, "position_ids": cat("position_ids"),
                 "use_cache": False}
+
+
+# ------------------------------------------------------------ fused kernels
+# liger-kernel (0.8.5) covers glm4 (GLM-4-0414) but not glm (GlmForCausalLM: the GLM-4-9B -hf
+# checkpoints), for which the Trainer's use_liger_kernel=True silently did nothing. GLM-4-9B is
+# Glm4 without its two extra norms per layer, so Liger's Glm4 pieces fit it.
+def apply_liger_kernel_to_glm(rope: bool = False, cross_entropy: bool = False, fused_linear_cross_entropy: bool = True,
+                              rms_norm: bool = True, swiglu: bool = True, model=None) -> None:
+    """Liger's Glm4 kernels on a GlmForCausalLM instance (GLM-4-9B): Llama-style RMSNorm
+    (GlmRMSNorm: weight * normalised input, no offset), Phi3's fused gate_up SwiGLU (GlmMLP is the
+    same), Glm4's fused-linear-cross-entropy forward (GlmForCausalLM.forward is the same)."""
+    from types import MethodType
+
+    from liger_kernel.transformers.model.glm4 import lce_forward
+    from liger_kernel.transformers.monkey_patch import (
+        LigerPhi3SwiGLUMLP,
+        _patch_rms_norm_module,
+        _patch_swiglu_module,
+    )
+
+    if rope:
+        raise NotImplementedError("Liger has no rotary kernel for GLM's partial interleaved rotary")
+    if cross_entropy:
+        raise NotImplementedError("use fused_linear_cross_entropy")
+    if model is None:
+        raise ValueError("apply_liger_kernel_to_glm patches a model instance")
+    if fused_linear_cross_entropy:
+        model.forward = MethodType(lce_forward, model)
+    base = getattr(model, model.base_model_prefix, model)
+    if rms_norm:
+        _patch_rms_norm_module(base.norm, in_place=False)
+    for layer in base.layers:
+        if swiglu:
+            _patch_swiglu_module(layer.mlp, LigerPhi3SwiGLUMLP)
+        if rms_norm:
+            _patch_rms_norm_module(layer.input_layernorm, in_place=False)
+            _patch_rms_norm_module(layer.post_attention_layernorm, in_place=False)
+
+
+def register_liger_glm() -> bool:
+    """Make the Trainer's use_liger_kernel=True cover model_type "glm"; False if Liger is missing."""
+    try:
+        from liger_kernel.transformers import monkey_patch
+    except Exception as err:  # not installed, or no triton / GPU
+        logger.warning("liger-kernel unavailable: %r", err)
+        return False
+    if "glm" not in monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN:
+        monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN["glm"] = apply_liger_kernel_to_glm
+    return True

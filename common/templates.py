@@ -162,7 +162,7 @@ def check_messages(messages: list[dict], for_generation: bool = True) -> None:
 
 
 def _a(role: str) -> str:
-    return f"an {role}" if role[0] in "aeiou" else f"a {role}"
+    return "an assistant" if role == "assistant" else f"a {role}"
 
 
 # ------------------------------------------------------------------ token level

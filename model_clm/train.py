@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    CONFIG_MAPPING,
     AttentionInterface,
     AutoConfig,
     AutoModelForCausalLM,
@@ -175,9 +176,11 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
              "num_attention_heads": model_args.num_attention_heads,
              "num_key_value_heads": model_args.num_key_value_heads or model_args.num_attention_heads,
              "max_position_embeddings": block_size, "rope_theta": model_args.rope_theta,
-             "tie_word_embeddings": model_args.tie_word_embeddings,
-             # some configs (GLM: 128) fix head_dim instead of deriving it from the sizes
-             "head_dim": model_args.hidden_size // model_args.num_attention_heads}
+             "tie_word_embeddings": model_args.tie_word_embeddings}
+    config_class = CONFIG_MAPPING.get(model_args.model_type)
+    if config_class is not None and not isinstance(getattr(config_class, "head_dim", None), property):
+        # some configs (GLM: 128) fix head_dim instead of deriving it from the sizes
+        sizes["head_dim"] = model_args.hidden_size // model_args.num_attention_heads
     if model_args.intermediate_size:
         sizes["intermediate_size"] = model_args.intermediate_size
     try:

@@ -21,7 +21,14 @@ from common.sft import (
     read_conversations,
     tokenize_conversations,
 )
-from common.templates import IGNORE_INDEX, TEMPLATES, encode_chat, ensure_template_tokens, get_template, stop_criteria
+from common.templates import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    encode_chat,
+    ensure_template_tokens,
+    get_template,
+    stop_criteria,
+)
 
 CONVERSATION = [
     {"role": "system", "content": "你是一个助手。"},
