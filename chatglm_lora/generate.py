@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> list[str]:
         ids, stop = engine.chat_ids(messages)
         params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                                 args.repetition_penalty, stop, args.seed)
-        replies.append("".join(engine.stream(ids, params)))
+        generation = engine.stream(ids, params)
+        try:
+            replies.append("".join(generation))
+        finally:
+            generation.close()  # join the generation thread: none may outlive the interpreter
         print(f"Q: {prompt}\nA: {replies[-1]}\n", flush=True)
     return replies
 

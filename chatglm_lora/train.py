@@ -17,7 +17,8 @@ baichuan2, llama2-chinese, alpaca, plain), the same code serving uses; loss fall
 assistant reply and its end token only. Conversations over `max_length` lose whole turns
 from the end (counted, printed, in metrics.json). `packing` puts several conversations in
 one row with positions restarting per conversation: no padding, and no attention across
-conversations (see common/sft.py).
+conversations (see common/sft.py). The LM head runs only where a reply token is predicted
+(`common.sft.ReplyLossTrainer`): most positions are prompt.
 
 Model: a local checkpoint (`--model_name_or_path`). Markers of the template missing from
 its vocabulary (the GLM role tokens for a model that never saw them) are added as special
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from common.config import parse_args
@@ -56,6 +57,7 @@ from common.instructions import generate_replies, score
 from common.sft import (
     PackedCollator,
     PaddingCollator,
+    ReplyLossTrainer,
     format_report,
     pack,
     read_conversations,
@@ -156,6 +158,7 @@ def load_model(model_args: ModelArguments, training_args: SFTTrainingArguments, 
             raise UserError("qlora needs a CUDA GPU and the bitsandbytes package; use --finetuning_type lora")
         from transformers import BitsAndBytesConfig
 
+        kwargs["device_map"] = {"": training_args.local_process_index}  # 4-bit weights are placed at load
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
@@ -225,8 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
     single_process = training_args.world_size == 1
     base_scores = base_replies = None
     if single_process and not model_args.adapter_path:  # the starting model, before any update
-        base_scores, base_replies = evaluate_tasks(model.to(training_args.device), tokenizer, template, test_items,
-                                                   data_args, "scoring the base model")
+        if model_args.finetuning_type != "qlora":
+            model.to(training_args.device)
+        base_scores, base_replies = evaluate_tasks(model, tokenizer, template, test_items, data_args,
+                                                   "scoring the base model")
     if model_args.finetuning_type != "full":
         new_ids = tokenizer.convert_tokens_to_ids(added)
         model = add_adapter(model, model_args, training_args, new_ids)
@@ -235,8 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"({100 * parameters['trainable_share']:.2f}%), {model_args.finetuning_type}", flush=True)
 
     collator = PackedCollator() if data_args.packing else PaddingCollator(tokenizer.pad_token_id)
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=valid_dataset,
-                      data_collator=collator, processing_class=tokenizer)
+    trainer = ReplyLossTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=valid_dataset,
+                               data_collator=collator, processing_class=tokenizer)
     resume = training_args.resume_from_checkpoint
     if resume == "last":
         resume = get_last_checkpoint(training_args.output_dir)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from transformers import Trainer
 
 from common.data import check_utf8, resolve_files
 from common.errors import UserError
@@ -307,6 +308,34 @@ class PackedCollator:
         labels[0, starts] = IGNORE_INDEX
         return {"input_ids": cat("input_ids"), "labels": labels, "position_ids": cat("position_ids"),
                 "use_cache": False}
+
+
+# ------------------------------------------------------------------- loss
+class ReplyLossTrainer(Trainer):
+    """The Trainer, with the LM head applied only where a reply token is predicted.
+
+    In SFT most positions are prompt (no loss), yet the model computes [T, vocab] logits
+    for all of them; with a small model and a large vocabulary that head is most of the work.
+    The positions whose next token carries a label go to the model as `logits_to_keep` (an
+    index tensor, which transformers' causal LMs accept), and the loss is the same
+    token-summed cross-entropy over the same count (`num_items_in_batch`) as the model's
+    own loss. Evaluation, and training with Liger's fused loss, take the usual path.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or self.args.use_liger_kernel or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        targets = inputs.pop("labels")[:, 1:]
+        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)  # predicting positions (all rows)
+        logits = model(**inputs, logits_to_keep=keep).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
+        loss = loss / torch.clamp(torch.as_tensor(count, device=loss.device), min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as the Trainer does for the model's own loss
+        return loss
 
 
 # ------------------------------------------------------------ fused kernels

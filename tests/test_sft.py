@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
+from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 
 from common.corpora import load_peoples_daily
 from common.errors import UserError
@@ -16,6 +16,7 @@ from common.sft import (
     Conversation,
     PackedCollator,
     PaddingCollator,
+    ReplyLossTrainer,
     pack,
     pack_bins,
     read_conversations,
@@ -189,6 +190,31 @@ def test_packed_examples_do_not_see_each_other(bpe):
     counts = [sum(label != IGNORE_INDEX for label in rows[i]["labels"][1:]) for i in order]
     mean = sum(out.loss * n for out, n in zip(alone, counts)) / sum(counts)
     assert torch.allclose(together.loss, mean, atol=1e-5)
+
+
+def test_reply_logits_only_loss_equals_the_models_own_loss(bpe, tmp_path):
+    template = get_template("glm4")
+    tokenizer = with_markers(bpe, template)
+    conversations = [Conversation(CONVERSATION, "a"), Conversation(CONVERSATION[3:5], "b")]
+    rows, _ = tokenize_conversations(tokenizer, template, conversations, max_length=512)
+    torch.manual_seed(0)
+    model = GlmForCausalLM(GlmConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     intermediate_size=64, pad_token_id=tokenizer.pad_token_id))
+    trainer = ReplyLossTrainer(model=model, args=TrainingArguments(tmp_path, use_cpu=True, report_to="none"))
+    packed = PackedCollator()([pack(rows, 512)[0]])
+    padded = PaddingCollator(tokenizer.pad_token_id)([rows[0], rows[1]])
+    for batch, count in ((packed, None), (padded, None), (padded, 50)):
+        extra = {"num_items_in_batch": count} if count else {}
+        own = model(**batch, **extra).loss
+        own.backward()
+        own_grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+        model.zero_grad()
+        ours = trainer.compute_loss(model, batch, num_items_in_batch=count)
+        ours.backward()
+        assert torch.allclose(ours, own, atol=1e-5)
+        assert torch.allclose(model.model.layers[0].self_attn.q_proj.weight.grad, own_grad, atol=1e-6)
+        model.zero_grad()
 
 
 def test_padding_collator_pads_right_with_ignored_labels():
