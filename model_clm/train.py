@@ -177,7 +177,7 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
              "num_key_value_heads": model_args.num_key_value_heads or model_args.num_attention_heads,
              "max_position_embeddings": block_size, "rope_theta": model_args.rope_theta,
              "tie_word_embeddings": model_args.tie_word_embeddings}
-    config_class = CONFIG_MAPPING.get(model_args.model_type)
+    config_class = CONFIG_MAPPING[model_args.model_type] if model_args.model_type in CONFIG_MAPPING else None
     if config_class is not None and not isinstance(getattr(config_class, "head_dim", None), property):
         # some configs (GLM: 128) fix head_dim instead of deriving it from the sizes
         sizes["head_dim"] = model_args.hidden_size // model_args.num_attention_heads

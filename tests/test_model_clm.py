@@ -254,6 +254,8 @@ def test_new_models_of_each_family_are_built_to_the_asked_sizes(model_type, toke
                                 num_key_value_heads=2, intermediate_size=64)
     model = train.build_model(args, tokenizer, block_size=16)  # BLOOM has no SDPA: falls back to eager
     assert (model.config.num_hidden_layers, model.config.hidden_size) == (2, 32)
+    if isinstance(getattr(model.config, "head_dim", None), int):  # GLM's config fixes 128 unless told
+        assert model.config.head_dim * 4 == 32
     assert model.get_input_embeddings().num_embeddings >= len(tokenizer)
     ids = torch.randint(0, len(tokenizer), (2, 16))
     loss = model(input_ids=ids, labels=ids).loss
