@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 
 import torch
-from recipe_loader import load_recipe_script  # benchmarks/ is on sys.path when a benchmark runs
 from transformers import Trainer, set_seed
 
 from common.config import parse_args
 from common.sft import PackedCollator, ReplyLossTrainer
 from common.templates import ensure_template_tokens, get_template
 from common.tokenizer import load_tokenizer
+
+from recipe_loader import load_recipe_script  # benchmarks/ is on sys.path when a benchmark runs
 
 
 def main() -> None:
