@@ -17,6 +17,8 @@ From files to training rows:
    first) with `position_ids` restarting at 0 for every example. The models' attention
    masks (transformers' `find_packed_sequence_indices`) turn restarting positions into a
    block-diagonal mask, so packed examples never attend to each other.
+4. `ReplyLossTrainer`: the Trainer with the LM head applied only where a reply token is
+   predicted (same loss); `register_liger_glm` lets `use_liger_kernel` cover GLM-4-9B.
 """
 
 from __future__ import annotations
