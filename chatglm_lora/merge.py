@@ -17,10 +17,10 @@ import json
 from pathlib import Path
 
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from common.errors import UserError, cli_main
+from common.serving import adapter_base, load_adapter
 from common.templates import encode_chat, get_template, save_template_name, saved_template_name
 
 CHECK_CONVERSATIONS = [
@@ -51,20 +51,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     adapter = Path(args.adapter)
-    if not (adapter / "adapter_config.json").is_file():
+    base = adapter_base(adapter, args.base_model)
+    if base is None:
         raise UserError(f"{adapter} holds no LoRA adapter (adapter_config.json)")
-    base = Path(args.base_model or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
-    if not (base / "config.json").is_file():
-        raise UserError(f"base model {base} not found: give --base_model")
     atol = args.atol if args.atol is not None else 1e-3 if args.dtype == "float32" else 0.5
     dtype = getattr(torch, args.dtype)
 
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     template = get_template(saved_template_name(adapter) or "plain")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(args.device).eval()
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model = PeftModel.from_pretrained(model, adapter).eval()
+    model = load_adapter(adapter, base, tokenizer, dtype).to(args.device).eval()
     inputs = [encode_chat(tokenizer, template, c).input_ids for c in CHECK_CONVERSATIONS]
     with_adapter = logits_of(model, inputs)
     with model.disable_adapter():

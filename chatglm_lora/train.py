@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                      "scoring the tuned model")
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     runtime = result.metrics["train_runtime"]
+    train_tokens = real_tokens(train_dataset)
     rows_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                      * training_args.world_size)
     epochs = trainer.state.global_step * rows_per_step / len(train_dataset)  # rows are alike: mean tokens per row
@@ -272,10 +273,10 @@ def main(argv: list[str] | None = None) -> dict:
         "base_model": str(model_args.model_name_or_path),
         "parameters": parameters,
         "data": {"train": train_report, "valid": valid_report, "packing": data_args.packing,
-                 "train_rows": len(train_dataset), "train_tokens": real_tokens(train_dataset)},
+                 "train_rows": len(train_dataset), "train_tokens": train_tokens},
         "train": {"first_logged_loss": logged[0] if logged else None, "last_logged_loss": logged[-1] if logged else None,
                   "steps": trainer.state.global_step, "runtime_s": round(runtime, 1),
-                  "real_tokens_per_s": round(real_tokens(train_dataset) * epochs / runtime, 1)},
+                  "real_tokens_per_s": round(train_tokens * epochs / runtime, 1)},
         "valid": {"loss_before": before, "loss_after": after,
                   "perplexity_before": math.exp(min(before, 50)) if before is not None else None,
                   "perplexity_after": math.exp(min(after, 50))},

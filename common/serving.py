@@ -58,6 +58,30 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------ loading
+def adapter_base(adapter_dir: str | Path, base_model: str | Path | None = None) -> Path | None:
+    """The base model of a LoRA adapter directory (`base_model`, else the one the adapter
+    names); None when `adapter_dir` holds no adapter."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = Path(base_model or json.loads(config.read_text())["base_model_name_or_path"])
+    if not (base / "config.json").is_file():
+        raise UserError(f"{adapter_dir} is a LoRA adapter of {base}, which is not a local model: "
+                        "give its base with --base_model")
+    return base
+
+
+def load_adapter(adapter_dir: str | Path, base: Path, tokenizer, dtype: torch.dtype):
+    """A PeftModel: `base` (embeddings grown to the tokenizer when training added markers)
+    with the adapter of `adapter_dir` over it, unmerged."""
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=False)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return PeftModel.from_pretrained(model, adapter_dir)
+
+
 def load_causal_lm(model_dir: str | Path, device: str | None = None, dtype: str = "auto",
                    base_model: str | Path | None = None):
     """A local causal LM and its tokenizer, in eval mode on `device` (default: cuda if
@@ -67,13 +91,8 @@ def load_causal_lm(model_dir: str | Path, device: str | None = None, dtype: str 
     recorded in the adapter, or `base_model`) and merged into it: generation then costs
     what the base model's does."""
     model_dir = Path(model_dir)
-    adapter_config = model_dir / "adapter_config.json"
-    if adapter_config.is_file():
-        base_model = Path(base_model or json.loads(adapter_config.read_text())["base_model_name_or_path"])
-        if not (base_model / "config.json").is_file():
-            raise UserError(f"{model_dir} is a LoRA adapter of {base_model}, which is not a local model: "
-                            "give its base with --base_model")
-    elif not (model_dir / "config.json").is_file():
+    base = adapter_base(model_dir, base_model)
+    if base is None and not (model_dir / "config.json").is_file():
         raise UserError(f"no model in {model_dir} (no config.json): train one first or give --model")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -85,14 +104,9 @@ def load_causal_lm(model_dir: str | Path, device: str | None = None, dtype: str 
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    if adapter_config.is_file():
-        from peft import PeftModel
-
-        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=getattr(torch, dtype), trust_remote_code=False)
-        if model.get_input_embeddings().num_embeddings < len(tokenizer):  # markers added in training
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
-        logger.info("loaded the adapter %s over %s and merged it", model_dir, base_model)
+    if base is not None:
+        model = load_adapter(model_dir, base, tokenizer, getattr(torch, dtype)).merge_and_unload()
+        logger.info("loaded the adapter %s over %s and merged it", model_dir, base)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), trust_remote_code=False)
     model.config.use_cache = True  # a checkpoint saved by training may carry use_cache=False
