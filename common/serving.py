@@ -22,15 +22,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import logging
 import os
 import queue
+import random
+import sys
 import threading
 import time
 import uuid
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -40,8 +45,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.errors import UserError
 from common.templates import (
@@ -123,6 +127,9 @@ def context_length(model) -> int:
 
 
 # --------------------------------------------------------------------- generation
+DEFAULT_CACHE_LEN = 4096  # tokens per request held in the KV cache unless max_cache_len says otherwise
+
+
 @dataclass
 class SamplingParams:
     """One request's decoding settings. temperature 0 means greedy."""
@@ -150,49 +157,415 @@ class SamplingParams:
         if any(not s for s in self.stop):
             raise UserError("stop strings must not be empty")
 
-    def generate_kwargs(self) -> dict:
-        kwargs = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
-        if self.ignore_eos:
-            kwargs["min_new_tokens"] = self.max_new_tokens
-        if self.temperature == 0:
-            return {**kwargs, "do_sample": False}
-        # top_k is always passed: otherwise the model's generation_config default (often 50) applies.
-        return {**kwargs, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+    @property
+    def plain_greedy(self) -> bool:
+        return self.temperature == 0 and self.repetition_penalty == 1
 
 
-class _Cancelled(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
+class SlotCache:
+    """Key/value cache of `rows` generations decoded together, `length` slots per row.
 
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+    The model writes into it through `update`, the transformers Cache call its attention
+    layers make. All rows advance in lock step: a decode step writes every row's new token at
+    slot `position`. A request joining a running batch is prefilled into its row at the slots
+    just before `position`, so its positions (always passed as position_ids) differ from its
+    slots; the attention mask, built from each row's first slot, hides every other slot.
+    Attention reads only the first `span` slots, a bucket of the length in use, so a step
+    costs what the conversations' length costs, not what the whole cache would.
+    """
+
+    is_compileable = True
+
+    def __init__(self, rows: int, length: int, device: torch.device):
+        self.rows, self.length = rows, length
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.span = length
+        self.prefill_at: tuple[int, int] | None = None  # (row, first slot) while a prompt is written
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx == len(self.keys):  # first write: the layer's own head count, head size and dtype
+            for store, states in ((self.keys, key_states), (self.values, value_states)):
+                shape = (self.rows, states.shape[1], self.length, states.shape[3])
+                store.append(torch.zeros(shape, dtype=states.dtype, device=states.device))
+                torch._dynamo.mark_static_address(store[-1])  # updated in place under CUDA graphs
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.prefill_at is None:
+            keys.index_copy_(2, self.position, key_states)
+            values.index_copy_(2, self.position, value_states)
+            return keys[:, :, :self.span], values[:, :, :self.span]
+        row, first = self.prefill_at
+        end = first + key_states.shape[2]
+        keys[row, :, first:end] = key_states[0]
+        values[row, :, first:end] = value_states[0]
+        return keys[row:row + 1, :, :self.span], values[row:row + 1, :, :self.span]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # never needed: positions and the mask are always given
+
+    def move_rows(self, target: SlotCache, rows: list[int], used: int) -> None:
+        """Copy the first `used` slots of `rows` into rows 0, 1, ... of `target`."""
+        for store, target_store in ((self.keys, target.keys), (self.values, target.values)):
+            for layer, tensor in enumerate(store):
+                target_store[layer][:len(rows), :, :used] = tensor[rows, :, :used]
 
 
-class _TokenQueue(BaseStreamer):
-    """Receives new token ids from `generate` (in its thread) for the reading thread."""
+def span_bucket(used: int, length: int) -> int:
+    """Slots attention reads: 256, 512, 1024, ... (few shapes to compile), at most the cache."""
+    span = 256
+    while span < used:
+        span *= 2
+    return min(span, length)
 
-    def __init__(self, on_tokens):
-        self.queue: queue.Queue = queue.Queue()
-        self.prompt_seen = False
-        self.on_tokens = on_tokens
 
-    def put(self, value):
-        if not self.prompt_seen:  # generate() first hands over the prompt itself
-            self.prompt_seen = True
-            return
-        ids = value.reshape(-1).tolist()
-        self.on_tokens(len(ids))
-        self.queue.put(ids)
+@dataclass(eq=False)
+class _Generation:
+    """One request inside the batcher; its stream reads `queue`."""
 
-    def end(self):
-        pass
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    queue: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    ids: list[int] = field(default_factory=list)  # prompt + generated: the repetition penalty's history
+    first_slot: int = 0
+    length: int = 0  # tokens in the cache (prompt + fed generated tokens)
+    fed: int = 0  # decode steps launched for it
+    generated: int = 0
+
+    def finish(self, error: Exception | None = None) -> None:
+        if not self.done.is_set():
+            if error is not None:
+                self.queue.put(error)
+            self.queue.put(_END)
+            self.done.set()
 
 
 _END = object()
 
 
+@dataclass(eq=False)
+class _Step:
+    """A launched decode step: which generation each row fed, and its results."""
+
+    rows: list[_Generation | None]
+    logits: torch.Tensor | None  # kept when some row samples
+    next_ids: torch.Tensor | None  # the greedy tokens on the device, to feed the next step
+    greedy: torch.Tensor  # the greedy tokens on the host, once `ready`
+    ready: torch.cuda.Event | None = None
+
+
+def _logit_processors(params: SamplingParams) -> list:
+    """transformers' own processors, in generate's order: penalty, temperature, top-k, top-p."""
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors = []
+    if params.repetition_penalty != 1:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.temperature > 0:
+        processors.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k > 0:
+            processors.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1:
+            processors.append(TopPLogitsWarper(params.top_p))
+    return processors
+
+
+class Batcher:
+    """Decodes every running request of an Engine together, one token per request per step,
+    in a background thread (continuous batching: a request joins the running batch as soon as
+    its prompt fits before the current slot, else when the batch has drained; FIFO, so no
+    request is passed over).
+
+    Rows live in a SlotCache of 1 row while one request runs (the fastest shape for a single
+    user) and of `max_batch` rows when more do; rows move between the two when the count
+    changes. On CUDA the decode step is compiled with CUDA graphs (torch.compile
+    "reduce-overhead"): a 7B model's step launches hundreds of small kernels, and launching
+    them from Python costs more than the step itself. Prompts are prefilled one by one
+    without compiling (their lengths vary; they are compute-bound anyway).
+    """
+
+    def __init__(self, model, stop_token_ids: list[int], max_batch: int, cache_length: int,
+                 compile_decode: bool, on_tokens=None):
+        self.model = model
+        self.device = model.device
+        self.stop_token_ids = set(stop_token_ids)
+        self.max_batch = max_batch
+        self.cache_length = cache_length
+        self.on_tokens = on_tokens or (lambda n: None)
+        self.widths = sorted({1, max_batch})
+        forward = inspect.signature(model.forward).parameters
+        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
+        try:
+            self.caches = {w: SlotCache(w, cache_length, self.device) for w in self.widths}
+            for cache in self.caches.values():  # allocate the cache now: a too-large one fails here
+                self._prefill(cache, 0, [0], 0)
+        except torch.OutOfMemoryError:
+            raise UserError(f"no room on {self.device} for the KV cache of {max_batch} requests x {cache_length} "
+                            "tokens: lower --max_concurrent or --max_cache_len") from None
+        dtype = next(model.parameters()).dtype
+        step = partial(_decode_step, model, dtype)
+        if compile_decode:
+            # one compiled function per cache: each sees one set of cache tensors (no guard churn)
+            self.decode = {w: torch.compile(step, mode="reduce-overhead") for w in self.widths}
+        else:
+            self.decode = dict.fromkeys(self.widths, step)
+        self.compiled = compile_decode
+        self.width = 1
+        self.rows: list[_Generation | None] = [None]
+        self.position = 0  # the slot the next decode step writes
+        self.in_flight: _Step | None = None  # a launched step whose tokens are not handed out yet
+        self.waiting: deque[_Generation] = deque()
+        self.condition = threading.Condition()
+        self.closed = False
+        # Python hands the GIL to a waiting thread every 5 ms by default: with streams' readers
+        # and the HTTP server busy, the batcher would wait that long for it after every step.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
+        self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------ the public side
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> _Generation:
+        generator = torch.Generator(self.device)
+        generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        generation = _Generation(list(prompt_ids), params, generator)
+        with self.condition:
+            if self.closed:
+                raise UserError("the engine is closed")
+            self.waiting.append(generation)
+            self.condition.notify()
+        return generation
+
+    def wake(self) -> None:
+        with self.condition:
+            self.condition.notify()
+
+    def close(self) -> None:
+        with self.condition:
+            self.closed = True
+            self.condition.notify()
+        self.thread.join()
+
+    # ------------------------------------------------------------- the loop
+    @torch.inference_mode()
+    def _run(self) -> None:
+        if self.compiled:
+            _cudagraph_state_for_this_thread()
+        while True:
+            with self.condition:
+                while not self.closed and not self.waiting and not any(self.rows):
+                    self.condition.wait()  # (nothing is in flight: it belongs to a row)
+                if self.closed:
+                    for generation in [*self.waiting, *filter(None, self.rows)]:
+                        generation.finish(UserError("the engine was closed"))
+                    return
+                joining = self._take_joining()
+            try:
+                self._admit(joining)
+                if any(self.rows):
+                    self._step()
+            except Exception as err:  # handed to every reader, which raises it in its request
+                logger.exception("generation failed")
+                for generation in [*joining, *filter(None, self.rows)]:
+                    generation.finish(err)
+                self.rows = [None] * self.width
+                self.in_flight = None
+
+    def _take_joining(self) -> list[_Generation]:
+        """Requests from the head of the queue that can start now (the caller holds the lock)."""
+        active = [g for g in self.rows if g is not None]
+        joining: list[_Generation] = []
+        while self.waiting and len(active) + len(joining) < self.max_batch:
+            head = self.waiting[0]
+            if head.cancelled.is_set():
+                self.waiting.popleft().finish()
+                continue
+            if active:  # the running batch's slots before `position` must hold the prompt
+                fits = len(head.prompt_ids) <= self.position and \
+                    self.position + head.params.max_new_tokens <= self.cache_length
+            else:  # a new batch: every prompt ends at the longest one's end
+                start = max(len(g.prompt_ids) for g in [*joining, head])
+                fits = all(start + g.params.max_new_tokens <= self.cache_length for g in [*joining, head])
+            if not fits:
+                break
+            joining.append(self.waiting.popleft())
+        return joining
+
+    def _admit(self, joining: list[_Generation]) -> None:
+        active = [g for g in self.rows if g is not None]
+        if joining or any(g.cancelled.is_set() for g in active) or \
+                self.width != next(w for w in self.widths if w >= len(active)):
+            self._collect_in_flight()  # rows are about to change: settle the step they were fed to
+        for row, generation in enumerate(self.rows):
+            if generation is not None and generation.cancelled.is_set():
+                generation.finish()
+                self.rows[row] = None
+        active = [g for g in self.rows if g is not None]
+        if not active and joining:
+            self.position = max(len(g.prompt_ids) for g in joining)
+        self._resize(len(active) + len(joining))
+        for generation in joining:
+            row = self.rows.index(None)
+            prompt = generation.prompt_ids
+            generation.first_slot = self.position - len(prompt)
+            generation.length = len(prompt)
+            generation.ids = list(prompt)
+            self.rows[row] = generation
+            logits = self._prefill(self.caches[self.width], row, prompt, generation.first_slot)
+            self._emit(row, self._choose(generation, logits[0], None))
+
+    def _resize(self, needed: int) -> None:
+        """Use the smallest cache that holds `needed` rows, moving the running rows into it."""
+        width = next(w for w in self.widths if w >= needed)
+        if width == self.width:
+            return
+        rows = [r for r, g in enumerate(self.rows) if g is not None]
+        self.caches[self.width].move_rows(self.caches[width], rows, self.position)
+        self.rows = [self.rows[r] for r in rows] + [None] * (width - len(rows))
+        self.width = width
+
+    @torch.inference_mode()
+    def _prefill(self, cache: SlotCache, row: int, prompt: list[int], first_slot: int) -> torch.Tensor:
+        """Write the prompt's keys/values into `row` at slots first_slot.. and return the
+        logits of its last position."""
+        n = len(prompt)
+        cache.span = span_bucket(first_slot + n, cache.length)
+        slots = torch.arange(cache.span, device=self.device)
+        offsets = torch.arange(n, device=self.device)[:, None]
+        visible = (slots >= first_slot) & (slots <= first_slot + offsets)
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill_(~visible, torch.finfo(dtype).min)
+        cache.prefill_at = (row, first_slot)
+        try:
+            out = self.model(input_ids=torch.tensor([prompt], device=self.device),
+                             position_ids=torch.arange(n, device=self.device)[None],
+                             attention_mask=mask[None, None], past_key_values=cache, use_cache=True,
+                             **self.keep_last)
+        finally:
+            cache.prefill_at = None
+        return out.logits[:, -1]
+
+    def _step(self) -> None:
+        """Launch one decode step; collect the previous one while the GPU runs this one.
+
+        While every row decodes greedily the step's tokens stay on the device and feed the
+        next step directly, so the host reads step k's tokens (and streams them) while step
+        k+1 runs: the GPU never waits for Python. A row that stops at step k (end of text)
+        has had one token too many computed in step k+1, which is dropped. Rows that sample
+        need their logits on the host, so then each step is collected before the next."""
+        previous = self.in_flight
+        rows = [g if g is not None and g.fed + 1 < g.params.max_new_tokens else None for g in self.rows]
+        if not any(rows):  # the running rows wait only for their last tokens
+            self._collect_in_flight()
+            return
+        pipelined = all(g.params.plain_greedy for g in rows if g is not None)
+        on_device = [previous is not None and g is not None and previous.rows[r] is g for r, g in enumerate(rows)]
+        cache = self.caches[self.width]
+        # one host-to-device copy for the step's inputs: token (unless the device has it), position,
+        # first visible slot (an empty row sees only its own slot: attention over nothing gives NaN)
+        inputs = torch.tensor([[g.ids[-1] if g is not None and not dev else 0 for g, dev in zip(rows, on_device)],
+                               [g.length if g is not None else 0 for g in rows],
+                               [g.first_slot if g is not None else self.position for g in rows],
+                               on_device], device=self.device)
+        input_ids = inputs[0] if not any(on_device) else torch.where(inputs[3].bool(), previous.next_ids, inputs[0])
+        cache.position.fill_(self.position)
+        cache.span = span_bucket(self.position + 1, cache.length)
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits, greedy = self.decode[self.width](cache, input_ids[:, None], inputs[1, :, None], inputs[2])
+        step = _Step(rows, None if pipelined else logits, greedy.clone() if pipelined else None,
+                     torch.empty(greedy.shape, dtype=greedy.dtype, pin_memory=self.device.type == "cuda"))
+        step.greedy.copy_(greedy, non_blocking=True)
+        if self.device.type == "cuda":
+            step.ready = torch.cuda.Event()
+            step.ready.record()
+        self.position += 1
+        for generation in rows:
+            if generation is not None:
+                generation.length += 1
+                generation.fed += 1
+        self.in_flight = None
+        if previous is not None:
+            self._collect(previous)
+        if pipelined:
+            self.in_flight = step
+        else:
+            self._collect(step)
+
+    def _collect_in_flight(self) -> None:
+        if self.in_flight is not None:
+            step, self.in_flight = self.in_flight, None
+            self._collect(step)
+
+    def _collect(self, step: _Step) -> None:
+        """Hand a finished step's tokens to its rows' streams."""
+        if step.ready is not None:
+            step.ready.synchronize()  # without holding the GIL: readers and the server run meanwhile
+        greedy = step.greedy.tolist()
+        for row, generation in enumerate(step.rows):
+            if generation is not None and self.rows[row] is generation:  # not finished since
+                logits = None if step.logits is None else step.logits[row]
+                self._emit(row, self._choose(generation, logits, greedy[row]))
+
+    def _choose(self, generation: _Generation, logits: torch.Tensor | None, greedy: int | None) -> int:
+        params = generation.params
+        if params.plain_greedy and greedy is not None:
+            return greedy
+        scores = logits[None].float()
+        history = torch.tensor([generation.ids], device=self.device)
+        for processor in _logit_processors(params):
+            scores = processor(history, scores)
+        if params.temperature == 0:
+            return int(scores.argmax())
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs[0], 1, generator=generation.generator))
+
+    def _emit(self, row: int, token: int) -> None:
+        generation = self.rows[row]
+        generation.ids.append(token)
+        generation.generated += 1
+        generation.queue.put([token])
+        self.on_tokens(1)
+        stopped = token in self.stop_token_ids and not generation.params.ignore_eos
+        if stopped or generation.generated >= generation.params.max_new_tokens or generation.cancelled.is_set():
+            generation.finish()
+            self.rows[row] = None
+
+
+def _cudagraph_state_for_this_thread() -> None:
+    """torch.compile's CUDA-graph trees keep their state in thread-local storage, set up in the
+    thread that imported them: when that was another thread (a `generate` with a static cache
+    in the main thread, say), replaying graphs here would fail an assertion."""
+    from torch._inductor import cudagraph_trees
+
+    local = cudagraph_trees.local
+    if not hasattr(local, "tree_manager_containers"):  # what the module does for its importing thread
+        local.tree_manager_containers = {}
+        local.tree_manager_locks = defaultdict(threading.Lock)
+        torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
+        torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
+
+
+def _decode_step(model, dtype: torch.dtype, cache: SlotCache, input_ids, position_ids, first_slot):
+    """One token for every row: logits and their argmax. The mask lets row r see slots
+    first_slot[r] .. position (its prompt and what it generated)."""
+    slots = torch.arange(cache.span, device=input_ids.device)
+    visible = (slots >= first_slot[:, None]) & (slots <= cache.position)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=input_ids.device).masked_fill_(~visible, torch.finfo(dtype).min)
+    logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[:, None, None, :],
+                   past_key_values=cache, use_cache=True).logits[:, -1]
+    return logits, logits.argmax(-1)
+
+
 class GenerationStream:
-    """Iterate to get text deltas of one generation running in a background thread.
+    """Iterate to get text deltas of one generation, which the engine's Batcher runs.
 
     After iteration: `finish_reason` ("stop": end of text or a stop string; "length":
     max_new_tokens reached), `completion_tokens`. `cancel()` (or leaving the loop early and
@@ -205,37 +578,20 @@ class GenerationStream:
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
-        self._cancel = threading.Event()
-        self._tokens = _TokenQueue(engine.count_tokens)
-        self._thread = threading.Thread(target=self._generate, args=(prompt_ids,), daemon=True)
-        self._thread.start()
-
-    def _generate(self, prompt_ids: list[int]) -> None:
-        model, tokenizer = self.engine.model, self.engine.tokenizer
-        try:
-            if self.params.seed is not None:
-                torch.manual_seed(self.params.seed)
-            ids = torch.tensor([prompt_ids], device=model.device)
-            with torch.inference_mode():
-                model.generate(
-                    ids, attention_mask=torch.ones_like(ids), streamer=self._tokens,
-                    stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
-                    eos_token_id=self.engine.stop_token_ids, pad_token_id=tokenizer.pad_token_id,
-                    **self.params.generate_kwargs(),
-                )
-        except Exception as err:  # handed to the reader, which raises it in the request
-            logger.exception("generation failed")
-            self._tokens.queue.put(err)
-        finally:
-            self._tokens.queue.put(_END)
+        self._generation = engine.batcher.submit(prompt_ids, params)
 
     def cancel(self) -> None:
-        self._cancel.set()
+        self._generation.cancelled.set()
+        self.engine.batcher.wake()
 
     def close(self) -> None:
-        """Cancel and wait for the generation thread to finish its current step."""
-        self._cancel.set()
-        self._thread.join()
+        """Cancel and wait until the batcher has let the generation go."""
+        self.cancel()
+        self._generation.done.wait()
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._generation.ids[self.prompt_tokens:]
 
     def __iter__(self) -> Iterator[str]:
         tokenizer, clean = self.engine.tokenizer, self.engine.clean
@@ -246,28 +602,33 @@ class GenerationStream:
         ended_by_eos = False
         try:
             while True:
-                item = self._tokens.queue.get()
-                if item is _END:
+                items = [self._generation.queue.get()]
+                while not self._generation.queue.empty():  # a busy reader takes what piled up at once
+                    items.append(self._generation.queue.get_nowait())
+                for item in items:
+                    if isinstance(item, Exception):
+                        raise item
+                new = [token for item in items if item is not _END for token in item]
+                if new:
+                    ids.extend(new)
+                    self.completion_tokens = len(ids)
+                    ended_by_eos = ids[-1] in stop_ids and not self.params.ignore_eos
+                    text = clean(tokenizer.decode(ids, skip_special_tokens=True))
+                    # half a multi-byte character, or a decode still settling: wait for more
+                    if not text.endswith("\ufffd") and text.startswith(emitted):
+                        cut = _find_stop(text, stop, start=max(0, len(emitted) - max(map(len, stop), default=0)))
+                        if cut is not None:
+                            self.finish_reason = "stop"
+                            self.cancel()
+                            if cut > len(emitted):
+                                yield text[len(emitted):cut]
+                            return
+                        safe = len(text) - _partial_stop_length(text, stop)
+                        if safe > len(emitted):
+                            yield text[len(emitted):safe]
+                            emitted = text[:safe]
+                if items[-1] is _END:
                     break
-                if isinstance(item, Exception):
-                    raise item
-                ids.extend(item)
-                self.completion_tokens = len(ids)
-                ended_by_eos = bool(ids) and ids[-1] in stop_ids and not self.params.ignore_eos
-                text = clean(tokenizer.decode(ids, skip_special_tokens=True))
-                if text.endswith("\ufffd") or not text.startswith(emitted):
-                    continue  # half a multi-byte character, or a decode still settling: wait
-                cut = _find_stop(text, stop, start=max(0, len(emitted) - max(map(len, stop), default=0)))
-                if cut is not None:
-                    self.finish_reason = "stop"
-                    self.cancel()
-                    if cut > len(emitted):
-                        yield text[len(emitted):cut]
-                    return
-                safe = len(text) - _partial_stop_length(text, stop)
-                if safe > len(emitted):
-                    yield text[len(emitted):safe]
-                    emitted = text[:safe]
             self.finish_reason = "stop" if ended_by_eos else "length"
             if ids:
                 text = clean(tokenizer.decode(ids, skip_special_tokens=True))
@@ -303,28 +664,55 @@ class Engine:
     as it was trained; their stop markers that are single tokens end generation by id.
     """
 
-    def __init__(self, model, tokenizer, name: str, template: str | None = None):
+    def __init__(self, model, tokenizer, name: str, template: str | None = None, max_batch: int = 8,
+                 max_cache_len: int | None = None, compile: bool | None = None):
+        """`max_batch`: requests decoded together (more wait in the batcher's queue).
+        `max_cache_len`: tokens (prompt + reply) a request may span, the KV cache's length;
+        default the model's context, at most DEFAULT_CACHE_LEN. `compile`: CUDA graphs for
+        the decode step; default on CUDA."""
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         own = template is None and bool(getattr(tokenizer, "chat_template", None))
         self.template = None if own else get_template(template or "plain")
         self.stop_token_ids, self.template_stops = stop_criteria(tokenizer, self.template)
-        self.context_length = context_length(model)
+        if max_batch < 1 or (max_cache_len is not None and max_cache_len < 2):
+            raise UserError("need max_batch >= 1 and max_cache_len >= 2")
+        self.context_length = min(context_length(model), max_cache_len or DEFAULT_CACHE_LEN)
         self.clean = display_cleaner(tokenizer)
+        self.max_batch = max_batch
+        self.compile = model.device.type == "cuda" if compile is None else compile
         self.tokens_generated = 0  # by every generation since start, cancelled ones too
-        self._count_lock = threading.Lock()
+        self._batcher: Batcher | None = None
+        self._lock = threading.Lock()
 
     def count_tokens(self, n: int) -> None:
-        with self._count_lock:
+        with self._lock:
             self.tokens_generated += n
+
+    @property
+    def batcher(self) -> Batcher:
+        """Started at the first generation (it allocates the KV cache)."""
+        with self._lock:
+            if self._batcher is None:
+                self._batcher = Batcher(self.model, self.stop_token_ids, self.max_batch, self.context_length,
+                                        self.compile, self.count_tokens)
+            return self._batcher
+
+    def close(self) -> None:
+        """Stop the batcher thread (running generations end with an error)."""
+        if self._batcher is not None:
+            self._batcher.close()
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, name: str | None = None, template: str | None = None,
-                        device: str | None = None, dtype: str = "auto", base_model: str | None = None) -> Engine:
-        """`template` default: the one the model was tuned with (sft_template.json), if any."""
+                        device: str | None = None, dtype: str = "auto", base_model: str | None = None,
+                        **engine_options) -> Engine:
+        """`template` default: the one the model was tuned with (sft_template.json), if any.
+        `engine_options`: max_batch, max_cache_len, compile (see __init__)."""
         model, tokenizer = load_causal_lm(model_dir, device, dtype, base_model)
-        return cls(model, tokenizer, name or Path(model_dir).resolve().name, template or saved_template_name(model_dir))
+        return cls(model, tokenizer, name or Path(model_dir).resolve().name, template or saved_template_name(model_dir),
+                   **engine_options)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -349,7 +737,8 @@ class Engine:
         if params.max_new_tokens > self.room(prompt_ids):
             raise UserError(
                 f"the prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_new_tokens}: "
-                f"together over the model's context of {self.context_length} tokens"
+                f"together over the {self.context_length} tokens a request may span "
+                "(the model's context, or the server's --max_cache_len)"
             )
         return GenerationStream(self, prompt_ids, params)
 
@@ -360,12 +749,13 @@ class Engine:
 # ------------------------------------------------------------------- HTTP server
 @dataclass
 class ServerSettings:
-    max_concurrent: int = 1  # generations at once; one model step already fills a GPU or the CPU
+    max_concurrent: int = 8  # generations decoded together in one batch (the engine's max_batch)
     max_waiting: int = 8  # queued requests beyond those; more get 429
     queue_timeout: float = 60.0  # seconds a queued request waits before 503
     max_request_bytes: int = 1_000_000
     default_max_tokens: int = 256  # when a request gives none (capped by the room left in the context)
     cors: list[str] = field(default_factory=list)
+    defaults: SamplingParams = field(default_factory=SamplingParams)  # for what a request leaves out
 
 
 class ApiError(Exception):
@@ -430,8 +820,8 @@ class _Common(BaseModel):
     model: str | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None  # newer name of max_tokens in the chat API
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = None  # None: the server's default
+    top_p: float | None = None
     n: int = 1
     stream: bool = False
     stream_options: dict | None = None
@@ -441,8 +831,8 @@ class _Common(BaseModel):
     frequency_penalty: float = 0.0
     logprobs: bool | int | None = None
     # Extensions that vLLM and others accept too.
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
 
 
@@ -539,7 +929,14 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4:
             raise ApiError(400, "at most 4 stop sequences", param="stop")
-        params = SamplingParams(max_tokens, body.temperature, body.top_p, body.top_k, body.repetition_penalty,
+        defaults = settings.defaults
+
+        def given(value, default):
+            return default if value is None else value
+
+        params = SamplingParams(max_tokens, given(body.temperature, defaults.temperature),
+                                given(body.top_p, defaults.top_p), given(body.top_k, defaults.top_k),
+                                given(body.repetition_penalty, defaults.repetition_penalty),
                                 tuple(stop) + extra_stop, body.seed, body.ignore_eos)
         try:
             params.check()
@@ -741,34 +1138,64 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if present).")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 = this machine only; 0.0.0.0 = everyone.")
+    parser.add_argument("--max_cache_len", type=int, default=None,
+                        help=f"Tokens (prompt + reply) one request may span; the KV cache holds this many per "
+                             f"request decoded together. Default: the model's context, at most {DEFAULT_CACHE_LEN}.")
+    parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                        help="CUDA graphs for the decode step (auto: on CUDA). The first request at each batch "
+                             "size then takes a minute to compile; later ones run several times faster.")
 
 
-def run_server(argv: list[str] | None, default_model: str, description: str) -> None:
-    """The `serve.py` of a generative recipe."""
+def _engine_options(args: argparse.Namespace, max_batch: int) -> dict:
+    return {"max_batch": max_batch, "max_cache_len": args.max_cache_len,
+            "compile": None if args.compile == "auto" else args.compile == "true"}
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser, defaults: SamplingParams, title: str) -> None:
+    group = parser.add_argument_group(title)
+    group.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
+    group.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy.")
+    group.add_argument("--top_p", type=float, default=defaults.top_p)
+    group.add_argument("--top_k", type=int, default=defaults.top_k, help="0 = off.")
+    group.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty)
+
+
+def _sampling_defaults(args: argparse.Namespace) -> SamplingParams:
+    defaults = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    defaults.check()
+    return defaults
+
+
+def run_server(argv: list[str] | None, default_model: str, description: str,
+               defaults: SamplingParams | None = None) -> None:
+    """The `serve.py` of a generative recipe. `defaults`: sampling settings for what a
+    request leaves out (OpenAI's defaults, temperature 1, when None)."""
     import uvicorn
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_arguments(parser, default_model)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served_model_name", default=None, help="Name in /v1/models (default: the folder name).")
-    defaults = ServerSettings()
-    parser.add_argument("--max_concurrent", type=int, default=defaults.max_concurrent,
-                        help="Generations running at once.")
-    parser.add_argument("--max_waiting", type=int, default=defaults.max_waiting,
+    limits = ServerSettings()
+    parser.add_argument("--max_concurrent", type=int, default=limits.max_concurrent,
+                        help="Generations decoded together in one batch.")
+    parser.add_argument("--max_waiting", type=int, default=limits.max_waiting,
                         help="Requests queued beyond those; more are answered 429.")
-    parser.add_argument("--queue_timeout", type=float, default=defaults.queue_timeout,
+    parser.add_argument("--queue_timeout", type=float, default=limits.queue_timeout,
                         help="Seconds a queued request waits for a slot before 503.")
-    parser.add_argument("--max_request_bytes", type=int, default=defaults.max_request_bytes)
-    parser.add_argument("--default_max_tokens", type=int, default=defaults.default_max_tokens,
+    parser.add_argument("--max_request_bytes", type=int, default=limits.max_request_bytes)
+    parser.add_argument("--default_max_tokens", type=int, default=limits.default_max_tokens,
                         help="max_tokens of a request that gives none.")
     parser.add_argument("--cors", nargs="*", default=[], help="Origins allowed to call from a browser.")
+    _sampling_arguments(parser, defaults or SamplingParams(),
+                        "sampling defaults (for what a request leaves out; --max_new_tokens is not used)")
     args = parser.parse_args(argv)
     if args.max_concurrent < 1 or args.max_waiting < 0 or args.queue_timeout <= 0:
         raise UserError("need --max_concurrent >= 1, --max_waiting >= 0 and --queue_timeout > 0")
     engine = Engine.from_pretrained(args.model, args.served_model_name, args.template, args.device, args.dtype,
-                                    args.base_model)
+                                    args.base_model, **_engine_options(args, args.max_concurrent))
     settings = ServerSettings(args.max_concurrent, args.max_waiting, args.queue_timeout, args.max_request_bytes,
-                              args.default_max_tokens, args.cors)
+                              args.default_max_tokens, args.cors, _sampling_defaults(args))
     print(f"serving '{engine.name}' at http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
 
@@ -780,18 +1207,13 @@ def run_chatbot(argv: list[str] | None, default_model: str, description: str, ti
     _model_arguments(parser, default_model)
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--system_prompt", default="", help="Initial system prompt (editable in the UI).")
-    defaults = defaults or SamplingParams()
-    group = parser.add_argument_group("initial generation settings (the UI's sliders change them)")
-    group.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
-    group.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy.")
-    group.add_argument("--top_p", type=float, default=defaults.top_p)
-    group.add_argument("--top_k", type=int, default=defaults.top_k, help="0 = off.")
-    group.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty)
+    parser.add_argument("--max_concurrent", type=int, default=4, help="Chats answered at once (decoded together).")
+    _sampling_arguments(parser, defaults or SamplingParams(), "initial generation settings (the UI's sliders change them)")
     args = parser.parse_args(argv)
-    defaults = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty)
-    defaults.check()
-    engine = Engine.from_pretrained(args.model, None, args.template, args.device, args.dtype, args.base_model)
+    defaults = _sampling_defaults(args)
+    engine = Engine.from_pretrained(args.model, None, args.template, args.device, args.dtype, args.base_model,
+                                    **_engine_options(args, args.max_concurrent))
     demo = build_chat_ui(engine, title, description.split("\n\n")[0], defaults, args.system_prompt, examples)
     print(f"chatbot for '{engine.name}' at http://{args.host}:{args.port}", flush=True)
-    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
+    demo.queue(default_concurrency_limit=args.max_concurrent).launch(server_name=args.host, server_port=args.port,
                                                    share=False, show_error=True)

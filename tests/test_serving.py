@@ -111,6 +111,90 @@ def test_streamed_text_equals_the_full_text_and_stop_strings_cut_it(engine):
     assert "".join(whole) == full and whole.finish_reason == "length" and whole.completion_tokens == 40
 
 
+def _reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _read_all(streams) -> list[list[int]]:
+    """Read every stream in a thread of its own, as the server's requests do."""
+    def read(stream):
+        for _ in stream:
+            pass
+    threads = [threading.Thread(target=read, args=(s,)) for s in streams]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [s.token_ids for s in streams]
+
+
+@pytest.fixture(scope="module")
+def llama_engine(engine):
+    """A tiny Llama with grouped-query attention (2 kv heads for 4) on the GPT-2 fixture's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(engine.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)).eval()
+    llama = Engine(model, engine.tokenizer, "llama", max_batch=4)
+    yield llama
+    llama.close()
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_served_greedy_equals_generate_alone_batched_and_joining_midway(which, engine, llama_engine):
+    served = engine if which == "gpt2" else llama_engine
+    texts = ["新华社北京电", "今年以来，我国经济平稳发展，人民生活", "记者", "人民日报社论：迈向充满希望的新世纪。"]
+    prompts = [served.encode(t) for t in texts]
+    n = 24
+    expected = [_reference_greedy(served.model, p, n) for p in prompts]
+    greedy = SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
+    alone = [_read_all([served.stream(p, greedy)])[0] for p in prompts]
+    together = _read_all([served.stream(p, greedy) for p in prompts])
+    # one long generation running; the others join it after a few of its tokens (their prompts
+    # fit before the current slot) and a sampled request makes the steps unpipelined for a while
+    first = served.stream(prompts[3], SamplingParams(max_new_tokens=2 * n, temperature=0, ignore_eos=True))
+    pieces = iter(first)
+    for _ in range(4):
+        next(pieces)
+    sampled = served.stream(prompts[1], SamplingParams(max_new_tokens=8, temperature=1.0, seed=3, ignore_eos=True))
+    joined = _read_all([served.stream(p, greedy) for p in prompts[:3]] + [sampled])
+    for _ in pieces:
+        pass
+    assert alone == expected and together == expected
+    assert joined[:3] == expected[:3] and first.token_ids[:n] == expected[3]
+    assert len(joined[3]) == 8
+    assert served.batcher.width == 1  # back to the one-row cache once the batch drained
+
+
+def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(engine):
+    prompt = engine.encode("今天")
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=40, repetition_penalty=1.2,
+                            seed=11, ignore_eos=True)
+    alone = _read_all([engine.stream(prompt, params)])[0]
+    others = [engine.stream(engine.encode(t), SamplingParams(max_new_tokens=16, temperature=0.7, seed=i))
+              for i, t in enumerate(["新华社", "记者从教育部获悉"])]
+    batched = _read_all([engine.stream(prompt, params), *others])[0]
+    assert alone == batched and len(alone) == 16
+
+
+def test_a_cancelled_generation_leaves_the_others_intact(engine):
+    prompts = [engine.encode(t) for t in ("新华社北京电", "记者")]
+    n = 30
+    expected = [_reference_greedy(engine.model, p, n) for p in prompts]
+    greedy = SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
+    keep, drop = engine.stream(prompts[0], greedy), engine.stream(prompts[1], greedy)
+    pieces = iter(drop)
+    next(pieces)
+    drop.close()  # returns once the batcher has let it go
+    assert len(drop.token_ids) < n
+    assert _read_all([keep])[0] == expected[0]
+
+
 def test_a_partial_stop_string_is_held_back():
     assert _partial_stop_length("今天用", ("用户：",)) == 1
     assert _partial_stop_length("今天用户", ("用户：", "X")) == 2
@@ -214,7 +298,7 @@ def test_openai_client_completions_and_chat(client, server):
 
 
 def test_the_event_stream_ends_with_done(server):
-    body = {"prompt": "今天", "max_tokens": 5, "stream": True}
+    body = {"prompt": "今天", "max_tokens": 5, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line for line in response.iter_lines() if line]
