@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -33,7 +34,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -226,7 +227,7 @@ class _Generation:
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator
-    queue: queue.Queue = field(default_factory=queue.Queue)
+    deliver: Callable[[object], None]  # hands token lists, an error, then _END to the stream (any thread)
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     ids: list[int] = field(default_factory=list)  # prompt + generated: the repetition penalty's history
@@ -238,8 +239,8 @@ class _Generation:
     def finish(self, error: Exception | None = None) -> None:
         if not self.done.is_set():
             if error is not None:
-                self.queue.put(error)
-            self.queue.put(_END)
+                self.deliver(error)
+            self.deliver(_END)
             self.done.set()
 
 
@@ -313,6 +314,11 @@ class Batcher:
         dtype = next(model.parameters()).dtype
         step = partial(_decode_step, model, dtype)
         if compile_decode:
+            # Tuning the generated kernels' launch parameters: a 7B step at batch 1 on an H100 took
+            # 5.9 instead of 6.3 ms (benchmarks/RESULTS.md), for a longer first compile.
+            from torch._inductor import config as inductor_config
+
+            inductor_config.coordinate_descent_tuning = True
             # one compiled function per cache: each sees one set of cache tensors (no guard churn)
             self.decode = {w: torch.compile(step, mode="reduce-overhead") for w in self.widths}
         else:
@@ -332,10 +338,10 @@ class Batcher:
         self.thread.start()
 
     # ------------------------------------------------------------ the public side
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> _Generation:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, deliver: Callable[[object], None]) -> _Generation:
         generator = torch.Generator(self.device)
         generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-        generation = _Generation(list(prompt_ids), params, generator)
+        generation = _Generation(list(prompt_ids), params, generator, deliver)
         with self.condition:
             if self.closed:
                 raise UserError("the engine is closed")
@@ -470,10 +476,11 @@ class Batcher:
         cache = self.caches[self.width]
         # one host-to-device copy for the step's inputs: token (unless the device has it), position,
         # first visible slot (an empty row sees only its own slot: attention over nothing gives NaN)
+        # (from pinned memory, asynchronously: a plain copy would wait for the step in flight)
         inputs = torch.tensor([[g.ids[-1] if g is not None and not dev else 0 for g, dev in zip(rows, on_device)],
                                [g.length if g is not None else 0 for g in rows],
                                [g.first_slot if g is not None else self.position for g in rows],
-                               on_device], device=self.device)
+                               on_device], pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
         input_ids = inputs[0] if not any(on_device) else torch.where(inputs[3].bool(), previous.next_ids, inputs[0])
         cache.position.fill_(self.position)
         cache.span = span_bucket(self.position + 1, cache.length)
@@ -531,7 +538,7 @@ class Batcher:
         generation = self.rows[row]
         generation.ids.append(token)
         generation.generated += 1
-        generation.queue.put([token])
+        generation.deliver([token])
         self.on_tokens(1)
         stopped = token in self.stop_token_ids and not generation.params.ignore_eos
         if stopped or generation.generated >= generation.params.max_new_tokens or generation.cancelled.is_set():
@@ -565,20 +572,35 @@ def _decode_step(model, dtype: torch.dtype, cache: SlotCache, input_ids, positio
 
 
 class GenerationStream:
-    """Iterate to get text deltas of one generation, which the engine's Batcher runs.
+    """Text deltas of one generation, which the engine's Batcher runs: iterate it (`for`, in
+    a thread that may block) or, in an event loop, `async for` over `stream.deltas()` (what
+    the server does: no thread per request, the batcher hands tokens to the loop directly).
 
     After iteration: `finish_reason` ("stop": end of text or a stop string; "length":
-    max_new_tokens reached), `completion_tokens`. `cancel()` (or leaving the loop early and
-    closing) stops the generation at its next token.
+    max_new_tokens reached), `completion_tokens`, `token_ids`. `cancel()` (or leaving the
+    loop early) stops the generation at its next token; `close()` also waits for that.
     """
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
+                 loop: asyncio.AbstractEventLoop | None = None):
         self.engine = engine
         self.params = params
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
-        self._generation = engine.batcher.submit(prompt_ids, params)
+        self._ids: list[int] = []
+        self._emitted = ""
+        self._ended = False
+        if loop is None:
+            self._queue: queue.Queue | asyncio.Queue = queue.Queue()
+            deliver = self._queue.put
+        else:
+            self._queue = asyncio.Queue()
+
+            def deliver(item, put=self._queue.put_nowait):
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody reads any more
+                    loop.call_soon_threadsafe(put, item)
+        self._generation = engine.batcher.submit(prompt_ids, params, deliver)
 
     def cancel(self) -> None:
         self._generation.cancelled.set()
@@ -594,48 +616,61 @@ class GenerationStream:
         return self._generation.ids[self.prompt_tokens:]
 
     def __iter__(self) -> Iterator[str]:
-        tokenizer, clean = self.engine.tokenizer, self.engine.clean
-        stop = self.params.stop
-        stop_ids = set(self.engine.stop_token_ids)
-        ids: list[int] = []
-        emitted = ""
-        ended_by_eos = False
         try:
-            while True:
-                items = [self._generation.queue.get()]
-                while not self._generation.queue.empty():  # a busy reader takes what piled up at once
-                    items.append(self._generation.queue.get_nowait())
-                for item in items:
-                    if isinstance(item, Exception):
-                        raise item
-                new = [token for item in items if item is not _END for token in item]
-                if new:
-                    ids.extend(new)
-                    self.completion_tokens = len(ids)
-                    ended_by_eos = ids[-1] in stop_ids and not self.params.ignore_eos
-                    text = clean(tokenizer.decode(ids, skip_special_tokens=True))
-                    # half a multi-byte character, or a decode still settling: wait for more
-                    if not text.endswith("\ufffd") and text.startswith(emitted):
-                        cut = _find_stop(text, stop, start=max(0, len(emitted) - max(map(len, stop), default=0)))
-                        if cut is not None:
-                            self.finish_reason = "stop"
-                            self.cancel()
-                            if cut > len(emitted):
-                                yield text[len(emitted):cut]
-                            return
-                        safe = len(text) - _partial_stop_length(text, stop)
-                        if safe > len(emitted):
-                            yield text[len(emitted):safe]
-                            emitted = text[:safe]
-                if items[-1] is _END:
-                    break
-            self.finish_reason = "stop" if ended_by_eos else "length"
-            if ids:
-                text = clean(tokenizer.decode(ids, skip_special_tokens=True))
-                if text.startswith(emitted) and len(text) > len(emitted):
-                    yield text[len(emitted):]
+            while not self._ended:
+                items = [self._queue.get()]
+                while not self._queue.empty():  # a busy reader takes what piled up at once
+                    items.append(self._queue.get_nowait())
+                yield from self._text(items)
         finally:
             self.cancel()
+
+    async def deltas(self):
+        try:
+            while not self._ended:
+                items = [await self._queue.get()]
+                while not self._queue.empty():
+                    items.append(self._queue.get_nowait())
+                for delta in self._text(items):
+                    yield delta
+        finally:
+            self.cancel()
+
+    def _text(self, items: list) -> Iterator[str]:
+        """The text deltas that newly arrived tokens add: stop strings cut, a tail that may
+        begin a stop string or ends in half a character held back."""
+        for item in items:
+            if isinstance(item, Exception):
+                raise item
+        new = [token for item in items if item is not _END for token in item]
+        stop = self.params.stop
+        if new:
+            ids, emitted = self._ids, self._emitted
+            ids.extend(new)
+            self.completion_tokens = len(ids)
+            text = self.engine.clean(self.engine.tokenizer.decode(ids, skip_special_tokens=True))
+            # half a multi-byte character, or a decode still settling: wait for more
+            if not text.endswith("\ufffd") and text.startswith(emitted):
+                cut = _find_stop(text, stop, start=max(0, len(emitted) - max(map(len, stop), default=0)))
+                if cut is not None:
+                    self.finish_reason, self._ended = "stop", True
+                    self.cancel()
+                    if cut > len(emitted):
+                        yield text[len(emitted):cut]
+                    return
+                safe = len(text) - _partial_stop_length(text, stop)
+                if safe > len(emitted):
+                    yield text[len(emitted):safe]
+                    self._emitted = text[:safe]
+        if items[-1] is _END:
+            self._ended = True
+            ids = self._ids
+            ended_by_eos = bool(ids) and ids[-1] in self.engine.stop_token_ids and not self.params.ignore_eos
+            self.finish_reason = "stop" if ended_by_eos else "length"
+            if ids:
+                text = self.engine.clean(self.engine.tokenizer.decode(ids, skip_special_tokens=True))
+                if text.startswith(self._emitted) and len(text) > len(self._emitted):
+                    yield text[len(self._emitted):]
 
 
 def _find_stop(text: str, stop: tuple[str, ...], start: int) -> int | None:
@@ -730,7 +765,9 @@ class Engine:
         """How many tokens may still be generated after this prompt."""
         return self.context_length - len(prompt_ids)
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
+    def stream(self, prompt_ids: list[int], params: SamplingParams,
+               loop: asyncio.AbstractEventLoop | None = None) -> GenerationStream:
+        """A generation of `prompt_ids`; `loop`: read it with `async for` in that event loop."""
         params.check()
         if not prompt_ids:
             raise UserError("the prompt is empty")
@@ -740,7 +777,7 @@ class Engine:
                 f"together over the {self.context_length} tokens a request may span "
                 "(the model's context, or the server's --max_cache_len)"
             )
-        return GenerationStream(self, prompt_ids, params)
+        return GenerationStream(self, prompt_ids, params, loop)
 
     def complete(self, prompt: str, params: SamplingParams) -> str:
         return "".join(self.stream(self.encode(prompt), params))
@@ -962,9 +999,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
         async def deltas(generation: GenerationStream):
             """The generation's text pieces; stops it when the client goes away."""
-            iterator = iter(generation)
             try:
-                while (delta := await anyio.to_thread.run_sync(next, iterator, None)) is not None:
+                async for delta in generation.deltas():
                     yield delta
                     if await request.is_disconnected():
                         logger.info("%s: client went away; generation stopped", request_id)
@@ -975,7 +1011,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         await limiter.acquire()  # 429 / 503 come before anything else is sent
         if not body.stream:
             try:
-                generation = engine.stream(prompt_ids, params)
+                generation = engine.stream(prompt_ids, params, asyncio.get_running_loop())
                 text = "".join([delta async for delta in deltas(generation)])
             finally:
                 limiter.release()
@@ -984,7 +1020,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                                  "usage": _usage(generation)})
 
         async def events():
-            generation = engine.stream(prompt_ids, params)
+            generation = engine.stream(prompt_ids, params, asyncio.get_running_loop())
             if chat:
                 yield chunk(opening=True)
             try:
