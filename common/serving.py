@@ -129,6 +129,7 @@ def context_length(model) -> int:
 
 # --------------------------------------------------------------------- generation
 DEFAULT_CACHE_LEN = 4096  # tokens per request held in the KV cache unless max_cache_len says otherwise
+PREFILL_TOKENS = 16384  # prompts that join together are prefilled in one forward up to this many (padded) tokens
 
 
 @dataclass
@@ -183,7 +184,7 @@ class SlotCache:
         self.values: list[torch.Tensor] = []
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.span = length
-        self.prefill_at: tuple[int, int] | None = None  # (row, first slot) while a prompt is written
+        self.prefill_at: tuple[torch.Tensor, int] | None = None  # (rows, first slot) while prompts are written
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx == len(self.keys):  # first write: the layer's own head count, head size and dtype
@@ -196,11 +197,11 @@ class SlotCache:
             keys.index_copy_(2, self.position, key_states)
             values.index_copy_(2, self.position, value_states)
             return keys[:, :, :self.span], values[:, :, :self.span]
-        row, first = self.prefill_at
+        rows, first = self.prefill_at
         end = first + key_states.shape[2]
-        keys[row, :, first:end] = key_states[0]
-        values[row, :, first:end] = value_states[0]
-        return keys[row:row + 1, :, :self.span], values[row:row + 1, :, :self.span]
+        keys[rows, :, first:end] = key_states
+        values[rows, :, first:end] = value_states
+        return keys[rows, :, :self.span], values[rows, :, :self.span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # never needed: positions and the mask are always given
@@ -307,7 +308,7 @@ class Batcher:
         try:
             self.caches = {w: SlotCache(w, cache_length, self.device) for w in self.widths}
             for cache in self.caches.values():  # allocate the cache now: a too-large one fails here
-                self._prefill(cache, 0, [0], 0)
+                self._prefill(cache, [0], [[0]], 1)
         except torch.OutOfMemoryError:
             raise UserError(f"no room on {self.device} for the KV cache of {max_batch} requests x {cache_length} "
                             "tokens: lower --max_concurrent or --max_cache_len") from None
@@ -417,15 +418,26 @@ class Batcher:
         if not active and joining:
             self.position = max(len(g.prompt_ids) for g in joining)
         self._resize(len(active) + len(joining))
+        group: list[tuple[int, _Generation]] = []
         for generation in joining:
             row = self.rows.index(None)
-            prompt = generation.prompt_ids
-            generation.first_slot = self.position - len(prompt)
-            generation.length = len(prompt)
-            generation.ids = list(prompt)
+            generation.first_slot = self.position - len(generation.prompt_ids)
+            generation.length = len(generation.prompt_ids)
+            generation.ids = list(generation.prompt_ids)
             self.rows[row] = generation
-            logits = self._prefill(self.caches[self.width], row, prompt, generation.first_slot)
-            self._emit(row, self._choose(generation, logits[0], None))
+            longest = max(len(g.prompt_ids) for _, g in [*group, (row, generation)])
+            if group and longest * (len(group) + 1) > PREFILL_TOKENS:
+                self._prefill_group(group)
+                group = []
+            group.append((row, generation))
+        if group:
+            self._prefill_group(group)
+
+    def _prefill_group(self, group: list[tuple[int, _Generation]]) -> None:
+        logits = self._prefill(self.caches[self.width], [row for row, _ in group],
+                               [g.prompt_ids for _, g in group], self.position)
+        for i, (row, generation) in enumerate(group):
+            self._emit(row, self._choose(generation, logits[i], None))
 
     def _resize(self, needed: int) -> None:
         """Use the smallest cache that holds `needed` rows, moving the running rows into it."""
@@ -438,22 +450,27 @@ class Batcher:
         self.width = width
 
     @torch.inference_mode()
-    def _prefill(self, cache: SlotCache, row: int, prompt: list[int], first_slot: int) -> torch.Tensor:
-        """Write the prompt's keys/values into `row` at slots first_slot.. and return the
-        logits of its last position."""
-        n = len(prompt)
-        cache.span = span_bucket(first_slot + n, cache.length)
+    def _prefill(self, cache: SlotCache, rows: list[int], prompts: list[list[int]], end: int) -> torch.Tensor:
+        """Write the prompts' keys/values into their rows, each ending at slot `end`, in one
+        forward (shorter prompts padded on the left), and return the logits of each last
+        position."""
+        n = max(map(len, prompts))
+        pads = torch.tensor([n - len(p) for p in prompts], device=self.device)[:, None]
+        columns = torch.arange(n, device=self.device)[None]
+        first_slot = end - n
+        cache.span = span_bucket(end, cache.length)
         slots = torch.arange(cache.span, device=self.device)
-        offsets = torch.arange(n, device=self.device)[:, None]
-        visible = (slots >= first_slot) & (slots <= first_slot + offsets)
+        column_slots = first_slot + columns[..., None]  # [1, n, 1]: the slot each column writes
+        # a prompt token sees its prompt up to itself; a padding column sees only its own slot
+        visible = (slots <= column_slots) & (slots >= first_slot + pads[..., None])
+        visible |= (slots == column_slots) & (columns < pads)[..., None]
         dtype = next(self.model.parameters()).dtype
         mask = torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill_(~visible, torch.finfo(dtype).min)
-        cache.prefill_at = (row, first_slot)
+        input_ids = torch.tensor([[0] * (n - len(p)) + p for p in prompts], device=self.device)
+        cache.prefill_at = (torch.tensor(rows, device=self.device), first_slot)
         try:
-            out = self.model(input_ids=torch.tensor([prompt], device=self.device),
-                             position_ids=torch.arange(n, device=self.device)[None],
-                             attention_mask=mask[None, None], past_key_values=cache, use_cache=True,
-                             **self.keep_last)
+            out = self.model(input_ids=input_ids, position_ids=(columns - pads).clamp(min=0),
+                             attention_mask=mask[:, None], past_key_values=cache, use_cache=True, **self.keep_last)
         finally:
             cache.prefill_at = None
         return out.logits[:, -1]
