@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo demo-classifier demo-clm demo-sft test lint clean
+.PHONY: setup browser demo demo-classifier demo-clm demo-sft demo-baichuan test lint clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,16 @@ demo-sft: setup
 	$(PY) chatglm_lora/generate.py --model outputs/chatglm_lora_merged \
 		"判断下面这条评论的情感是正面还是负面：\n质量很好，物流也快，推荐购买" \
 		"请给下面的句子分词，词与词之间用“/”隔开：\n新华社北京一月一日电。"
+
+# Baichuan recipe on the built-in data: the tiny Llama of demo-clm (Baichuan-7B is Llama-shaped) stands in
+# for a converted Baichuan; LoRA SFT with the baichuan2 template, both models scored, then the chatbot
+# with Baichuan2's sampling defaults (Ctrl-C ends it). A real checkpoint: model_baichuan/README.md.
+demo-baichuan: setup
+	$(PY) model_clm/prepare_data.py --dedup true
+	$(PY) model_clm/train.py model_clm/configs/default.yaml
+	$(PY) model_baichuan/prepare_data.py
+	$(PY) model_baichuan/train.py model_baichuan/configs/default.yaml
+	$(PY) model_baichuan/chatbot.py --model outputs/model_baichuan
 
 # The chatbot test drives Debian's chromium headless; install it when missing (needs root or sudo).
 CHROMIUM_PKGS := chromium chromium-driver

@@ -6,14 +6,20 @@ gradio chat UI. Every generative recipe's `serve.py` and `chatbot.py` are thin c
 
 The pieces, from the bottom up:
 - `load_causal_lm`: model + tokenizer from a local directory (never downloads).
-- `Engine.stream`: one generation in a background thread, read as text deltas; stop
-  strings, a WordPiece-aware detokenizer, and cancellation (a client that goes away stops
-  its generation at the next token).
+- `Batcher` (one per Engine, a background thread): decodes every running request together,
+  one token each per step (continuous batching over a static `SlotCache`; on CUDA the step
+  runs as CUDA graphs and greedy steps are pipelined). A request joins the running batch
+  as soon as its prompt fits before the batch's current slot. Works for any model whose
+  attention writes through the transformers Cache interface and takes position_ids
+  (Llama, Qwen2, Mistral, GLM, GPT-2, ...; not BLOOM's ALiBi).
+- `Engine.stream`: one generation, read as text deltas (`for`, or `async for` over
+  `.deltas()` in an event loop); stop strings, a WordPiece-aware detokenizer, and
+  cancellation (a client that goes away stops its generation at the next token).
 - `create_app`: FastAPI app with `POST /v1/completions`, `POST /v1/chat/completions`
   (`stream: true` gives server-sent events in OpenAI's chunk format, ending with
   `data: [DONE]`), `GET /v1/models`, `GET /health`. Requests are validated (4xx with an
-  OpenAI-style error body); generations run at most `max_concurrent` at a time with at
-  most `max_waiting` queued; beyond that the answer is 429, and a request that waited
+  OpenAI-style error body); at most `max_concurrent` generations run (decoded together) with
+  at most `max_waiting` queued; beyond that the answer is 429, and a request that waited
   longer than `queue_timeout` gets 503. Nothing hangs.
 - `build_chat_ui`: gradio chat with streaming, history, sampling sliders and a stop button.
 """
@@ -304,6 +310,9 @@ class Batcher:
         self.on_tokens = on_tokens or (lambda n: None)
         self.widths = sorted({1, max_batch})
         forward = inspect.signature(model.forward).parameters
+        if "position_ids" not in forward:  # rows' positions differ from their cache slots
+            raise UserError(f"{type(model).__name__} takes no position_ids (ALiBi models such as BLOOM): "
+                            "the batching engine cannot serve it")
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         try:
             self.caches = {w: SlotCache(w, cache_length, self.device) for w in self.widths}

@@ -82,6 +82,17 @@ def sample_texts(inputs: list[str], args: PrepareArguments):
     return itertools.islice(texts, args.tokenizer_documents)
 
 
+def built_tokenizer(previous: Path, build):
+    """The tokenizer an earlier run of this command built and saved in `previous`, else a new
+    one from `build()`. Building is not deterministic (the WordPiece trainer breaks ties
+    differently run to run), so a rerun that built anew would find its own shards made with
+    another vocabulary."""
+    if (previous / "tokenizer.json").is_file():
+        logger.info("reusing the tokenizer built by an earlier run: %s", previous)
+        return load_tokenizer(previous)
+    return build()
+
+
 def prepare_source(inputs: list[str], out: Path, tokenizer, args: PrepareArguments) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out / "tokenizer")
@@ -96,8 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_args([PrepareArguments], argv, description=__doc__)
     out = Path(args.output_dir)
     if args.input:
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else \
-            build_chinese_tokenizer(sample_texts(args.input, args), vocab_size=args.vocab_size)
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else built_tokenizer(
+            out / "tokenizer", lambda: build_chinese_tokenizer(sample_texts(args.input, args), vocab_size=args.vocab_size))
         return prepare_source(args.input, out, tokenizer, args)
 
     # Built-in: two sources with one tokenizer, so training can mix them.
@@ -108,8 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
         path = source_dir / f"{name}.txt"
         if not path.is_file():  # rewriting it would change its time and void a resumable run
             path.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else \
-        build_chinese_tokenizer(itertools.chain(*corpora.values()), vocab_size=args.vocab_size)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else built_tokenizer(
+        out / "news" / "tokenizer",
+        lambda: build_chinese_tokenizer(itertools.chain(*corpora.values()), vocab_size=args.vocab_size))
     return {name: prepare_source([str(source_dir / f"{name}.txt")], out / name, tokenizer, args) for name in corpora}
 
 

@@ -188,6 +188,11 @@ def test_prepare_and_train_on_builtin_data(tmp_path):
     assert "dropped_duplicate" in result.stdout
     reviews = json.loads((data / "reviews" / "report.json").read_text())
     assert reviews["dropped_duplicate"] > 10_000  # the review corpus repeats about half of itself
+    # the same command again (make demo-clm, then make demo-sft): the shards are found complete,
+    # with the tokenizer the first run built (building anew is not deterministic)
+    again = run_script("model_clm/prepare_data.py", "--output_dir", data, "--vocab_size", "2000", "--dedup", "true")
+    assert "reusing the tokenizer" in again.stderr
+    assert json.loads((data / "reviews" / "report.json").read_text())["train_tokens"] == reviews["train_tokens"]
     run_script("model_clm/train.py", "model_clm/configs/default.yaml", "--data_dir", data / "news", data / "reviews",
                "--output_dir", out, "--max_steps", "40", "--eval_steps", "40", "--save_steps", "40", *TINY)
     metrics = json.loads((out / "metrics.json").read_text())
