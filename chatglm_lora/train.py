@@ -34,7 +34,8 @@ Evaluation: loss on valid before and after training; when test.jsonl holds score
 (the built-in data does), greedy replies of the starting model and of the tuned one are
 scored side by side (sentiment accuracy, segmentation F1, beside the trivial answers).
 Everything lands in `<output_dir>/metrics.json`; the adapter (or the full model), the
-tokenizer and the template name in `<output_dir>`.
+tokenizer and the template name in `<output_dir>`. The steps, in this order, are
+common/sft_train.py's `run_sft`, shared with model_baichuan; this file holds the defaults.
 """
 
 from __future__ import annotations
@@ -43,8 +44,7 @@ from dataclasses import dataclass, field
 
 from common.config import parse_args
 from common.errors import cli_main
-from common.sft_train import (  # noqa: F401  (the benchmarks reach these through this module)
-    LORA_TARGETS,
+from common.sft_train import (  # noqa: F401  (benchmarks/ reach add_adapter, load_model, load_split here)
     SFTDataArguments,
     SFTModelArguments,
     add_adapter,

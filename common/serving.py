@@ -296,8 +296,8 @@ class Batcher:
     user) and of `max_batch` rows when more do; rows move between the two when the count
     changes. On CUDA the decode step is compiled with CUDA graphs (torch.compile
     "reduce-overhead"): a 7B model's step launches hundreds of small kernels, and launching
-    them from Python costs more than the step itself. Prompts are prefilled one by one
-    without compiling (their lengths vary; they are compute-bound anyway).
+    them from Python costs more than the step itself. Prompts that arrive together are
+    prefilled in one padded forward, not compiled (their lengths vary; they are compute-bound).
     """
 
     def __init__(self, model, stop_token_ids: list[int], max_batch: int, cache_length: int,
