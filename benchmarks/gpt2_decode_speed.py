@@ -3,7 +3,8 @@
     python benchmarks/gpt2_decode_speed.py                      # GPT-2 small, random weights, one GPU
     python benchmarks/gpt2_decode_speed.py --tiny               # CPU smoke test
 
-Each generation of `Engine.stream` runs in a thread of its own. SDPA's cuDNN backend (which
+Written for the first engine, where each generation of `Engine.stream` ran in a thread of its
+own (since issue 7 one batcher thread decodes every request: `decode_throughput.py`). SDPA's cuDNN backend (which
 PyTorch picks on an H100) builds an execution plan for every new key length and caches it per
 thread, so decoding, where the key length grows by one each step, builds a plan per token in
 every new thread. `load_causal_lm` therefore turns that backend off on CUDA; this script
