@@ -1,0 +1,219 @@
+"""Preference pairs for DPO: read, convert, validate, split, write as JSONL.
+
+    python baichuan2_dpo/prepare_data.py                                  # built-in pairs (sentiment, segmentation)
+    python baichuan2_dpo/prepare_data.py --input my_pairs.jsonl           # prompt / chosen / rejected
+    python baichuan2_dpo/prepare_data.py --input 'hh-rlhf/*.jsonl'        # Anthropic hh-rlhf layout
+
+Accepted records (JSONL or a JSON array), one pair each:
+  {"prompt": "...", "chosen": "...", "rejected": "..."}
+  {"prompt": [{"role": "user", "content": "..."}, ...], "chosen": "...", "rejected": "..."}   (multi-turn prompt)
+  {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "\\n\\nHuman: ...\\n\\nAssistant: ..."}  (hh-rlhf)
+A hh-rlhf pair is two whole dialogues: every `\\n\\nHuman:` / `\\n\\nAssistant:` marker (with or
+without the space after the colon, also the dialogue's last one) becomes a turn, the turns both
+dialogues share become the prompt (a message list, rendered later with the model's chat
+template), and the final assistant turns are chosen and rejected. A record in no known layout
+ends the run with its file and line; pairs that cannot be used are dropped and counted:
+empty prompt or reply, chosen == rejected, dialogues that part before their last reply.
+
+Built-in default: the built-in tasks with known answers (common/instructions.py), the gold
+answer as chosen and a wrong one as rejected (the other sentiment; a segmentation with words
+wrongly merged or split); the same hash split as the SFT recipes, so the test items were held
+out from SFT as well. test.jsonl keeps `task` and `answer` for scoring generations.
+
+Writes `train.jsonl`, `valid.jsonl`, `test.jsonl` and `report.json` under --output_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import parse_args
+from common.data import resolve_files
+from common.errors import UserError, cli_main
+from common.instructions import SENTIMENT_ANSWERS, builtin_items, item_messages, split_of
+from common.sft_train import write_jsonl
+
+HH_MARKER = re.compile(r"\n\n(Human|Assistant):[ \t]?")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+@dataclass
+class PrepareArguments:
+    input: list[str] | None = field(
+        default=None, metadata={"help": "Your JSON / JSONL files, folders or globs. Default: the built-in pairs."})
+    output_dir: str = field(default="data/baichuan2_dpo", metadata={"help": "Where the JSONL files go."})
+    valid_ratio: float = field(default=0.05, metadata={"help": "Share of pairs held out for validation."})
+    test_ratio: float = field(default=0.05, metadata={"help": "Share held out for the final test."})
+    sentiment_items: int = field(default=6000, metadata={"help": "Built-in: reviews drawn (all splits)."})
+    segmentation_items: int = field(default=1500, metadata={"help": "Built-in: sentences drawn (all splits)."})
+    seed: int = 42
+
+
+# ----------------------------------------------------------------------------- hh-rlhf
+def parse_hh(text: str) -> list[dict]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}]."""
+    pieces = HH_MARKER.split(text)
+    if len(pieces) < 3:
+        raise ValueError("no \\n\\nHuman: / \\n\\nAssistant: markers")
+    if pieces[0].strip():
+        raise ValueError("text before the first \\n\\nHuman: marker")
+    return [{"role": HH_ROLES[role], "content": content.strip()} for role, content in zip(pieces[1::2], pieces[2::2])]
+
+
+def hh_pair(chosen: str, rejected: str) -> dict:
+    """The prompt both dialogues share and their last replies; raises ValueError when they
+    part before the last reply (or do not end with one)."""
+    good, bad = parse_hh(chosen), parse_hh(rejected)
+    shared = 0
+    while shared < min(len(good), len(bad)) and good[shared] == bad[shared]:
+        shared += 1
+    if shared == len(good) == len(bad):  # the same dialogue twice: shows up as chosen == rejected
+        shared -= 1
+    rest_good, rest_bad = good[shared:], bad[shared:]
+    if len(rest_good) != 1 or len(rest_bad) != 1 or rest_good[0]["role"] != "assistant" \
+            or rest_bad[0]["role"] != "assistant":
+        raise ValueError("the dialogues part before their last reply")
+    return {"prompt": good[:shared], "chosen": rest_good[0]["content"], "rejected": rest_bad[0]["content"]}
+
+
+# ------------------------------------------------------------------------------ reading
+def to_pair(record: dict) -> dict:
+    """One record of any accepted layout as {"prompt": messages, "chosen": str, "rejected": str};
+    ValueError when it cannot be used, KeyError / TypeError when it is no known layout."""
+    if "prompt" not in record and isinstance(record.get("chosen"), str) and "\n\nHuman:" in record["chosen"]:
+        return hh_pair(record["chosen"], record["rejected"])
+    prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in prompt):
+        raise TypeError("prompt must be a string or a list of {role, content} messages")
+    replies = []
+    for reply in (chosen, rejected):
+        if isinstance(reply, list):  # [{"role": "assistant", "content": ...}]
+            reply = "".join(m["content"] for m in reply)
+        if not isinstance(reply, str):
+            raise TypeError("chosen and rejected must be strings or assistant messages")
+        replies.append(reply.strip())
+    return {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
+            "chosen": replies[0], "rejected": replies[1]}
+
+
+def problem(pair: dict) -> str | None:
+    """Why a pair cannot teach a preference, or None."""
+    if not pair["prompt"] or not any(m["content"].strip() for m in pair["prompt"] if m["role"] == "user"):
+        return "empty_prompt"
+    if pair["prompt"][-1]["role"] != "user":
+        return "prompt_not_ending_with_user"
+    if not pair["chosen"] or not pair["rejected"]:
+        return "empty_reply"
+    if pair["chosen"] == pair["rejected"]:
+        return "chosen_equals_rejected"
+    return None
+
+
+def read_pairs(inputs: list[str]) -> tuple[list[dict], dict]:
+    pairs, dropped, read = [], {}, 0
+    for path in resolve_files(inputs, extensions=(".json", ".jsonl")):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            records = json.loads(text) if path.suffix == ".json" else None
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        lines = list(enumerate(records, 1)) if records is not None else \
+            [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        for n, record in lines:
+            where = f"{path}:{n}" if records is None else f"{path}, record {n}"
+            try:
+                record = json.loads(record) if isinstance(record, str) else record
+                pair = to_pair(record)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{where}: not valid JSON ({err.msg})") from None
+            except (KeyError, TypeError, AttributeError) as err:
+                raise UserError(f"{where}: expected prompt / chosen / rejected, or hh-rlhf chosen / rejected "
+                                f"dialogues ({err})") from None
+            except ValueError as err:
+                read += 1
+                dropped["unusable_dialogue"] = dropped.get("unusable_dialogue", 0) + 1
+                if dropped["unusable_dialogue"] <= 3:
+                    print(f"{where}: dropped: {err}")
+                continue
+            read += 1
+            reason = problem(pair)
+            if reason:
+                dropped[reason] = dropped.get(reason, 0) + 1
+                continue
+            pairs.append(pair)
+    return pairs, {"read": read, "dropped": dropped}
+
+
+# ----------------------------------------------------------------------------- built-in
+def wrong_segmentation(answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer: a few neighbouring words merged, or a word split in two."""
+    words = answer.split("/")
+    for _ in range(max(1, len(words) // 4)):
+        i = rng.randrange(len(words))
+        if len(words[i]) > 1 and (rng.random() < 0.5 or len(words) == 1):
+            cut = rng.randrange(1, len(words[i]))
+            words[i:i + 1] = [words[i][:cut], words[i][cut:]]
+        elif i + 1 < len(words):
+            words[i:i + 2] = [words[i] + words[i + 1]]
+    wrong = "/".join(words)
+    return wrong if wrong != answer else "/".join(answer.replace("/", ""))
+
+
+def builtin_pairs(args: PrepareArguments) -> dict[str, list[dict]]:
+    items = builtin_items({"sentiment": args.sentiment_items, "segmentation": args.segmentation_items},
+                          args.seed, args.valid_ratio, args.test_ratio)
+    rng = random.Random(args.seed)
+    other = {a: b for a, b in zip(SENTIMENT_ANSWERS.values(), reversed(list(SENTIMENT_ANSWERS.values())))}
+    splits = {}
+    for split, split_items in items.items():
+        rows = []
+        for item in split_items:
+            rejected = other[item["answer"]] if item["task"] == "sentiment" else wrong_segmentation(item["answer"], rng)
+            row = {"prompt": item_messages(item)[:1], "chosen": item["answer"], "rejected": rejected}
+            rows.append({**row, **item} if split == "test" else row)
+        splits[split] = rows
+    return splits
+
+
+# ---------------------------------------------------------------------------------- main
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = parse_args([PrepareArguments], argv, description=__doc__)
+    if not (0 <= args.valid_ratio < 1 and 0 <= args.test_ratio < 1 and args.valid_ratio + args.test_ratio < 1):
+        raise UserError("need 0 <= valid_ratio, test_ratio and valid_ratio + test_ratio < 1")
+    out = Path(args.output_dir)
+    if args.input is None:
+        splits = builtin_pairs(args)
+        report = {"source": "built-in"}
+    else:
+        pairs, report = read_pairs(args.input)
+        splits, seen = {"train": [], "valid": [], "test": []}, set()
+        for pair in pairs:
+            key = json.dumps(pair, ensure_ascii=False, sort_keys=True)
+            if key in seen:
+                report["dropped"]["duplicate"] = report["dropped"].get("duplicate", 0) + 1
+                continue
+            seen.add(key)
+            splits[split_of(key, args.seed, args.valid_ratio, args.test_ratio)].append(pair)
+        report["source"] = args.input
+    report["pairs"] = {split: len(rows) for split, rows in splits.items()}
+    if not splits["train"]:
+        raise UserError(f"no usable training pairs: {json.dumps(report, ensure_ascii=False)}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        write_jsonl(out / f"{name}.jsonl", rows)
+    (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(report, ensure_ascii=False))
+    print(f"wrote {', '.join(f'{n}.jsonl' for n in splits)} to {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
