@@ -1,0 +1,266 @@
+"""Preference-tune a chat model with DPO (or IPO, ... : TRL's loss types), LoRA or full.
+
+    python baichuan2_dpo/prepare_data.py                                        # built-in pairs
+    python baichuan2_dpo/train.py baichuan2_dpo/configs/default.yaml            # from model_baichuan's SFT adapter
+    python baichuan2_dpo/train.py ... --model_name_or_path outputs/chatglm_lora  # any SFT checkpoint or adapter
+    python baichuan2_dpo/train.py ... --loss_type ipo --beta 0.5
+    python baichuan2_dpo/train.py ... --finetuning_type full --precompute_ref_log_probs true
+
+Model: `--model_name_or_path` is a local chat model or an SFT LoRA adapter directory (its base
+is loaded and the SFT adapter merged in first). With `lora`, a new adapter is trained and the
+reference model is that same model with the adapter switched off: one model in memory; the
+result is the adapter (over a plain starting model) or, when the start was itself an adapter,
+the policy merged into one plain model (the merged SFT model it would belong to is not on
+disk). With
+`full`, the reference is a second copy (or its log-probs are computed once up front with
+`--precompute_ref_log_probs true`, after which only the policy stays in memory).
+
+Data: prepare_data.py's pairs. Each prompt is rendered with the chat template the model was
+tuned with (sft_template.json, or `--template`) by common/templates.py's `encode_chat`, the
+code SFT and serving use, so DPO sees exactly the token layout of the SFT run; the chosen and
+rejected replies end with the template's end token. Pairs whose prompt alone reaches
+`max_length` are dropped and counted.
+
+Evaluation (metrics.json): on the held-out pairs, the implicit DPO reward accuracy and margin
+after training (TRL's), and for the starting and the tuned model the share of pairs whose
+chosen reply is more likely than the rejected one; on the test items with known answers,
+greedy replies of both models scored (sentiment accuracy, segmentation F1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, set_seed
+from trl import DPOConfig, DPOTrainer
+
+from common.config import parse_args
+from common.errors import UserError, cli_main
+from common.instructions import item_messages
+from common.serving import adapter_base, load_adapter
+from common.sft_train import LORA_TARGETS, count_parameters, evaluate_tasks
+from common.templates import (
+    encode_chat,
+    ensure_template_tokens,
+    get_template,
+    save_template_name,
+    saved_template_name,
+)
+from common.tokenizer import load_tokenizer
+
+
+# ----------------------------------------------------------------------------- arguments
+@dataclass
+class DataArguments:
+    data_dir: str = field(default="data/baichuan2_dpo", metadata={"help": "Folder of prepare_data.py's JSONL files."})
+    train_samples: int = field(default=0, metadata={"help": "Use at most this many training pairs (0 = all)."})
+    eval_samples: int = field(default=400, metadata={"help": "Test items scored before and after (0 = all, -1 = "
+                                                     "skip task evaluation)."})
+    eval_max_new_tokens: int = field(default=64, metadata={"help": "Longest generated reply when scoring."})
+    eval_batch_size: int = 32
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="outputs/model_baichuan",
+                                    metadata={"help": "Local chat model, or an SFT LoRA adapter (merged into its base)."})
+    template: str | None = field(default=None, metadata={"help": "Chat template (default: the model's "
+                                                         "sft_template.json, else baichuan2)."})
+    finetuning_type: str = field(default="lora", metadata={"help": "lora (reference = adapter off) or full."})
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_target: list[str] | None = field(default=None, metadata={"help": "Modules to adapt (default: every "
+                                                                  "linear layer of the family; not lm_head)."})
+
+
+@dataclass
+class PreferenceArguments(DPOConfig):
+    output_dir: str = field(default="outputs/baichuan2_dpo", metadata={"help": "Where adapter and metrics go."})
+    beta: float = 0.1
+    max_length: int | None = 256
+    bf16: bool = False  # TRL defaults to True, which a CPU refuses; the GPU configs set it
+    eval_strategy: str = "epoch"
+    save_strategy: str = "epoch"
+    save_total_limit: int = 1
+    lr_scheduler_type: str = "cosine"
+    report_to: str = "none"
+    logging_steps: int = 20
+
+
+# -------------------------------------------------------------------------------- data
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"{path} not found: run baichuan2_dpo/prepare_data.py first")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, template, max_length: int | None) -> tuple[Dataset, dict]:
+    """prompt_ids / chosen_ids / rejected_ids by the template, as SFT and serving tokenise;
+    pairs whose prompt leaves no room for a reply are dropped (counted)."""
+    columns = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    dropped = 0
+    for row in rows:
+        encoded = [encode_chat(tokenizer, template, [*row["prompt"], {"role": "assistant", "content": reply}])
+                   for reply in (row["chosen"], row["rejected"])]
+        starts = [e.reply_starts[-1] for e in encoded]
+        prompt = encoded[0].input_ids[:starts[0]]
+        assert prompt == encoded[1].input_ids[:starts[1]], "a template's prompt must not depend on the reply"
+        if max_length is not None and len(prompt) >= max_length:
+            dropped += 1
+            continue
+        columns["prompt_ids"].append(prompt)
+        columns["chosen_ids"].append(encoded[0].input_ids[starts[0]:])
+        columns["rejected_ids"].append(encoded[1].input_ids[starts[1]:])
+    return Dataset.from_dict(columns), {"pairs": len(columns["prompt_ids"]), "dropped_prompt_too_long": dropped}
+
+
+class TemplateDPOTrainer(DPOTrainer):
+    """DPOTrainer on pairs this script tokenised with the chat template: TRL's own preparation
+    renders prompts with the tokenizer's Jinja template (or plain text), not ours."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+
+# ---------------------------------------------------------------------- model and scores
+def load_start_model(path: str, dtype: torch.dtype):
+    """A plain model: the SFT adapter merged into its base when `path` is an adapter."""
+    if not Path(path, "config.json").is_file() and not Path(path, "adapter_config.json").is_file():
+        raise UserError(f"no model in {path}: train one first (model_baichuan/train.py or chatglm_lora/train.py) "
+                        "or give --model_name_or_path")
+    tokenizer = load_tokenizer(path)
+    base = adapter_base(path)
+    if base is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False), tokenizer
+    return load_adapter(path, base, tokenizer, dtype).merge_and_unload(), tokenizer
+
+
+@torch.inference_mode()
+def preference_accuracy(model, dataset: Dataset, batch_size: int = 16) -> dict:
+    """Share of pairs whose chosen reply has the higher log-likelihood, and the mean gap."""
+    model.eval()
+    device = next(model.parameters()).device
+    gaps = []
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start:start + batch_size]
+        logps = []
+        for key in ("chosen_ids", "rejected_ids"):
+            sequences = [p + r for p, r in zip(rows["prompt_ids"], rows[key])]
+            width = max(map(len, sequences))
+            ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=device)
+            mask = torch.tensor([[0] * len(p) + [1] * len(r) + [0] * (width - len(p) - len(r))
+                                 for p, r in zip(rows["prompt_ids"], rows[key])], device=device)
+            attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+            token_logps = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+            logps.append((token_logps * mask[:, 1:]).sum(-1))
+        gaps.extend((logps[0] - logps[1]).tolist())
+    return {"n": len(gaps), "chosen_more_likely": sum(g > 0 for g in gaps) / max(1, len(gaps)),
+            "mean_logp_gap": sum(gaps) / max(1, len(gaps))}
+
+
+# ------------------------------------------------------------------------------- main
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    data_args, model_args, args = parse_args([DataArguments, ModelArguments, PreferenceArguments], argv,
+                                             description=__doc__)
+    start = time.time()
+    set_seed(args.seed)
+    if model_args.finetuning_type not in ("lora", "full"):
+        raise UserError(f"--finetuning_type must be lora or full, got {model_args.finetuning_type}")
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    model, tokenizer = load_start_model(model_args.model_name_or_path, dtype)
+    template = get_template(model_args.template or saved_template_name(model_args.model_name_or_path) or "baichuan2")
+    if ensure_template_tokens(tokenizer, template):
+        raise UserError(f"the model's vocabulary lacks the {template.name} template's markers: start DPO from a "
+                        "model tuned with that template (SFT first)")
+    model.config.use_cache = False
+
+    data_dir = Path(data_args.data_dir)
+    train_rows = read_jsonl(data_dir / "train.jsonl")
+    if data_args.train_samples:
+        train_rows = train_rows[:data_args.train_samples]
+    train_dataset, train_report = tokenize_pairs(train_rows, tokenizer, template, args.max_length)
+    valid_dataset, valid_report = tokenize_pairs(read_jsonl(data_dir / "valid.jsonl"), tokenizer, template,
+                                                 args.max_length)
+    test_items = [] if data_args.eval_samples < 0 else [
+        {**row, "messages": item_messages(row)} for row in read_jsonl(data_dir / "test.jsonl") if row.get("task")]
+    if data_args.eval_samples > 0:
+        test_items = test_items[:data_args.eval_samples]
+    print(f"pairs: train {train_report}, valid {valid_report}", flush=True)
+    if len(train_dataset) == 0:
+        raise UserError(f"no training pair fits max_length {args.max_length}")
+
+    model.to(args.device)
+    start_preference = preference_accuracy(model, valid_dataset)
+    start_scores, start_replies = evaluate_tasks(model, tokenizer, template, test_items, data_args,
+                                                 "scoring the starting model")
+    peft_config = None
+    ref_model = None
+    if model_args.finetuning_type == "lora":
+        from peft import LoraConfig
+
+        targets = model_args.lora_target or LORA_TARGETS.get(model.config.model_type, "all-linear")
+        peft_config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha,
+                                 lora_dropout=model_args.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+    elif not args.precompute_ref_log_probs:  # full: a frozen copy of the starting model
+        ref_model, _ = load_start_model(model_args.model_name_or_path, dtype)
+    trainer = TemplateDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset,
+                                 eval_dataset=valid_dataset, processing_class=tokenizer, peft_config=peft_config)
+    parameters = count_parameters(trainer.model)
+    result = trainer.train()
+    dpo_eval = trainer.evaluate()
+    merged_start = adapter_base(model_args.model_name_or_path) is not None
+    if merged_start and peft_config is not None:
+        # the new adapter belongs over the merged SFT model, which exists nowhere on disk: save
+        # the policy merged into one plain model instead (serve.py / chatbot.py load it directly)
+        if trainer.is_world_process_zero():
+            trainer.model.merge_and_unload().save_pretrained(args.output_dir)
+    else:
+        trainer.save_model(args.output_dir)
+    if not trainer.is_world_process_zero():
+        return {}
+    tokenizer.save_pretrained(args.output_dir)
+    save_template_name(args.output_dir, template.name)
+
+    tuned = trainer.model if not merged_start or peft_config is None else \
+        AutoModelForCausalLM.from_pretrained(args.output_dir, dtype=dtype).to(args.device)
+    tuned_preference = preference_accuracy(tuned, valid_dataset)
+    tuned_scores, tuned_replies = evaluate_tasks(tuned, tokenizer, template, test_items, data_args,
+                                                 "scoring the tuned model")
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics = {
+        "template": template.name, "finetuning_type": model_args.finetuning_type,
+        "start_model": str(model_args.model_name_or_path), "loss_type": args.loss_type, "beta": args.beta,
+        "parameters": parameters, "data": {"train": train_report, "valid": valid_report},
+        "train": {"first_logged_loss": logged[0] if logged else None, "last_logged_loss": logged[-1] if logged else None,
+                  "steps": trainer.state.global_step, "runtime_s": round(result.metrics["train_runtime"], 1)},
+        "valid": {"dpo": {k.removeprefix("eval_"): v for k, v in dpo_eval.items()},
+                  "start": start_preference, "tuned": tuned_preference},
+        "test": {"start": start_scores, "tuned": tuned_scores},
+        "examples": [{"prompt": item["messages"][0]["content"], "answer": item["answer"],
+                      "start": start_replies[i], "tuned": tuned_replies[i]} for i, item in enumerate(test_items[:6])],
+        "runtime_s": round(time.time() - start, 1),
+    }
+    out = Path(args.output_dir)
+    (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    print(f"held-out pairs, chosen more likely: start {start_preference['chosen_more_likely']:.3f} -> "
+          f"tuned {tuned_preference['chosen_more_likely']:.3f}; DPO reward accuracy "
+          f"{dpo_eval.get('eval_rewards/accuracies', math.nan):.3f}")
+    for task, key in (("sentiment", "accuracy"), ("segmentation", "f1")):
+        if tuned_scores and task in tuned_scores:
+            print(f"{task}: {key} start {start_scores[task][key]:.3f} -> tuned {tuned_scores[task][key]:.3f}")
+    print(f"adapter / model, tokenizer and metrics.json in {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
