@@ -144,8 +144,9 @@ def load_start_model(path: str, dtype: torch.dtype):
 
 
 @torch.inference_mode()
-def preference_accuracy(model, dataset: Dataset, batch_size: int = 16) -> dict:
-    """Share of pairs whose chosen reply has the higher log-likelihood, and the mean gap."""
+def preference_accuracy(model, dataset: Dataset, batch_size: int = 16, with_gaps: bool = False) -> dict:
+    """Share of pairs whose chosen reply has the higher log-likelihood, and the mean gap
+    (`with_gaps`: also each pair's log p(chosen) - log p(rejected))."""
     model.eval()
     device = next(model.parameters()).device
     gaps = []
@@ -163,8 +164,9 @@ def preference_accuracy(model, dataset: Dataset, batch_size: int = 16) -> dict:
             token_logps = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
             logps.append((token_logps * mask[:, 1:]).sum(-1))
         gaps.extend((logps[0] - logps[1]).tolist())
-    return {"n": len(gaps), "chosen_more_likely": sum(g > 0 for g in gaps) / max(1, len(gaps)),
-            "mean_logp_gap": sum(gaps) / max(1, len(gaps))}
+    result = {"n": len(gaps), "chosen_more_likely": sum(g > 0 for g in gaps) / max(1, len(gaps)),
+              "mean_logp_gap": sum(gaps) / max(1, len(gaps))}
+    return {**result, "gaps": gaps} if with_gaps else result
 
 
 # ------------------------------------------------------------------------------- main
