@@ -35,7 +35,7 @@ from common.config import parse_args
 from common.data import resolve_files
 from common.errors import UserError, cli_main
 from common.instructions import SENTIMENT_ANSWERS, builtin_items, item_messages, split_of
-from common.sft_train import write_jsonl
+from common.sft_train import write_splits
 
 HH_MARKER = re.compile(r"\n\n(Human|Assistant):[ \t]?")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -206,13 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["pairs"] = {split: len(rows) for split, rows in splits.items()}
     if not splits["train"]:
         raise UserError(f"no usable training pairs: {json.dumps(report, ensure_ascii=False)}")
-    out.mkdir(parents=True, exist_ok=True)
-    for name, rows in splits.items():
-        write_jsonl(out / f"{name}.jsonl", rows)
-    (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(report, ensure_ascii=False))
-    print(f"wrote {', '.join(f'{n}.jsonl' for n in splits)} to {out}")
-    return report
+    return write_splits(out, splits, report)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,6 @@ def prepare_sft_data(args: SFTPrepareArguments) -> dict:
     if not (0 <= args.valid_ratio < 1 and 0 <= args.test_ratio < 1 and args.valid_ratio + args.test_ratio < 1):
         raise UserError("need 0 <= valid_ratio, test_ratio and valid_ratio + test_ratio < 1")
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if args.input is None:
         items = builtin_items({"sentiment": args.sentiment_items, "segmentation": args.segmentation_items},
                               args.seed, args.valid_ratio, args.test_ratio)
@@ -100,6 +99,12 @@ def prepare_sft_data(args: SFTPrepareArguments) -> dict:
                   "conversations": {s: len(v) for s, v in splits.items()}}
     if not splits["train"]:
         raise UserError("no training conversations left after the split")
+    return write_splits(out, splits, report)
+
+
+def write_splits(out: Path, splits: dict[str, list[dict]], report: dict) -> dict:
+    """`<split>.jsonl` files and report.json in `out`; the report printed and returned."""
+    out.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         write_jsonl(out / f"{name}.jsonl", rows)
     (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -138,7 +138,7 @@ def refuse_alibi(source: Path, config: dict) -> None:
         raise UserError(
             f"{source} looks like Baichuan-13B / Baichuan2-13B: {'; '.join(reasons)}. The 13B models use ALiBi "
             "position biases, not rotary embeddings, and cannot be converted to Llama: only the 7B models "
-            "(Baichuan-7B, Baichuan2-7B-Base/-Chat) can. Load a 13B model with trust_remote_code=True instead.")
+            "(Baichuan-7B, Baichuan2-7B-Base/-Chat) can; this recipe does not support 13B.")
 
 
 def decide_norm_head(source: Path, config: dict, option: str) -> bool:
