@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo demo-classifier demo-clm demo-sft demo-baichuan test lint clean
+.PHONY: setup browser demo demo-classifier demo-clm demo-sft demo-baichuan demo-dpo test lint clean
 
 setup: $(STAMP)
 
@@ -53,12 +53,27 @@ demo-sft: setup
 # Baichuan recipe on the built-in data: the tiny Llama of demo-clm (Baichuan-7B is Llama-shaped) stands in
 # for a converted Baichuan; LoRA SFT with the baichuan2 template, both models scored, then the chatbot
 # with Baichuan2's sampling defaults (Ctrl-C ends it). A real checkpoint: model_baichuan/README.md.
-demo-baichuan: setup
+define BAICHUAN_SFT
 	$(PY) model_clm/prepare_data.py --dedup true
 	$(PY) model_clm/train.py model_clm/configs/default.yaml
 	$(PY) model_baichuan/prepare_data.py
 	$(PY) model_baichuan/train.py model_baichuan/configs/default.yaml
+endef
+
+demo-baichuan: setup
+	$(BAICHUAN_SFT)
 	$(PY) model_baichuan/chatbot.py --model outputs/model_baichuan
+
+# Preference tuning (DPO) of demo-baichuan's SFT model (trained first when outputs/ lacks it) on
+# built-in pairs, start and tuned model scored on held-out items.
+demo-dpo: setup outputs/model_baichuan/adapter_config.json
+	$(PY) baichuan2_dpo/prepare_data.py
+	$(PY) baichuan2_dpo/train.py baichuan2_dpo/configs/default.yaml
+	$(PY) baichuan2_dpo/evaluate.py --model outputs/baichuan2_dpo --start_model outputs/model_baichuan
+	$(PY) model_baichuan/chatbot.py --model outputs/baichuan2_dpo
+
+outputs/model_baichuan/adapter_config.json:
+	$(BAICHUAN_SFT)
 
 # The chatbot test drives Debian's chromium headless; install it when missing (needs root or sudo).
 CHROMIUM_PKGS := chromium chromium-driver

@@ -8,7 +8,8 @@ For each model (a plain checkpoint, or a LoRA adapter directory loaded over its 
 - the implicit DPO reward of the tuned model against the start (beta * log-ratio of the two
   models' likelihoods): its accuracy (chosen rewarded above rejected) and mean margin;
 - on the test items with known answers (test.jsonl), greedy replies scored (sentiment
-  accuracy, segmentation F1).
+  accuracy, segmentation F1), and per task how many items got better / worse with the tuned
+  model, with the sign test's p-value (is the difference more than noise?).
 Prints a table and writes `--out` (JSON). train.py records the same in its metrics.json.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common.errors import cli_main
-from common.instructions import item_messages
+from common.instructions import item_messages, paired_change
 from common.templates import get_template, saved_template_name
 
 import train  # noqa: E402  (baichuan2_dpo/train.py, next to this file)
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--template", default=None, help="Default: the tuned model's sft_template.json.")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO's beta, for the implicit reward.")
     parser.add_argument("--max_length", type=int, default=256)
-    parser.add_argument("--eval_samples", type=int, default=400, help="Test items scored (0 = all).")
+    parser.add_argument("--eval_samples", type=int, default=0, help="Test items scored (0 = all).")
     parser.add_argument("--out", default=None, help="JSON file (default: <model>/evaluation.json).")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     items = [{**row, "messages": item_messages(row)} for row in train.read_jsonl(data_dir / "test.jsonl")
              if row.get("task")][:args.eval_samples or None]
 
-    results, logps = {}, {}
+    results, logps, replies = {}, {}, {}
     for name, path in (("start", args.start_model), ("tuned", args.model)):
         model, tokenizer = train.load_start_model(path, dtype)
         model.to(device)
@@ -55,12 +56,15 @@ def main(argv: list[str] | None = None) -> dict:
                                         args.max_length)
         preference = train.preference_accuracy(model, pairs, with_gaps=True)
         logps[name] = preference.pop("gaps")
-        scores, _ = train.evaluate_tasks(model, tokenizer, template, items, scoring, f"scoring the {name} model")
+        scores, replies[name] = train.evaluate_tasks(model, tokenizer, template, items, scoring,
+                                                     f"scoring the {name} model")
         results[name] = {"pairs": preference, "test": scores}
         del model
     margins = [args.beta * (tuned - start) for tuned, start in zip(logps["tuned"], logps["start"])]
     results["implicit_reward"] = {"beta": args.beta, "accuracy": sum(m > 0 for m in margins) / len(margins),
                                   "mean_margin": sum(margins) / len(margins)}
+    if items:
+        results["test_change"] = paired_change(items, replies["start"], replies["tuned"])
     out = Path(args.out or Path(args.model) / "evaluation.json")
     out.write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(results, ensure_ascii=False, indent=2))

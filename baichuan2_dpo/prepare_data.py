@@ -34,8 +34,15 @@ from pathlib import Path
 from common.config import parse_args
 from common.data import resolve_files
 from common.errors import UserError, cli_main
-from common.instructions import SENTIMENT_ANSWERS, builtin_items, item_messages, split_of
-from common.sft_train import write_splits
+from common.instructions import (
+    SENTIMENT_ANSWERS,
+    builtin_items,
+    generate_replies,
+    item_messages,
+    parse_sentiment,
+    split_of,
+)
+from common.sft_train import SFTPrepareArguments, write_splits
 
 HH_MARKER = re.compile(r"\n\n(Human|Assistant):[ \t]?")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -47,9 +54,17 @@ class PrepareArguments:
         default=None, metadata={"help": "Your JSON / JSONL files, folders or globs. Default: the built-in pairs."})
     output_dir: str = field(default="data/baichuan2_dpo", metadata={"help": "Where the JSONL files go."})
     valid_ratio: float = field(default=0.05, metadata={"help": "Share of pairs held out for validation."})
-    test_ratio: float = field(default=0.05, metadata={"help": "Share held out for the final test."})
-    sentiment_items: int = field(default=6000, metadata={"help": "Built-in: reviews drawn (all splits)."})
-    segmentation_items: int = field(default=1500, metadata={"help": "Built-in: sentences drawn (all splits)."})
+    test_ratio: float = field(default=0.1, metadata={"help": "Share held out for the final test."})
+    sentiment_items: int = field(default=4000, metadata={"help": "Built-in: reviews drawn (all splits)."})
+    segmentation_items: int = field(default=1000, metadata={"help": "Built-in: sentences drawn (all splits)."})
+    skip_sft_items: bool = field(default=True, metadata={
+        "help": "Built-in: draw past the items the SFT recipes' defaults draw, so the training pairs are new "
+                "to the SFT model (the test items of both are held out either way)."})
+    rejected_from: str | None = field(default=None, metadata={
+        "help": "Built-in: a chat model (the SFT model DPO will start from, or its adapter). Its own greedy "
+                "reply to each training item, where wrong, becomes the rejected answer (on-policy pairs); "
+                "right replies keep the constructed wrong answer. Validation pairs stay constructed."})
+    rejected_batch_size: int = 32
     seed: int = 42
 
 
@@ -166,20 +181,55 @@ def wrong_segmentation(answer: str, rng: random.Random) -> str:
     return wrong if wrong != answer else "/".join(answer.replace("/", ""))
 
 
-def builtin_pairs(args: PrepareArguments) -> dict[str, list[dict]]:
+def is_right(item: dict, reply: str) -> bool:
+    if item["task"] == "sentiment":
+        return parse_sentiment(reply) == item["answer"]
+    return reply.replace(" ", "") == item["answer"]
+
+
+def own_replies(model_path: str, items: list[dict], batch_size: int) -> list[str]:
+    """The model's greedy replies to the items, prompted with the template it was tuned with."""
+    import torch
+
+    from common.templates import get_template, saved_template_name
+
+    from train import load_start_model  # baichuan2_dpo/train.py, next to this file
+
+    model, tokenizer = load_start_model(model_path, torch.float32)
+    template = get_template(saved_template_name(model_path) or "baichuan2")
+    return generate_replies(model, tokenizer, template, [item_messages(i)[:1] for i in items],
+                            batch_size=batch_size, desc=f"replies of {model_path}")
+
+
+def builtin_pairs(args: PrepareArguments) -> tuple[dict[str, list[dict]], dict]:
+    skip = {"sentiment": SFTPrepareArguments.sentiment_items,
+            "segmentation": SFTPrepareArguments.segmentation_items} if args.skip_sft_items else None
     items = builtin_items({"sentiment": args.sentiment_items, "segmentation": args.segmentation_items},
-                          args.seed, args.valid_ratio, args.test_ratio)
+                          args.seed, args.valid_ratio, args.test_ratio, skip)
     rng = random.Random(args.seed)
     other = {a: b for a, b in zip(SENTIMENT_ANSWERS.values(), reversed(list(SENTIMENT_ANSWERS.values())))}
+    report: dict = {"source": "built-in", "skipped_sft_items": skip}
+    own = {}
+    if args.rejected_from:
+        replies = own_replies(args.rejected_from, items["train"], args.rejected_batch_size)
+        own = {i: reply for i, (item, reply) in enumerate(zip(items["train"], replies))
+               if reply.strip() and not is_right(item, reply)}
+        report["rejected_from"] = {"model": args.rejected_from, "own_wrong_replies": len(own),
+                                   "of": len(items["train"])}
     splits = {}
     for split, split_items in items.items():
         rows = []
-        for item in split_items:
-            rejected = other[item["answer"]] if item["task"] == "sentiment" else wrong_segmentation(item["answer"], rng)
+        for i, item in enumerate(split_items):
+            if split == "train" and i in own:
+                rejected = own[i].strip()
+            elif item["task"] == "sentiment":
+                rejected = other[item["answer"]]
+            else:
+                rejected = wrong_segmentation(item["answer"], rng)
             row = {"prompt": item_messages(item)[:1], "chosen": item["answer"], "rejected": rejected}
             rows.append({**row, **item} if split == "test" else row)
         splits[split] = rows
-    return splits
+    return splits, report
 
 
 # ---------------------------------------------------------------------------------- main
@@ -190,8 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError("need 0 <= valid_ratio, test_ratio and valid_ratio + test_ratio < 1")
     out = Path(args.output_dir)
     if args.input is None:
-        splits = builtin_pairs(args)
-        report = {"source": "built-in"}
+        splits, report = builtin_pairs(args)
     else:
         pairs, report = read_pairs(args.input)
         splits, seen = {"train": [], "valid": [], "test": []}, set()

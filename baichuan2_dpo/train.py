@@ -31,18 +31,19 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM, set_seed
 from trl import DPOConfig, DPOTrainer
 
 from common.config import parse_args
 from common.errors import UserError, cli_main
-from common.instructions import item_messages
+from common.instructions import item_messages, paired_change
 from common.serving import adapter_base, load_adapter
 from common.sft_train import LORA_TARGETS, count_parameters, evaluate_tasks
 from common.templates import (
@@ -122,6 +123,18 @@ def tokenize_pairs(rows: list[dict], tokenizer, template, max_length: int | None
     return Dataset.from_dict(columns), {"pairs": len(columns["prompt_ids"]), "dropped_prompt_too_long": dropped}
 
 
+def shared_on_disk(dataset: Dataset, path: Path, args: PreferenceArguments) -> Dataset:
+    """The dataset saved once (by the main process) and read back from that one folder by every
+    process. TRL caches precomputed reference log-probs next to the dataset's own file; an
+    in-memory dataset has that file in a per-process temporary folder, which the other ranks
+    cannot read."""
+    with args.main_process_first(desc=f"saving {path.name}"):
+        if args.process_index == 0:
+            shutil.rmtree(path, ignore_errors=True)
+            dataset.save_to_disk(str(path))
+    return load_from_disk(str(path))
+
+
 class TemplateDPOTrainer(DPOTrainer):
     """DPOTrainer on pairs this script tokenised with the chat template: TRL's own preparation
     renders prompts with the tokenizer's Jinja template (or plain text), not ours."""
@@ -140,7 +153,8 @@ def load_start_model(path: str, dtype: torch.dtype):
     base = adapter_base(path)
     if base is None:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False), tokenizer
-    return load_adapter(path, base, tokenizer, dtype).merge_and_unload(), tokenizer
+    model = load_adapter(path, base, tokenizer, dtype).merge_and_unload()
+    return model.requires_grad_(True), tokenizer  # PEFT froze the base weights; a full run trains them
 
 
 @torch.inference_mode()
@@ -201,6 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
     if len(train_dataset) == 0:
         raise UserError(f"no training pair fits max_length {args.max_length}")
 
+    if args.precompute_ref_log_probs and args.world_size > 1:
+        train_dataset = shared_on_disk(train_dataset, Path(args.output_dir, "pairs", "train"), args)
+        valid_dataset = shared_on_disk(valid_dataset, Path(args.output_dir, "pairs", "valid"), args)
     model.to(args.device)
     start_preference = preference_accuracy(model, valid_dataset)
     start_scores, start_replies = evaluate_tasks(model, tokenizer, template, test_items, data_args,
@@ -247,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "steps": trainer.state.global_step, "runtime_s": round(result.metrics["train_runtime"], 1)},
         "valid": {"dpo": {k.removeprefix("eval_"): v for k, v in dpo_eval.items()},
                   "start": start_preference, "tuned": tuned_preference},
-        "test": {"start": start_scores, "tuned": tuned_scores},
+        "test": {"start": start_scores, "tuned": tuned_scores,
+                 "change": paired_change(test_items, start_replies, tuned_replies) if test_items else None},
         "examples": [{"prompt": item["messages"][0]["content"], "answer": item["answer"],
                       "start": start_replies[i], "tuned": tuned_replies[i]} for i, item in enumerate(test_items[:6])],
         "runtime_s": round(time.time() - start, 1),
@@ -259,7 +277,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{dpo_eval.get('eval_rewards/accuracies', math.nan):.3f}")
     for task, key in (("sentiment", "accuracy"), ("segmentation", "f1")):
         if tuned_scores and task in tuned_scores:
-            print(f"{task}: {key} start {start_scores[task][key]:.3f} -> tuned {tuned_scores[task][key]:.3f}")
+            change = metrics["test"]["change"][task]
+            print(f"{task}: {key} start {start_scores[task][key]:.3f} -> tuned {tuned_scores[task][key]:.3f} "
+                  f"({change['better']} items better, {change['worse']} worse of {change['n']}; "
+                  f"sign test p = {change['sign_test_p']:.3g})")
     print(f"adapter / model, tokenizer and metrics.json in {out}")
     return metrics
 

@@ -12,6 +12,7 @@ depend on the order of the corpus or on how many items are drawn.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import re
 
@@ -68,13 +69,16 @@ def item_messages(item: dict) -> list[dict]:
 
 
 def builtin_items(per_task: dict[str, int], seed: int = 42, valid_share: float = 0.05,
-                  test_share: float = 0.05) -> dict[str, list[dict]]:
-    """Items per split; `per_task` caps how many of each task are drawn (all splits together)."""
+                  test_share: float = 0.05, skip: dict[str, int] | None = None) -> dict[str, list[dict]]:
+    """Items per split; `per_task` caps how many of each task are drawn (all splits together),
+    `skip` passes over the first ones of each task's seeded order (those an earlier draw of the
+    same seed took: DPO draws past the SFT recipes' items)."""
     rng = random.Random(seed)
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for task, items in (("sentiment", sentiment_items()), ("segmentation", segmentation_items())):
         rng.shuffle(items)
-        for item in items[:per_task.get(task, len(items))]:
+        first = (skip or {}).get(task, 0)
+        for item in items[first:first + per_task.get(task, len(items))]:
             splits[split_of(item["text"], seed, valid_share, test_share)].append(item)
     for items in splits.values():
         rng.shuffle(items)
@@ -123,6 +127,28 @@ def segmentation_scores(reply: str, gold: str) -> tuple[int, int, int]:
 
 def f1(correct: int, predicted: int, gold: int) -> float:
     return 2 * correct / (predicted + gold) if predicted + gold else 0.0
+
+
+def item_score(item: dict, reply: str) -> float:
+    """One item's score: 1 / 0 for a right / wrong sentiment, the sentence's F1 for segmentation."""
+    if item["task"] == "sentiment":
+        return float(parse_sentiment(reply) == item["answer"])
+    return f1(*segmentation_scores(reply, item["answer"]))
+
+
+def paired_change(items: list[dict], before: list[str], after: list[str]) -> dict:
+    """Per task, how many items scored higher / lower after than before, and the two-sided
+    exact sign test's p-value of that split (the chance of one at least this uneven if the
+    change were a coin toss per item): is a difference in accuracy more than noise?"""
+    result = {}
+    for task in sorted({i["task"] for i in items}):
+        pairs = [(item_score(i, b), item_score(i, a)) for i, b, a in zip(items, before, after) if i["task"] == task]
+        better = sum(a > b for b, a in pairs)
+        worse = sum(a < b for b, a in pairs)
+        n, k = better + worse, min(better, worse)
+        p = min(1.0, 2 * sum(math.comb(n, j) for j in range(k + 1)) / 2**n) if n else 1.0
+        result[task] = {"n": len(pairs), "better": better, "worse": worse, "sign_test_p": p}
+    return result
 
 
 def score(items: list[dict], replies: list[str]) -> dict:

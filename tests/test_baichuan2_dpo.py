@@ -64,12 +64,21 @@ def test_reading_counts_drops_and_names_bad_lines(prepare, tmp_path):
         prepare.read_pairs([str(path)])
 
 
-def test_builtin_pairs_prefer_the_gold_answer_and_hold_out_the_sft_test_items(tmp_path):
+def read_splits(out) -> dict[str, list[dict]]:
+    return {s: [json.loads(line) for line in (out / f"{s}.jsonl").open(encoding="utf-8")]
+            for s in ("train", "valid", "test")}
+
+
+def user_turns(path) -> set[str]:
+    with path.open(encoding="utf-8") as f:
+        return {m["content"] for row in map(json.loads, f) for m in row["messages"] if m["role"] == "user"}
+
+
+def test_builtin_pairs_prefer_the_gold_answer_and_are_new_to_the_sft_model(tmp_path):
     out = tmp_path / "dpo"
     run_script("baichuan2_dpo/prepare_data.py", "--output_dir", out, "--sentiment_items", "600",
                "--segmentation_items", "200")
-    splits = {s: [json.loads(line) for line in (out / f"{s}.jsonl").open(encoding="utf-8")]
-              for s in ("train", "valid", "test")}
+    splits = read_splits(out)
     assert len(splits["train"]) > 600 and splits["test"]
     for row in splits["train"] + splits["test"]:
         assert row["chosen"] != row["rejected"]
@@ -78,14 +87,22 @@ def test_builtin_pairs_prefer_the_gold_answer_and_hold_out_the_sft_test_items(tm
         else:  # a wrong segmentation of the same characters
             assert row["rejected"].replace("/", "") == row["chosen"].replace("/", "")
     assert all(row["task"] and row["answer"] == row["chosen"] for row in splits["test"])
-    train_prompts = {row["prompt"][0]["content"] for row in splits["train"]}
-    assert not train_prompts & {row["prompt"][0]["content"] for row in splits["test"]}
-    # the SFT recipes split the same items the same way: DPO's test items were held out from SFT too
+    prompts = {s: {row["prompt"][0]["content"] for row in rows} for s, rows in splits.items()}
+    assert not prompts["train"] & prompts["test"]
+    # by default DPO draws past every item the SFT recipes' defaults draw: none of its pairs was seen in SFT
     sft = tmp_path / "sft"
+    run_script("model_baichuan/prepare_data.py", "--output_dir", sft)
+    sft_items = set().union(*(user_turns(sft / f"{s}.jsonl") for s in ("train", "valid", "test")))
+    assert len(sft_items) > 7000 and not sft_items & set().union(*prompts.values())
+    # drawn from the start instead, the items are split by the same hash as SFT splits them: DPO's test
+    # items (10%) are SFT's test and validation items (5% + 5%), never its training items
+    same = tmp_path / "same"
+    run_script("baichuan2_dpo/prepare_data.py", "--output_dir", same, "--sentiment_items", "600",
+               "--segmentation_items", "200", "--skip_sft_items", "false")
     run_script("model_baichuan/prepare_data.py", "--output_dir", sft, "--sentiment_items", "600",
                "--segmentation_items", "200")
-    sft_test = {json.loads(line)["messages"][0]["content"] for line in (sft / "test.jsonl").open(encoding="utf-8")}
-    assert sft_test == {row["prompt"][0]["content"] for row in splits["test"]}
+    held_out = user_turns(sft / "test.jsonl") | user_turns(sft / "valid.jsonl")
+    assert {row["prompt"][0]["content"] for row in read_splits(same)["test"]} == held_out
 
 
 # ------------------------------------------------------------------------------ training
@@ -171,12 +188,13 @@ def test_dpo_end_to_end_raises_the_chosen_reward(tiny_chat_model, tmp_path):
                "--segmentation_items", "60")
     result = run_script("baichuan2_dpo/train.py", "baichuan2_dpo/configs/default.yaml", "--model_name_or_path",
                         tiny_chat_model, "--data_dir", data, "--output_dir", out, "--train_samples", "16",
-                        "--max_steps", "12", "--learning_rate", "1e-2", "--eval_samples", "8",
-                        "--eval_max_new_tokens", "6", "--logging_steps", "4", "--lora_rank", "8")
+                        "--max_steps", "16", "--learning_rate", "1e-2", "--eval_samples", "8",
+                        "--eval_max_new_tokens", "6", "--logging_steps", "4", "--finetuning_type", "lora",
+                        "--lora_rank", "8", "--loss_type", "sigmoid")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["template"] == "baichuan2" and metrics["loss_type"] == ["sigmoid"]
-    assert metrics["train"]["steps"] == 12
-    # 16 pairs seen 6 times: the policy learns to prefer their chosen replies (the DPO loss starts at log 2)
+    assert metrics["train"]["steps"] == 16
+    # 16 pairs seen 8 times: the policy learns to prefer their chosen replies (the DPO loss starts at log 2)
     first, last = metrics["train"]["first_logged_loss"], metrics["train"]["last_logged_loss"]
     assert abs(first - 0.693) < 0.03 and last < first - 0.05
     valid = metrics["valid"]
@@ -186,3 +204,75 @@ def test_dpo_end_to_end_raises_the_chosen_reward(tiny_chat_model, tmp_path):
     assert (out / "adapter_config.json").is_file()  # a plain start: the adapter is the result
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_chat_model)
     assert "held-out pairs, chosen more likely" in result.stdout
+
+
+def constructed(row: dict) -> bool:
+    """The rejected answer prepare_data builds itself: the other sentiment, or the same
+    characters segmented wrongly."""
+    if row["chosen"] in ("正面", "负面"):
+        return {row["chosen"], row["rejected"]} == {"正面", "负面"}
+    return row["rejected"].replace("/", "") == row["chosen"].replace("/", "")
+
+
+def test_rejected_from_takes_the_models_own_wrong_replies(tiny_chat_model, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common.instructions import generate_replies
+    from common.templates import get_template
+    from common.tokenizer import load_tokenizer
+
+    out = tmp_path / "on_policy"
+    run_script("baichuan2_dpo/prepare_data.py", "--output_dir", out, "--sentiment_items", "60",
+               "--segmentation_items", "20", "--rejected_from", tiny_chat_model)
+    splits, report = read_splits(out), json.loads((out / "report.json").read_text())
+    own = [i for i, row in enumerate(splits["train"]) if not constructed(row)]
+    # an untrained model is wrong nearly everywhere: most training pairs reject its own reply
+    assert report["rejected_from"]["own_wrong_replies"] == len(own) > len(splits["train"]) // 2
+    assert all(constructed(row) for row in splits["valid"])  # held-out pairs stay model-independent
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    replies = generate_replies(model, load_tokenizer(tiny_chat_model), get_template("baichuan2"),
+                               [row["prompt"] for row in splits["train"]])  # the same prompts, the same batches
+    assert [splits["train"][i]["rejected"] for i in own] == [replies[i] for i in own]
+
+
+def test_full_dpo_from_an_sft_adapter_trains_every_weight(tiny_chat_model, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from common.templates import save_template_name
+    from common.tokenizer import load_tokenizer
+
+    adapter, data, out = tmp_path / "sft_adapter", tmp_path / "data", tmp_path / "out"
+    torch.manual_seed(0)
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_model),
+                         LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    sft.save_pretrained(adapter)
+    load_tokenizer(tiny_chat_model).save_pretrained(adapter)
+    save_template_name(adapter, "baichuan2")
+    start = {k: v.clone() for k, v in sft.merge_and_unload().state_dict().items()}
+    run_script("baichuan2_dpo/prepare_data.py", "--output_dir", data, "--sentiment_items", "100",
+               "--segmentation_items", "20")
+    run_script("baichuan2_dpo/train.py", "baichuan2_dpo/configs/default.yaml", "--model_name_or_path", adapter,
+               "--finetuning_type", "full", "--data_dir", data, "--output_dir", out, "--train_samples", "16",
+               "--max_steps", "3", "--learning_rate", "1e-3", "--eval_samples", "-1")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["parameters"]["trainable"] == metrics["parameters"]["total"] > 0
+    tuned = AutoModelForCausalLM.from_pretrained(out).state_dict()  # a plain model, the adapter merged in
+    moved = [k for k in start if not torch.equal(start[k], tuned[k])]
+    assert "model.embed_tokens.weight" in moved and any("mlp" in k for k in moved)
+
+
+def test_paired_change_counts_items_and_gives_the_exact_sign_test():
+    from common.instructions import paired_change
+
+    items = [{"task": "sentiment", "answer": "正面"}] * 12 + \
+        [{"task": "segmentation", "answer": "我们/爱/北京"}, {"task": "segmentation", "answer": "你好"}]
+    before = ["负面"] * 8 + ["正面"] * 4 + ["我们/爱/北京", "你/好"]
+    after = ["正面"] * 8 + ["负面"] * 2 + ["正面"] * 2 + ["我/们/爱/北京", "你/好"]
+    change = paired_change(items, before, after)
+    # 8 fixed, 2 broken, 2 unchanged: P(X <= 2 or X >= 8), X ~ Binomial(10, 1/2) = 2 * 56 / 1024
+    assert change["sentiment"] == {"n": 12, "better": 8, "worse": 2, "sign_test_p": 2 * 56 / 1024}
+    assert change["segmentation"] == {"n": 2, "better": 0, "worse": 1, "sign_test_p": 1.0}
