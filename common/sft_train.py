@@ -11,14 +11,16 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from common.device_map import load_chained, parse_device_map, require_gpus
 from common.errors import UserError
 from common.instructions import (
     builtin_items,
@@ -156,6 +158,11 @@ class SFTModelArguments:
                                 "PEFT's all-linear)."})
     adapter_path: str | None = field(default=None, metadata={"help": "Continue training this saved adapter."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2."})
+    device_map: str | None = field(
+        default=None, metadata={"help": "Chain the model's layers over this machine's GPUs in one process (a model "
+                                "too large for one GPU; one GPU works at a time): balanced, balanced_low_0 (less on "
+                                "GPU 0) or sizes per GPU like \"0:20GiB,1:30GiB\". Plain python only: not with "
+                                "torchrun / accelerate launch, --deepspeed, FSDP or qlora."})
 
 
 @dataclass
@@ -194,9 +201,36 @@ def load_test_items(data_args: SFTDataArguments) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- tokenizer and model
+def check_device_map(model_args: SFTModelArguments, training_args: SFTTrainingArguments) -> None:
+    """Refuse --device_map where it cannot work, before any data or weights are read."""
+    if not model_args.device_map:
+        return
+    strategy, max_memory = parse_device_map(model_args.device_map)
+    world_size = max(int(os.environ.get("WORLD_SIZE", "1")), training_args.world_size)
+    if world_size > 1:
+        raise UserError(f"--device_map chains one model over the GPUs of one process, but this is one of {world_size} "
+                        "processes (torchrun / accelerate launch): start it with plain python, or drop --device_map "
+                        "to train data-parallel")
+    if training_args.deepspeed:
+        raise UserError("--device_map and --deepspeed exclude each other: DeepSpeed places the model itself; drop one")
+    if training_args.fsdp:
+        raise UserError("--device_map and --fsdp exclude each other: FSDP shards the model itself; drop one")
+    if model_args.finetuning_type == "qlora":
+        raise UserError("--device_map does not work with --finetuning_type qlora (its 4-bit weights are placed on one "
+                        "GPU at load): use lora, or drop --device_map")
+    require_gpus(max_memory)
+
+
 def load_model(model_args: SFTModelArguments, training_args: SFTTrainingArguments, vocab_size: int):
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     kwargs = {"dtype": dtype, "attn_implementation": model_args.attn_implementation, "trust_remote_code": False}
+    if model_args.device_map:  # several GPUs, layers chained; the Trainer sees hf_device_map and leaves it in place
+        check_device_map(model_args, training_args)
+        model = load_chained(model_args.model_name_or_path, model_args.device_map, **kwargs)
+        if model.get_input_embeddings().num_embeddings < vocab_size:  # new rows on the embedding's own GPU
+            model.resize_token_embeddings(vocab_size, mean_resizing=True)
+        model.config.use_cache = False
+        return model
     if model_args.finetuning_type == "qlora":
         if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
             raise UserError("qlora needs a CUDA GPU and the bitsandbytes package; use --finetuning_type lora")
@@ -266,6 +300,7 @@ def run_sft(data_args: SFTDataArguments, model_args: SFTModelArguments, training
     check_local_model(model_args.model_name_or_path, base_hint)
     if model_args.finetuning_type not in ("lora", "qlora", "full"):
         raise UserError(f"--finetuning_type must be lora, qlora or full, got {model_args.finetuning_type}")
+    check_device_map(model_args, training_args)
     template = get_template(model_args.template)
     tokenizer = load_tokenizer(model_args.adapter_path or model_args.model_name_or_path)
     added = ensure_template_tokens(tokenizer, template)
@@ -280,7 +315,7 @@ def run_sft(data_args: SFTDataArguments, model_args: SFTModelArguments, training
     single_process = training_args.world_size == 1
     base_scores = base_replies = None
     if single_process and not model_args.adapter_path:  # the starting model, before any update
-        if model_args.finetuning_type != "qlora":
+        if model_args.finetuning_type != "qlora" and not model_args.device_map:
             model.to(training_args.device)
         base_scores, base_replies = evaluate_tasks(model, tokenizer, template, test_items, data_args,
                                                    "scoring the base model")
@@ -292,8 +327,11 @@ def run_sft(data_args: SFTDataArguments, model_args: SFTModelArguments, training
           f"({100 * parameters['trainable_share']:.2f}%), {model_args.finetuning_type}", flush=True)
 
     collator = PackedCollator() if data_args.packing else PaddingCollator(tokenizer.pad_token_id)
-    trainer = ReplyLossTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=valid_dataset,
-                               data_collator=collator, processing_class=tokenizer)
+    # Chained, the model's own loss: ReplyLossTrainer's logits_to_keep index tensor is moved to the first GPU
+    # by accelerate's top-level hook while the hidden states it indexes sit on the last (CUDA refuses that).
+    trainer_class = Trainer if model_args.device_map else ReplyLossTrainer
+    trainer = trainer_class(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=valid_dataset,
+                            data_collator=collator, processing_class=tokenizer)
     resume = training_args.resume_from_checkpoint
     if resume == "last":
         resume = get_last_checkpoint(training_args.output_dir)

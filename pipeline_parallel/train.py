@@ -92,6 +92,7 @@ class PipelineArguments:
     logging_steps: int = 20
     save_steps: int = field(default=0, metadata={"help": "Resumable checkpoint every N steps (0 = none)."})
     resume: bool = field(default=True, metadata={"help": "Continue from the newest checkpoint in output_dir."})
+    save_model: bool = field(default=True, metadata={"help": "Gather the stages into one checkpoint at the end."})
     verify_save: bool = field(default=True, metadata={"help": "Reload the saved model, compare its logits."})
     timing_warmup_steps: int = field(default=2, metadata={"help": "Steps left out of the tokens/s figure."})
     dump_first_step: str | None = field(default=None, metadata={"help": "Tests: write each process's loss and "
@@ -455,10 +456,11 @@ def main(argv: list[str] | None = None) -> dict:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     peaks = [None] * world
     dist.all_gather_object(peaks, peak)
-    save_hf(stages, config, out, rank, tokenizer_dir)
+    if args.save_model:
+        save_hf(stages, config, out, rank, tokenizer_dir)
 
     verify = valid_loss = None
-    if args.verify_save:  # the saved checkpoint's logits against the pipeline's own, float32, no autocast
+    if args.save_model and args.verify_save:  # the saved checkpoint's logits against the pipeline's own, float32, no autocast
         for stage in stages:
             stage.autocast = False
             stage.eval()
@@ -492,6 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
         "saved_logits_max_diff": verify, "valid_loss_one_batch": valid_loss, "runtime_s": round(time.time() - start, 1), "options": asdict(args),
     }
     if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"saved {out} (from_pretrained loads it); metrics.json: tokens/s {metrics['tokens_per_s']}, "
               f"peak GiB per process {metrics['peak_memory_gib']}, saved-vs-pipeline logits max diff {verify}")
