@@ -51,7 +51,11 @@ installed sources: transformers 5.23, accelerate 1.15, peft 0.21):
 - PEFT: each LoRA layer moves its new A/B weights to its base layer's device and dtype
   (peft/tuners/lora/layer.py:314 -> tuners_utils.py:2168
   `_move_adapter_to_device_of_base_layer`); trainable token rows likewise
-  (peft/tuners/trainable_tokens/layer.py:160). LoRA on a chained model needs nothing extra.
+  (peft/tuners/trainable_tokens/layer.py:160). But a module placed on its own (not inside a
+  decoder layer: the LM head) carries its own device hook, and PEFT's wrapper goes around
+  it: the wrapper computes lora_A(x) before the inner module's hook moves x, so x is still on
+  the previous GPU ("mat2 is on cuda:1, different from other tensors on cuda:0", seen on 2
+  H200s). `align_adapter_inputs` gives such wrappers the inner module's hook.
 - resize_token_embeddings builds the new rows on the old weight's device and keeps the
   module, so its hook (transformers/modeling_utils.py:2819-2823).
 - Not free: an index tensor passed as `logits_to_keep` is moved to the first GPU by the
@@ -464,3 +468,19 @@ def dispatch(model: nn.Module, device_map: str = "balanced", *, lm_head_reserve:
                 describe(model, mapping))
     return dispatch_model(model, device_map=mapping, main_device=min(mapping.values()),
                           skip_keys=getattr(model, "_skip_keys_device_placement", None))
+
+
+def align_adapter_inputs(model: nn.Module) -> int:
+    """After PEFT wrapped a chained model's modules: a wrapper whose inner module has its own
+    device hook gets a hook moving its inputs to that GPU too (see the module docstring).
+    Returns how many wrappers got one."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    count = 0
+    for module in model.modules():
+        inner = getattr(module, "base_layer", None)
+        device = getattr(getattr(inner, "_hf_hook", None), "execution_device", None)
+        if device is not None and not hasattr(module, "_hf_hook"):
+            add_hook_to_module(module, AlignDevicesHook(execution_device=device))
+            count += 1
+    return count

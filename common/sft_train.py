@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from common.device_map import load_chained, parse_device_map, require_gpus
+from common.device_map import align_adapter_inputs, load_chained, parse_device_map, require_gpus
 from common.errors import UserError
 from common.instructions import (
     builtin_items,
@@ -254,12 +254,16 @@ def add_adapter(model, model_args: SFTModelArguments, training_args: SFTTraining
     elif training_args.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     if model_args.adapter_path:
-        return PeftModel.from_pretrained(model, model_args.adapter_path, is_trainable=True)
-    targets = model_args.lora_target or LORA_TARGETS.get(model.config.model_type, "all-linear")
-    config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha,
-                        lora_dropout=model_args.lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
-                        trainable_token_indices=new_token_ids or None)
-    return get_peft_model(model, config)
+        model = PeftModel.from_pretrained(model, model_args.adapter_path, is_trainable=True)
+    else:
+        targets = model_args.lora_target or LORA_TARGETS.get(model.config.model_type, "all-linear")
+        config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha,
+                            lora_dropout=model_args.lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
+                            trainable_token_indices=new_token_ids or None)
+        model = get_peft_model(model, config)
+    if model_args.device_map:
+        align_adapter_inputs(model)  # the LM head's LoRA, outside any decoder layer, must see inputs on its GPU
+    return model
 
 
 def count_parameters(model) -> dict:

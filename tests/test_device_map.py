@@ -224,3 +224,24 @@ def test_device_map_refusals(monkeypatch):
     if torch.cuda.device_count() < 2:
         with pytest.raises(UserError, match="drop --device_map"):
             check_device_map(SFTModelArguments(device_map="0:20GiB,1:20GiB"), single)
+
+
+def test_lora_wrappers_of_separately_placed_modules_get_their_device_hook():
+    """The LM head sits on its own GPU with its own accelerate hook; PEFT's LoRA wrapper around it
+    must move its inputs there too (else lora_A(x) meets x on the previous GPU)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from common.device_map import align_adapter_inputs
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    for module in (*model.model.layers, model.model.norm, model.lm_head):  # as dispatch_model hooks a 2-GPU map
+        add_hook_to_module(module, AlignDevicesHook(execution_device="cpu"))
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    assert align_adapter_inputs(model) == 1
+    head = model.base_model.model.lm_head
+    assert head._hf_hook.execution_device == head.base_layer._hf_hook.execution_device == "cpu"
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj  # inside a hooked layer: nothing to add
+    assert not hasattr(q_proj, "_hf_hook")
