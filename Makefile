@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo demo-classifier demo-clm demo-sft demo-baichuan demo-dpo test lint clean
+.PHONY: setup browser demo demo-classifier demo-clm demo-sft demo-baichuan demo-dpo demo-pipeline test lint clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,12 @@ demo-dpo: setup outputs/model_baichuan/adapter_config.json
 
 outputs/model_baichuan/adapter_config.json:
 	$(BAICHUAN_SFT)
+
+# A tiny Llama trained as a 2-stage 1F1B pipeline (two processes, gloo on a CPU) on People's Daily.
+demo-pipeline: setup
+	$(PY) model_clm/prepare_data.py --dedup true
+	PYTHONPATH=. $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 \
+		pipeline_parallel/train.py pipeline_parallel/configs/default.yaml
 
 # The chatbot test drives Debian's chromium headless; install it when missing (needs root or sudo).
 CHROMIUM_PKGS := chromium chromium-driver

@@ -241,6 +241,7 @@ class Batches:
             raise UserError(f"{self.length} blocks of {args.block_size} tokens, fewer than one batch of "
                             f"{args.batch_size}")
         self.per_epoch = self.length // args.batch_size
+        self.order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
 
     def get(self, step: int, valid: bool = False) -> torch.Tensor:
         args = self.args
@@ -251,7 +252,9 @@ class Batches:
             n = min(len(self.valid), args.batch_size)
             return torch.stack([self.valid[i]["input_ids"] for i in range(n)])
         epoch, k = divmod(step, self.per_epoch)
-        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(args.seed + epoch))
+        if self.order is None or self.order[0] != epoch:
+            self.order = (epoch, torch.randperm(self.length, generator=torch.Generator().manual_seed(args.seed + epoch)))
+        order = self.order[1]
         return torch.stack([self.dataset[int(i)]["input_ids"] for i in order[k * args.batch_size:(k + 1) * args.batch_size]])
 
 
@@ -381,6 +384,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = build_model(args, vocab_size)
     config = model.config
+    if not args.synthetic_data and vocab_size > config.vocab_size:
+        raise UserError(f"the data's tokenizer has {vocab_size} tokens, the model's embedding {config.vocab_size}: "
+                        "prepare the shards with the model's own tokenizer (model_clm/prepare_data.py --tokenizer)")
     stages, indices, counts = make_stages(model, args, rank, world, device)
     del model
     num_stages = world * args.stages_per_rank
