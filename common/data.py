@@ -12,7 +12,7 @@ import codecs
 import csv
 import glob
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import datasets
@@ -224,3 +224,28 @@ class PackedTokenDataset(torch.utils.data.Dataset):
         start = index * self.block_size
         block = torch.from_numpy(self.tokens[start:start + self.block_size].astype(np.int64))
         return {"input_ids": block, "labels": block}  # the collator stacks each into its own tensor
+
+
+def corpus_texts(specs: list[str], column: str | None = None) -> Iterator[str]:
+    """Texts of files / folders / globs (.txt lines, .jsonl `column` or `text`, .csv `column` or
+    `content`), or of the built-in corpora (`["builtin"]`: People's Daily, then the reviews)."""
+    if specs == ["builtin"]:
+        from common.corpora import load_peoples_daily, load_reviews
+
+        yield from load_peoples_daily()
+        yield from (text for text, _ in load_reviews())
+        return
+    from common.shards import make_units, unit_texts
+
+    files = resolve_files(specs, extensions=(".txt", ".jsonl", ".json", ".csv"))
+    if not files:
+        raise UserError(f"no .txt / .jsonl / .csv files in {specs}")
+    for unit in make_units(files, 1 << 60):
+        yield from (t.strip() for t in unit_texts(unit, column) if t.strip())
+
+
+def split_held_out(texts: list[str], ratio: float, seed: int) -> tuple[list[str], list[str]]:
+    """(kept, held out): a seeded random `ratio` of the texts held out."""
+    order = np.random.default_rng(seed).permutation(len(texts))
+    cut = int(round(len(texts) * ratio))
+    return [texts[i] for i in order[cut:]], [texts[i] for i in order[:cut]]

@@ -43,7 +43,6 @@ import sentencepiece
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tqdm import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -54,6 +53,7 @@ from transformers import (
 )
 
 from common.errors import UserError, cli_main
+from common.spm import SP_BPE, SP_UNIGRAM, read_sp_proto, sentencepiece_to_tokenizers
 from common.templates import TEMPLATES, get_template, save_template_name
 
 logger = logging.getLogger("model_baichuan.convert")
@@ -76,9 +76,6 @@ SAMPLING_ONLY = ("temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
-# sentencepiece ModelProto.SentencePiece.Type and TrainerSpec.ModelType
-SP_NORMAL, SP_UNKNOWN, SP_CONTROL, SP_USER_DEFINED = 1, 2, 3, 4
-SP_UNIGRAM, SP_BPE = 1, 2
 # Checked before anything is written: sentencepiece and the converted tokenizer agree on these.
 TOKENIZER_SAMPLES = (
     "今天天气很好，我们去公园散步吧。", "Baichuan2-7B 于2023年9月6日发布，价格：￥199.00元",
@@ -421,83 +418,6 @@ def special_token_text(value, default: str) -> str:
     return value if isinstance(value, str) and value else default
 
 
-def read_sp_proto(path: Path):
-    try:
-        from sentencepiece import sentencepiece_model_pb2
-    except ImportError as err:
-        raise UserError(f"reading {path} needs the protobuf package ({err}): pip install protobuf") from None
-    proto = sentencepiece_model_pb2.ModelProto()
-    try:
-        proto.ParseFromString(path.read_bytes())
-    except Exception as err:  # protobuf's DecodeError
-        raise UserError(f"{path}: not a sentencepiece model ({err})") from None
-    return proto
-
-
-def sentencepiece_to_tokenizers(proto):
-    """A `tokenizers.Tokenizer` that segments text as the sentencepiece model does.
-
-    BPE: sentencepiece repeatedly merges the adjacent pair whose concatenation is the
-    highest-scoring piece, so every split of a piece into two pieces becomes a merge, ranked
-    by the merged piece's score. Characters outside the vocabulary fall back to <0xXX>
-    byte pieces. Whitespace follows the proto: spaces become "▁"; a "▁" opens the text only
-    with add_dummy_prefix (Baichuan's model has it off); extra whitespace is collapsed only
-    with remove_extra_whitespaces; the precompiled character map (e.g. NFKC) is applied.
-    """
-    spec, trainer = proto.normalizer_spec, proto.trainer_spec
-    pieces = list(proto.pieces)
-    if trainer.treat_whitespace_as_suffix:
-        raise UserError("the sentencepiece model puts whitespace at the end of pieces (treat_whitespace_as_suffix), "
-                        "which this converter does not support")
-    unk = pieces[trainer.unk_id].piece if 0 <= trainer.unk_id < len(pieces) else None
-    if trainer.model_type == SP_BPE:
-        vocab = {p.piece: i for i, p in enumerate(pieces)}
-        mergeable = {p.piece for p in pieces if p.type == SP_NORMAL}
-        ranked = []
-        for i, p in enumerate(pieces):
-            if p.type != SP_NORMAL:
-                continue
-            text = p.piece
-            for cut in range(1, len(text)):
-                left, right = text[:cut], text[cut:]
-                if left in mergeable and right in mergeable:
-                    ranked.append((-p.score, i, vocab[left], left, right))
-        ranked.sort()
-        model = models.BPE(vocab=vocab, merges=[(left, right) for *_, left, right in ranked], unk_token=unk,
-                           fuse_unk=True, byte_fallback=trainer.byte_fallback)
-    elif trainer.model_type == SP_UNIGRAM:
-        model = models.Unigram([(p.piece, p.score) for p in pieces], unk_id=trainer.unk_id,
-                               byte_fallback=trainer.byte_fallback)
-    else:
-        raise UserError(f"sentencepiece model type {trainer.model_type} is not supported (only BPE and unigram)")
-    tokenizer = Tokenizer(model)
-
-    steps = []
-    if spec.precompiled_charsmap:
-        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
-    if spec.remove_extra_whitespaces:
-        # Leading spaces collapse to the one the dummy prefix would add anyway (so the
-        # pre-tokenizer sees a leading space and does not add a second one).
-        steps += [normalizers.Strip(left=False, right=True),
-                  normalizers.Replace(Regex("^ +"), " " if spec.add_dummy_prefix else ""),
-                  normalizers.Replace(Regex(" {2,}"), " ")]
-    tokenizer.normalizer = normalizers.Sequence(steps) if steps else None
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if spec.add_dummy_prefix else "never", split=False)
-    decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if spec.add_dummy_prefix:
-        decode.append(decoders.Strip(content=" ", left=1))
-    tokenizer.decoder = decoders.Sequence(decode)
-
-    # Control pieces (<s>, </s>), <unk> and the chat markers are special tokens; other
-    # user-defined pieces stay atomic as in sentencepiece, and are decoded as text.
-    special = [p.piece for p in pieces if p.type in (SP_CONTROL, SP_UNKNOWN) or p.piece in CHAT_MARKERS]
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    tokenizer.add_tokens([AddedToken(p.piece, special=False, normalized=False)
-                          for p in pieces if p.type == SP_USER_DEFINED and p.piece not in CHAT_MARKERS])
-    return tokenizer
-
-
 def convert_tokenizer(source: Path, config: dict):
     """The converted tokenizer (not yet saved), or None when the source has no tokenizer.model."""
     sp_path = source / "tokenizer.model"
@@ -505,7 +425,7 @@ def convert_tokenizer(source: Path, config: dict):
         logger.warning("%s has no tokenizer.model: no tokenizer written; copy one into the output", source)
         return None
     proto = read_sp_proto(sp_path)
-    backend = sentencepiece_to_tokenizers(proto)
+    backend = sentencepiece_to_tokenizers(proto, special_pieces=CHAT_MARKERS)
     if backend.get_vocab_size(with_added_tokens=True) != len(proto.pieces):
         raise UserError(f"{sp_path}: the converted vocabulary has {backend.get_vocab_size()} tokens, "
                         f"sentencepiece {len(proto.pieces)}")

@@ -31,7 +31,6 @@ result are kept, and the closure keeps every part of every merge that yields a k
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.config import parse_args
+from common.data import corpus_texts, split_held_out
 from common.errors import UserError, cli_main
 
 
@@ -59,29 +59,6 @@ class PruneArguments:
 
 
 # ------------------------------------------------------------------------------ corpus
-def corpus_texts(specs: list[str], column: str | None) -> Iterator[str]:
-    if specs == ["builtin"]:
-        from common.corpora import load_peoples_daily, load_reviews
-
-        yield from load_peoples_daily()
-        yield from (text for text, _ in load_reviews())
-        return
-    from common.data import resolve_files
-    from common.shards import make_units, unit_texts
-
-    files = resolve_files(specs, extensions=(".txt", ".jsonl", ".json", ".csv"))
-    if not files:
-        raise UserError(f"no .txt / .jsonl / .csv files in {specs}")
-    for unit in make_units(files, 1 << 60):
-        yield from (t.strip() for t in unit_texts(unit, column) if t.strip())
-
-
-def split_held_out(texts: list[str], ratio: float, seed: int) -> tuple[list[str], list[str]]:
-    order = np.random.default_rng(seed).permutation(len(texts))
-    cut = int(round(len(texts) * ratio))
-    return [texts[i] for i in order[cut:]], [texts[i] for i in order[:cut]]
-
-
 def count_tokens(tokenizer, texts: list[str], batch_size: int) -> np.ndarray:
     """Occurrences of each id (special tokens the tokenizer adds around texts not counted)."""
     counts = np.zeros(len(tokenizer), dtype=np.int64)

@@ -108,3 +108,72 @@ def test_pruned_model_tokenises_and_predicts_like_the_original(prune, bpe_model,
         b = pruned(input_ids=torch.tensor([new_tok.encode(text, add_special_tokens=False)])).logits[0]
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert pruned.config.vocab_size == after and pruned.config.eos_token_id == new_tok.eos_token_id
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    """A tiny Llama with a Llama-style sentencepiece tokenizer (BPE, byte fallback) trained here
+    mostly on English, so Chinese text falls apart into single characters and bytes."""
+    import io
+
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from common.corpora import load_peoples_daily
+    from common.spm import sentencepiece_to_tokenizers
+
+    english = [f"the {w} of the {v} was {n} and then it {w}ed again" for w in ("walk", "talk", "jump", "look")
+               for v in ("city", "river", "garden", "station") for n in range(30)]
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(english + load_peoples_daily()[:15]), model_writer=buffer,
+                                   vocab_size=1200, model_type="bpe", byte_fallback=True, character_coverage=0.98,
+                                   minloglevel=2, num_threads=1)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(buffer.getvalue())
+    path = tmp_path_factory.mktemp("spm_llama")
+    (path / "tokenizer.model").write_bytes(buffer.getvalue())
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=sentencepiece_to_tokenizers(proto), bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(proto.pieces), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                 max_position_embeddings=512, tie_word_embeddings=False)).save_pretrained(path)
+    return path
+
+
+def test_expansion_shortens_chinese_and_leaves_the_old_vocabulary_alone(spm_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.corpora import load_reviews
+
+    corpus = tmp_path / "reviews.txt"
+    corpus.write_text("\n".join(text for text, _ in load_reviews()[:3000]) + "\n" + "\n".join(
+        f"the {w} of the {v}" for w in ("walk", "talk", "look") for v in ("river", "city", "garden")
+        for _ in range(10)), encoding="utf-8")  # words the base vocabulary has whole: split as before
+    out = tmp_path / "expanded"
+    run_script("model_modify/expand_vocab.py", "--model", spm_model, "--corpus", corpus, "--output_dir", out,
+               "--sp_vocab_size", "3000", "--character_coverage", "0.98", "--held_out_ratio", "0.1")
+    report = json.loads((out / "expand_report.json").read_text())
+    before, after = report["vocabulary"]["before"], report["vocabulary"]["after"]
+    assert after > before and report["vocabulary"]["added"] == after - before
+    per_char = report["tokens_per_chinese_char"]
+    assert per_char["after"] < 0.8 * per_char["before"]  # multi-character pieces now
+    assert report["unchanged"]["compared"] > 0 and report["unchanged"]["max_logit_diff_old_vocabulary"] < 1e-5
+
+    # reloads; the old pieces keep their ids; a new piece is one token and starts at its spelling's mean
+    old_tok, new_tok = AutoTokenizer.from_pretrained(spm_model), AutoTokenizer.from_pretrained(out)
+    assert len(new_tok) == after and new_tok.convert_ids_to_tokens(list(range(before))) == \
+        old_tok.convert_ids_to_tokens(list(range(before)))
+    piece = next(p for p in new_tok.convert_ids_to_tokens(list(range(before, after)))
+                 if p.startswith("▁") and len(p) >= 3)
+    assert new_tok.tokenize(piece[1:]) == [piece] and len(old_tok.tokenize(piece[1:])) > 1
+    original = AutoModelForCausalLM.from_pretrained(spm_model)
+    expanded = AutoModelForCausalLM.from_pretrained(out)
+    assert expanded.get_input_embeddings().num_embeddings == after
+    new_id = new_tok.convert_tokens_to_ids(piece)
+    spelling = old_tok(piece.replace("▁", " "), add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(expanded.get_input_embeddings().weight[new_id],
+                               original.get_input_embeddings().weight[spelling].mean(0))
+    torch.testing.assert_close(expanded.lm_head.weight[:before], original.lm_head.weight)
