@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo demo-classifier demo-clm demo-sft demo-baichuan demo-dpo demo-pipeline test lint clean
+.PHONY: setup browser demo demo-classifier demo-clm demo-sft demo-baichuan demo-dpo demo-pipeline demo-modify test lint clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,14 @@ demo-dpo: setup outputs/model_baichuan/adapter_config.json
 
 outputs/model_baichuan/adapter_config.json:
 	$(BAICHUAN_SFT)
+
+# Vocabulary pruning (byte-level BPE) and expansion (sentencepiece) of stand-in models for the reviews corpus.
+demo-modify: setup
+	$(PY) model_modify/demo_models.py
+	$(PY) model_modify/prune_vocab.py --model outputs/model_modify/bpe_base --corpus builtin:reviews \
+		--output_dir outputs/model_modify/bpe_reviews
+	$(PY) model_modify/expand_vocab.py --model outputs/model_modify/spm_base --corpus builtin:reviews \
+		--output_dir outputs/model_modify/spm_reviews --sp_vocab_size 8000
 
 # A tiny Llama trained as a 2-stage 1F1B pipeline (two processes, gloo on a CPU) on People's Daily.
 demo-pipeline: setup

@@ -228,12 +228,15 @@ class PackedTokenDataset(torch.utils.data.Dataset):
 
 def corpus_texts(specs: list[str], column: str | None = None) -> Iterator[str]:
     """Texts of files / folders / globs (.txt lines, .jsonl `column` or `text`, .csv `column` or
-    `content`), or of the built-in corpora (`["builtin"]`: People's Daily, then the reviews)."""
-    if specs == ["builtin"]:
+    `content`), or of the built-in corpora: `builtin` (People's Daily, then the reviews), `builtin:news`,
+    `builtin:reviews`."""
+    if specs and all(s in ("builtin", "builtin:news", "builtin:reviews") for s in specs):
         from common.corpora import load_peoples_daily, load_reviews
 
-        yield from load_peoples_daily()
-        yield from (text for text, _ in load_reviews())
+        if {"builtin", "builtin:news"} & set(specs):
+            yield from load_peoples_daily()
+        if {"builtin", "builtin:reviews"} & set(specs):
+            yield from (text for text, _ in load_reviews())
         return
     from common.shards import make_units, unit_texts
 

@@ -41,7 +41,7 @@ class ExpandArguments:
     model: str = field(metadata={"help": "Local causal LM folder with a sentencepiece tokenizer.model."})
     output_dir: str = field(metadata={"help": "Where the expanded model and tokenizer go."})
     corpus: list[str] = field(default_factory=lambda: ["builtin"], metadata={
-        "help": "Text files / folders / globs (.txt, .jsonl `text`, .csv `content`), or `builtin`."})
+        "help": "Text files / folders / globs (.txt, .jsonl `text`, .csv `content`), or builtin, builtin:news, builtin:reviews."})
     column: str | None = None
     sp_vocab_size: int = field(default=4000, metadata={"help": "Size of the sentencepiece model trained on the "
                                                        "corpus (its new pieces are added)."})

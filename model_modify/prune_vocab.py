@@ -48,7 +48,7 @@ class PruneArguments:
     model: str = field(metadata={"help": "Local causal LM folder with a byte-level BPE fast tokenizer."})
     output_dir: str = field(metadata={"help": "Where the pruned model and tokenizer go."})
     corpus: list[str] = field(default_factory=lambda: ["builtin"], metadata={
-        "help": "Text files / folders / globs (.txt, .jsonl `text`, .csv `content`), or `builtin`."})
+        "help": "Text files / folders / globs (.txt, .jsonl `text`, .csv `content`), or builtin, builtin:news, builtin:reviews."})
     column: str | None = field(default=None, metadata={"help": "Field of .jsonl / .csv records (text / content)."})
     held_out_ratio: float = field(default=0.05, metadata={"help": "Share of the texts kept out of counting, "
                                                           "to verify on."})
