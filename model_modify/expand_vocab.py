@@ -15,7 +15,9 @@ pointed) or `mean` (the mean of all rows). Writes the model, `tokenizer.model` a
   the old one did, the expanded model's logits over the old vocabulary equal the original
   model's (the old rows are untouched; checked, not assumed).
 Follow-up training of the new rows (+ LoRA) goes through model_clm (README).
-Only sentencepiece tokenizers (a `tokenizer.model` next to the weights) are handled.
+A model with only a fast tokenizer (tokenizer.json, e.g. a byte-level BPE) gets the learned
+multi-character Chinese pieces it splits as added tokens instead (matched in the text before
+its own model runs; their rows initialised the same way).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from common.config import parse_args
 from common.data import corpus_texts, split_held_out
@@ -38,7 +41,8 @@ HAN = re.compile(r"[\u3400-\u9fff]")
 
 @dataclass
 class ExpandArguments:
-    model: str = field(metadata={"help": "Local causal LM folder with a sentencepiece tokenizer.model."})
+    model: str = field(metadata={"help": "Local causal LM folder with a sentencepiece tokenizer.model (or a fast "
+                                         "tokenizer: pieces become added tokens)."})
     output_dir: str = field(metadata={"help": "Where the expanded model and tokenizer go."})
     corpus: list[str] = field(default_factory=lambda: ["builtin"], metadata={
         "help": "Text files / folders / globs (.txt, .jsonl `text`, .csv `content`), or builtin, builtin:news, builtin:reviews."})
@@ -120,30 +124,37 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.init not in ("subtokens", "mean"):
         raise UserError(f"--init must be subtokens or mean, got {args.init}")
-    sp_path = Path(args.model, "tokenizer.model")
-    if not sp_path.is_file():
-        raise UserError(f"{args.model} has no tokenizer.model: expansion handles sentencepiece tokenizers "
-                        "(Llama style) only")
-    base_proto = read_sp_proto(sp_path)
-    old_backend = sentencepiece_to_tokenizers(base_proto)
     base_tokenizer = load_tokenizer(args.model, add_special_tokens=False)
-
     texts = list(corpus_texts(args.corpus, args.column))
     counted, held_out = split_held_out(texts, args.held_out_ratio, args.seed)
     learned = train_sentencepiece(counted[:args.max_sentences], args.sp_vocab_size, args.character_coverage)
-    proto = read_sp_proto(sp_path)
-    added = add_pieces(proto, learned)
+    sp_path = Path(args.model, "tokenizer.model")
+    proto = None
+    if sp_path.is_file():  # sentencepiece: the pieces join the model (merged by score, as its own pieces)
+        base_proto = read_sp_proto(sp_path)
+        old_backend = sentencepiece_to_tokenizers(base_proto)
+        proto = read_sp_proto(sp_path)
+        added = add_pieces(proto, learned)
+        new_backend = sentencepiece_to_tokenizers(proto)
+    else:  # a fast tokenizer only: the multi-character Chinese pieces it splits become added tokens
+        if not base_tokenizer.is_fast:
+            raise UserError(f"{args.model}: neither a tokenizer.model nor a fast tokenizer (tokenizer.json)")
+        old_backend = Tokenizer.from_str(base_tokenizer.backend_tokenizer.to_str())
+        candidates = dict.fromkeys(p.piece.replace("▁", "") for p in learned.pieces if p.type == SP_NORMAL)
+        added = [c for c in candidates if len(c) >= 2 and HAN.search(c)
+                 and len(old_backend.encode(c, add_special_tokens=False).ids) > 1]
+        new_backend = Tokenizer.from_str(old_backend.to_str())
+        new_backend.add_tokens(added)
     if not added:
         raise UserError("the corpus's sentencepiece model has no piece the base vocabulary lacks")
-    new_backend = sentencepiece_to_tokenizers(proto)
-    old_size = len(base_proto.pieces)
+    old_size = old_backend.get_vocab_size(with_added_tokens=True)
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     original = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    if model.get_input_embeddings().num_embeddings != old_size:
-        raise UserError(f"{args.model}: {model.get_input_embeddings().num_embeddings} embedding rows but "
-                        f"{old_size} sentencepiece pieces: expected equal")
-    model.resize_token_embeddings(old_size + len(added), mean_resizing=False)
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < old_size:
+        raise UserError(f"{args.model}: {rows} embedding rows for {old_size} tokens")
+    model.resize_token_embeddings(max(rows, old_size + len(added)), mean_resizing=False)
     spellings = [old_backend.encode(piece.replace("▁", " "), add_special_tokens=False).ids for piece in added]
     init_new_rows(model, old_size, spellings, args.init)
 
@@ -160,18 +171,20 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         for i in same[:args.verify_texts]:
             ids = torch.tensor([old_ids[i][:longest]])
-            diff = float((model(input_ids=ids).logits[0, :, :old_size] - original(input_ids=ids).logits[0]).abs().max())
+            diff = float((model(input_ids=ids).logits[0, :, :old_size]
+                          - original(input_ids=ids).logits[0, :, :old_size]).abs().max())
             worst = diff if worst is None else max(worst, diff)
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    (out / "tokenizer.model").write_bytes(proto.SerializeToString())
+    if proto is not None:
+        (out / "tokenizer.model").write_bytes(proto.SerializeToString())
     hf_tokenizer(new_backend, base_tokenizer).save_pretrained(out)
     report = {
         "model": args.model, "corpus": args.corpus, "texts_counted": len(counted), "texts_held_out": len(held_out),
         "vocabulary": {"before": old_size, "after": old_size + len(added), "added": len(added),
-                       "examples": added[:20]},
+                       "examples": added[:20], "how": "sentencepiece pieces" if proto is not None else "added tokens"},
         "init": args.init,
         "tokens_per_chinese_char": {"before": round(per_char(old_backend), 4), "after": round(per_char(new_backend), 4)},
         "unchanged": {"held_out_texts_split_as_before": len(same), "compared": min(len(same), args.verify_texts),

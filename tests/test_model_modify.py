@@ -177,3 +177,23 @@ def test_expansion_shortens_chinese_and_leaves_the_old_vocabulary_alone(spm_mode
     torch.testing.assert_close(expanded.get_input_embeddings().weight[new_id],
                                original.get_input_embeddings().weight[spelling].mean(0))
     torch.testing.assert_close(expanded.lm_head.weight[:before], original.lm_head.weight)
+
+
+def test_expansion_of_a_fast_tokenizer_adds_tokens(bpe_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.corpora import load_reviews
+
+    corpus = tmp_path / "reviews.txt"
+    corpus.write_text("\n".join(text for text, _ in load_reviews()[:3000]), encoding="utf-8")
+    out = tmp_path / "expanded"
+    run_script("model_modify/expand_vocab.py", "--model", bpe_model, "--corpus", corpus, "--output_dir", out,
+               "--sp_vocab_size", "3000", "--character_coverage", "0.98", "--held_out_ratio", "0.1")
+    report = json.loads((out / "expand_report.json").read_text())
+    assert report["vocabulary"]["how"] == "added tokens" and report["vocabulary"]["added"] > 0
+    assert report["tokens_per_chinese_char"]["after"] < report["tokens_per_chinese_char"]["before"]
+    new_tok, old_tok = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(bpe_model)
+    word = report["vocabulary"]["examples"][0]
+    assert new_tok.tokenize(word) == [word] and len(old_tok.tokenize(word)) > 1
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.get_input_embeddings().num_embeddings == report["vocabulary"]["after"] == len(new_tok)
