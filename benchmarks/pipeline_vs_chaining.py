@@ -1,7 +1,7 @@
 """Training a 7B Llama over 2 and 4 GPUs: layer chaining against a 1F1B pipeline, same global batch.
 
     python benchmarks/pipeline_vs_chaining.py --gpus 2,4            # a machine with 4 GPUs
-    python benchmarks/pipeline_vs_chaining.py --gpus 2 --tiny       # CPU-free smoke test needs GPUs too
+    python benchmarks/pipeline_vs_chaining.py --gpus 2 --tiny       # a small model: checks the script (GPUs needed)
 
 The model: Llama-2-7B's shape (32 layers x 4096, MLP 11008, 32 heads, vocabulary 32000; 6.74B
 parameters), random weights, float32 weights and AdamW states with bf16 autocast (as
@@ -63,7 +63,9 @@ def run_chaining(opts, n: int) -> dict:
         model = LlamaForCausalLM(config)
     device_map = build_device_map(model, num_devices=n, strategy="balanced")
     torch.manual_seed(0)
-    for name, device in device_map.items():  # create and initialise each module's weights on its GPU
+    # each module's weights created and initialised on its own GPU (a 7B float32 copy on the CPU first
+    # would cost 27 GB and minutes); common.device_map.dispatch is for a model already built
+    for name, device in device_map.items():
         module = model.get_submodule(name) if name else model
         module.to_empty(device=torch.device("cuda", device))
         module.apply(model._init_weights)
