@@ -60,7 +60,7 @@ installed sources: transformers 5.23, accelerate 1.15, peft 0.21):
   module, so its hook (transformers/modeling_utils.py:2819-2823).
 - Not free: an index tensor passed as `logits_to_keep` is moved to the first GPU by the
   top-level hook while the hidden states it indexes are on the last one, and CUDA indexing
-  refuses indices on another GPU; the SFT run therefore uses the model's own loss when chained.
+  refuses indices on another GPU; common.sft.ReplyLossTrainer passes a chained model a list.
 """
 
 from __future__ import annotations

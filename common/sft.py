@@ -321,16 +321,23 @@ class ReplyLossTrainer(Trainer):
     The positions whose next token carries a label go to the model as `logits_to_keep` (an
     index tensor, which transformers' causal LMs accept), and the loss is the same
     token-summed cross-entropy over the same count (`num_items_in_batch`) as the model's
-    own loss. Evaluation, and training with Liger's fused loss, take the usual path.
+    own loss. Evaluation, training with Liger's fused loss and DataParallel (several GPUs, one
+    process, no --device_map) take the usual path.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or self.args.use_liger_kernel or "labels" not in inputs:
+        if return_outputs or self.args.use_liger_kernel or "labels" not in inputs or self.args.n_gpu > 1:
+            # n_gpu > 1: one process driving several GPUs through nn.DataParallel, which would cut the
+            # positions tensor into pieces as if it were a batch
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         targets = inputs.pop("labels")[:, 1:]
         keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)  # predicting positions (all rows)
-        logits = model(**inputs, logits_to_keep=keep).logits
+        # A model chained over GPUs (--device_map): accelerate's top-level hook would move an index
+        # tensor to the first GPU while the hidden states it indexes sit on the last; a list of ints
+        # is left alone and indexes on whatever GPU the hidden states are.
+        chained = len(set(getattr(model, "hf_device_map", {}).values())) > 1
+        logits = model(**inputs, logits_to_keep=keep.tolist() if chained else keep).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(),
                                                  ignore_index=IGNORE_INDEX, reduction="sum")
         count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()

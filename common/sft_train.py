@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from common.device_map import align_adapter_inputs, load_chained, parse_device_map, require_gpus
@@ -331,11 +331,8 @@ def run_sft(data_args: SFTDataArguments, model_args: SFTModelArguments, training
           f"({100 * parameters['trainable_share']:.2f}%), {model_args.finetuning_type}", flush=True)
 
     collator = PackedCollator() if data_args.packing else PaddingCollator(tokenizer.pad_token_id)
-    # Chained, the model's own loss: ReplyLossTrainer's logits_to_keep index tensor is moved to the first GPU
-    # by accelerate's top-level hook while the hidden states it indexes sit on the last (CUDA refuses that).
-    trainer_class = Trainer if model_args.device_map else ReplyLossTrainer
-    trainer = trainer_class(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=valid_dataset,
-                            data_collator=collator, processing_class=tokenizer)
+    trainer = ReplyLossTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=valid_dataset,
+                               data_collator=collator, processing_class=tokenizer)
     resume = training_args.resume_from_checkpoint
     if resume == "last":
         resume = get_last_checkpoint(training_args.output_dir)
