@@ -30,6 +30,7 @@ result are kept, and the closure keeps every part of every merge that yields a k
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,7 +111,8 @@ def merge_closure(keep: set[str], merges: list[list[str]]) -> set[str]:
 
 
 def pruned_spec(spec: dict, keep_ids: list[int], old_to_new: dict[int, int]) -> dict:
-    """The tokenizer JSON with the kept vocabulary renumbered, merges filtered, ids remapped."""
+    """A copy of the tokenizer JSON with the kept vocabulary renumbered, merges filtered, ids remapped."""
+    spec = copy.deepcopy(spec)
     model = spec["model"]
     by_id = {i: t for t, i in model["vocab"].items()}
     kept = {by_id[i] for i in keep_ids if i in by_id}
@@ -206,10 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
     id_to_token = {i: t for t, i in vocab.items()}
     used = {id_to_token[i] for i in np.flatnonzero(counts >= args.min_count) if i in id_to_token}
     specials = {t["content"] for t in spec.get("added_tokens", [])}
-    keep_tokens = merge_closure(used | byte_tokens(vocab) | (specials & vocab.keys()), spec["model"]["merges"])
+    byte_level = byte_tokens(vocab)
+    keep_tokens = merge_closure(used | byte_level | (specials & vocab.keys()), spec["model"]["merges"])
     keep_ids = sorted({vocab[t] for t in keep_tokens} | {t["id"] for t in spec.get("added_tokens", [])})
     old_to_new = {old: new for new, old in enumerate(keep_ids)}
-    merges_before = len(spec["model"]["merges"])
 
     new_backend = Tokenizer.from_str(json.dumps(pruned_spec(spec, keep_ids, old_to_new)))
     special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
@@ -245,8 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "model": args.model, "corpus": args.corpus, "texts_counted": len(counted), "texts_held_out": len(held_out),
         "vocabulary": {"before": len(tokenizer), "after": len(keep_ids), "used_in_corpus": len(used),
-                       "added_by_merge_closure": len(keep_tokens - used - byte_tokens(vocab) - specials),
-                       "merges_before": merges_before,
+                       "added_by_merge_closure": len(keep_tokens - used - byte_level - specials),
+                       "merges_before": len(spec["model"]["merges"]),
                        "merges_after": len(json.loads(new_backend.to_str())["model"]["merges"])},
         "parameters": {"before": parameters_before, "after": sum(p.numel() for p in pruned.parameters())},
         "file_bytes": {"before": folder_bytes(args.model), "after": folder_bytes(out)},
