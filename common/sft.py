@@ -38,7 +38,7 @@ from transformers import Trainer
 
 from common.data import check_utf8, resolve_files
 from common.errors import UserError
-from common.templates import IGNORE_INDEX, ChatTemplate, check_messages, encode_chat
+from common.templates import IGNORE_INDEX, check_messages, encode_chat
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +104,6 @@ def record_to_messages(record, where: str) -> list[dict]:
         check_messages(messages, for_generation=False)
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise UserError(f"{where}: every assistant reply is empty: nothing to learn")
     return messages
 
 
@@ -174,7 +172,7 @@ def _read_csv(path: Path) -> list[Conversation]:
 
 
 # --------------------------------------------------------------- tokenizing
-def _encode_within(tokenizer, template: ChatTemplate, messages: list[dict], max_length: int):
+def _encode_within(tokenizer, template, messages: list[dict], max_length: int):
     """The longest prefix of whole exchanges that fits: (encoded or None, turns dropped)."""
     encoded = encode_chat(tokenizer, template, messages)
     if len(encoded.input_ids) <= max_length:
@@ -187,14 +185,17 @@ def _encode_within(tokenizer, template: ChatTemplate, messages: list[dict], max_
     return None, len(messages)
 
 
-def tokenize_conversations(tokenizer, template: ChatTemplate, conversations: list[Conversation],
+def tokenize_conversations(tokenizer, template, conversations: list[Conversation],
                            max_length: int, num_proc: int | None = None) -> tuple[Dataset, dict]:
     """Rows with `input_ids`, `labels` (and `source`); the report counts what was cut."""
     raw = Dataset.from_dict({"messages": [json.dumps(c.messages, ensure_ascii=False) for c in conversations],
                              "source": [c.source for c in conversations]})
 
     def encode(row):
-        encoded, dropped = _encode_within(tokenizer, template, json.loads(row["messages"]), max_length)
+        try:
+            encoded, dropped = _encode_within(tokenizer, template, json.loads(row["messages"]), max_length)
+        except UserError as err:  # the template cannot render this conversation
+            raise UserError(f"{row['source']}: {err} (template {template.name})") from None
         if encoded is None:
             return {"input_ids": [], "labels": [], "turns_dropped": dropped, "status": "too_long"}
         status = "truncated" if dropped else "whole"

@@ -256,7 +256,7 @@ def test_every_layout_reads_to_the_same_messages(tmp_path):
     ("layout.jsonl", '{"question": "a", "answer": "b"}\n', r"layout.jsonl:1: unknown record layout .*question"),
     ("order.jsonl", '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}\n',
      r"order.jsonl:1: message 0: expected a user turn"),
-    ("empty.jsonl", '{"instruction": "a", "output": ""}\n', r"empty.jsonl:1: every assistant reply is empty"),
+    ("empty.jsonl", '{"instruction": "a", "output": ""}\n', r"empty.jsonl:1: message 1: an empty assistant reply"),
     ("types.jsonl", '{"instruction": "a", "output": 3}\n', r"types.jsonl:1: 'output' must be a string"),
     ("share.json", '[{"conversations": [{"from": "robot", "value": "a"}]}]', r"share.json item 0: .*'from' must be"),
     ("nocol.csv", "prompt\nx\n", r"nocol.csv: a CSV needs a 'text' column"),
