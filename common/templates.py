@@ -290,8 +290,8 @@ class JinjaTemplate:
         after = reply.split(_PROBE[1]["content"], 1)[-1]
         self.stop = tuple(sorted({m for m in markers if m and m in after}, key=after.index))
         if not self.stop:
-            raise UserError(f"{source} writes no end marker after a reply ({after!r}), so the model would never "
-                            f"learn to stop: use --template {self.suggestion()}")
+            raise UserError(f"{source} writes no special token of this tokenizer after a reply (it writes {after!r}), "
+                            f"so the model would never learn to stop: use --template {self.suggestion()}")
 
     def suggestion(self) -> str:
         for marker, also, entry in _ENTRY_FOR_MARKER:
@@ -319,10 +319,16 @@ class JinjaTemplate:
             if message["role"] != "assistant":
                 continue
             prompt, upto = self._render(messages[:i], True), self._render(messages[:i + 1], False)
-            if not (len(prompt) >= done and upto.startswith(prompt) and full.startswith(upto)):
-                raise UserError(f"{self.source} is not prefix-consistent for this conversation (the rendering up to "
-                                f"reply {i} is not the start of the whole rendering: the template rewrites earlier "
-                                f"turns), so its replies cannot be masked: use --template {self.suggestion()}")
+            if not upto.startswith(prompt):
+                problem = (f"its generation prompt ({prompt[done:][-40:]!r}) is not how it opens the reply of message "
+                           f"{i} ({upto[done:][-60:]!r})")
+            elif not (len(prompt) >= done and full.startswith(upto)):
+                problem = f"it writes the reply of message {i} differently once later turns follow"
+            else:
+                problem = None
+            if problem:
+                raise UserError(f"{self.source} is not prefix-consistent for this conversation: {problem}; so its "
+                                f"replies cannot be masked: use --template {self.suggestion()}")
             pieces += [(full[done:len(prompt)], "prompt"), (full[len(prompt):len(upto)], "reply")]
             done = len(upto)
         pieces.append((full[done:], "prompt"))
