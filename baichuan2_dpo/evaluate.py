@@ -23,7 +23,8 @@ import torch
 
 from common.errors import cli_main
 from common.instructions import item_messages, paired_change
-from common.templates import get_template, saved_template_name
+from common.templates import get_template, resolve_template
+from common.tokenizer import load_tokenizer
 
 import train  # noqa: E402  (baichuan2_dpo/train.py, next to this file)
 
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="outputs/baichuan2_dpo", help="The preference-tuned model.")
     parser.add_argument("--start_model", default="outputs/model_baichuan", help="The model DPO started from.")
     parser.add_argument("--data_dir", default="data/baichuan2_dpo")
-    parser.add_argument("--template", default=None, help="Default: the tuned model's sft_template.json.")
+    parser.add_argument("--template", default=None, help="auto, official or a registry entry (common/templates.py). "
+                        "Default: the template the tuned model carries, else baichuan2.")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO's beta, for the implicit reward.")
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--eval_samples", type=int, default=0, help="Test items scored (0 = all).")
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    template = get_template(args.template or saved_template_name(args.model) or "baichuan2")
+    # both models prompted as the tuned one was trained
+    template = resolve_template(args.template, load_tokenizer(args.model), args.model) or get_template("baichuan2")
     data_dir = Path(args.data_dir)
     scoring = train.DataArguments(data_dir=str(data_dir), eval_samples=args.eval_samples)
     items = [{**row, "messages": item_messages(row)} for row in train.read_jsonl(data_dir / "test.jsonl")

@@ -191,12 +191,12 @@ def own_replies(model_path: str, items: list[dict], batch_size: int) -> list[str
     """The model's greedy replies to the items, prompted with the template it was tuned with."""
     import torch
 
-    from common.templates import get_template, saved_template_name
+    from common.templates import get_template, resolve_template
 
     from train import load_start_model  # baichuan2_dpo/train.py, next to this file
 
     model, tokenizer = load_start_model(model_path, torch.float32)
-    template = get_template(saved_template_name(model_path) or "baichuan2")
+    template = resolve_template(None, tokenizer, model_path) or get_template("baichuan2")
     return generate_replies(model, tokenizer, template, [item_messages(i)[:1] for i in items],
                             batch_size=batch_size, desc=f"replies of {model_path}")
 

@@ -16,7 +16,7 @@ disk). With
 `--precompute_ref_log_probs true`, after which only the policy stays in memory).
 
 Data: prepare_data.py's pairs. Each prompt is rendered with the chat template the model was
-tuned with (sft_template.json, or `--template`) by common/templates.py's `encode_chat`, the
+tuned with (the chat template it carries, or `--template`) by common/templates.py's `encode_chat`, the
 code SFT and serving use, so DPO sees exactly the token layout of the SFT run; the chosen and
 rejected replies end with the template's end token. Pairs whose prompt alone reaches
 `max_length` are dropped and counted.
@@ -45,13 +45,13 @@ from common.config import parse_args
 from common.errors import UserError, cli_main
 from common.instructions import item_messages, paired_change
 from common.serving import adapter_base, load_adapter
-from common.sft_train import LORA_TARGETS, count_parameters, evaluate_tasks
+from common.sft_train import TEMPLATE_HELP, count_parameters, evaluate_tasks, lora_target_modules
 from common.templates import (
     encode_chat,
     ensure_template_tokens,
     get_template,
-    save_template_name,
-    saved_template_name,
+    resolve_template,
+    save_chat_template,
 )
 from common.tokenizer import load_tokenizer
 
@@ -71,8 +71,7 @@ class DataArguments:
 class ModelArguments:
     model_name_or_path: str = field(default="outputs/model_baichuan",
                                     metadata={"help": "Local chat model, or an SFT LoRA adapter (merged into its base)."})
-    template: str | None = field(default=None, metadata={"help": "Chat template (default: the model's "
-                                                         "sft_template.json, else baichuan2)."})
+    template: str | None = field(default=None, metadata={"help": TEMPLATE_HELP + " Default: auto, else baichuan2."})
     finetuning_type: str = field(default="lora", metadata={"help": "lora (reference = adapter off) or full."})
     lora_rank: int = 16
     lora_alpha: float = 32.0
@@ -194,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--finetuning_type must be lora or full, got {model_args.finetuning_type}")
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model, tokenizer = load_start_model(model_args.model_name_or_path, dtype)
-    template = get_template(model_args.template or saved_template_name(model_args.model_name_or_path) or "baichuan2")
+    template = resolve_template(model_args.template, tokenizer, model_args.model_name_or_path) or get_template("baichuan2")
     if ensure_template_tokens(tokenizer, template):
         raise UserError(f"the model's vocabulary lacks the {template.name} template's markers: start DPO from a "
                         "model tuned with that template (SFT first)")
@@ -227,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     if model_args.finetuning_type == "lora":
         from peft import LoraConfig
 
-        targets = model_args.lora_target or LORA_TARGETS.get(model.config.model_type, "all-linear")
+        targets = lora_target_modules(model, model_args.lora_target)
         peft_config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha,
                                  lora_dropout=model_args.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
     elif not args.precompute_ref_log_probs:  # full: a frozen copy of the starting model
@@ -247,8 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_model(args.output_dir)
     if not trainer.is_world_process_zero():
         return {}
-    tokenizer.save_pretrained(args.output_dir)
-    save_template_name(args.output_dir, template.name)
+    save_chat_template(args.output_dir, tokenizer, template)
 
     tuned = trainer.model if not merged_start or peft_config is None else \
         AutoModelForCausalLM.from_pretrained(args.output_dir, dtype=dtype).to(args.device)

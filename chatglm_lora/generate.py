@@ -5,7 +5,7 @@
     python chatglm_lora/generate.py --model outputs/chatglm_lora --base_model /models/glm-4-9b-chat-hf "你好"
 
 Each prompt is one user turn (after `--system`, if given), rendered with the template the
-model was tuned with (sft_template.json; `--template` overrides) by the same code as training
+model was tuned with (the chat template it carries; `--template` overrides) by the same code as training
 and the server, and answered through the server's generation path (stop tokens included).
 A literal "\\n" in a prompt becomes a line break. Greedy unless --temperature > 0.
 """

@@ -7,7 +7,9 @@ The merged model needs no PEFT to load (`AutoModelForCausalLM.from_pretrained`) 
 generates at the base model's cost. Before saving, the logits of base + adapter and of the
 merged model are compared on a few conversations (rendered with the adapter's template):
 the largest difference must be within --atol, else nothing is written. The comparison is
-printed and saved as merge_report.json beside the model.
+printed and saved as merge_report.json beside the model. The merged model carries the
+adapter's chat template as Jinja and its end tokens in generation_config.json, so vLLM,
+SGLang or `transformers serve` prompt it as it was trained.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from transformers import AutoTokenizer
 
 from common.errors import UserError, cli_main
 from common.serving import adapter_base, load_adapter
-from common.templates import encode_chat, get_template, save_template_name, saved_template_name
+from common.templates import encode_chat, get_template, resolve_template, save_chat_template
 
 CHECK_CONVERSATIONS = [
     [{"role": "user", "content": "判断下面这条评论的情感是正面还是负面：\n质量很好，物流也快"},
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, args.dtype)
 
     tokenizer = AutoTokenizer.from_pretrained(adapter)
-    template = get_template(saved_template_name(adapter) or "plain")
+    template = resolve_template(None, tokenizer, adapter) or get_template("plain")
     model = load_adapter(adapter, base, tokenizer, dtype).to(args.device).eval()
     inputs = [encode_chat(tokenizer, template, c).input_ids for c in CHECK_CONVERSATIONS]
     with_adapter = logits_of(model, inputs)
@@ -79,8 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     merged.config.use_cache = True
     merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    save_template_name(out, template.name)
+    save_chat_template(out, tokenizer, template)  # the adapter's template, as Jinja, and its end tokens as eos
     (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"verified; merged model saved to {out}")
     return report

@@ -9,7 +9,7 @@ checkpoint), bound to 127.0.0.1 by default.
     reply = client.chat.completions.create(model="chatglm_lora", temperature=0,
         messages=[{"role": "user", "content": "判断下面这条评论的情感是正面还是负面：\n质量很好"}])
 
-Chat requests are rendered with the template the model was tuned with (sft_template.json,
+Chat requests are rendered with the template the model was tuned with (the Jinja chat template it carries,
 or --template), token for token as in training; the template's stop tokens end a reply. An
 adapter is merged into its base at load. Endpoints and limits: see common/serving.py.
 """

@@ -12,9 +12,15 @@
     python chatglm_lora/train.py ... --adapter_path outputs/chatglm_lora            # continue a saved adapter
 
 Data: `train.jsonl` / `valid.jsonl` of prepare_data.py (messages). Each conversation is
-rendered with the chat template `--template` (common/templates.py: glm4, chatglm3, chatglm2,
-baichuan2, llama2-chinese, alpaca, plain), the same code serving uses; loss falls on every
-assistant reply and its end token only. Conversations over `max_length` lose whole turns
+rendered with a chat template, the same code serving uses; loss falls on every assistant
+reply and its end markers only. `--template auto` (the default) takes the model's own Jinja
+chat_template (Qwen2.5, Llama-3.x, ... checkpoints carry one; each reply's span is found by
+rendering the conversation prefix by prefix); a registry entry of common/templates.py
+(chatml, qwen2.5, qwen3, qwen3-thinking, llama3, deepseek-r1, glm4, glm4.5, chatglm3,
+chatglm2, baichuan2, llama2-chinese, alpaca, dolly, plain) is used where a model has no
+template, or one that cannot be masked (Qwen3, DeepSeek-R1, GLM-4: the error names the entry).
+The tuned model carries that template as Jinja and its end tokens in generation_config.json,
+so vLLM, SGLang, `transformers serve` or llama.cpp prompt it exactly as it was trained. Conversations over `max_length` lose whole turns
 from the end (counted, printed, in metrics.json). `packing` puts several conversations in
 one row with positions restarting per conversation: no padding, and no attention across
 conversations (see common/sft.py). The LM head runs only where a reply token is predicted
@@ -34,7 +40,7 @@ Evaluation: loss on valid before and after training; when test.jsonl holds score
 (the built-in data does), greedy replies of the starting model and of the tuned one are
 scored side by side (sentiment accuracy, segmentation F1, beside the trivial answers).
 Everything lands in `<output_dir>/metrics.json`; the adapter (or the full model), the
-tokenizer and the template name in `<output_dir>`. The steps, in this order, are
+tokenizer (with its chat template) in `<output_dir>`. The steps, in this order, are
 common/sft_train.py's `run_sft`, shared with model_baichuan; this file holds the defaults.
 """
 
@@ -45,6 +51,7 @@ from dataclasses import dataclass, field
 from common.config import parse_args
 from common.errors import cli_main
 from common.sft_train import (  # noqa: F401  (benchmarks/ reach add_adapter, load_model, load_split here)
+    TEMPLATE_HELP,
     SFTDataArguments,
     SFTModelArguments,
     add_adapter,
@@ -65,7 +72,7 @@ class DataArguments(SFTDataArguments):
 class ModelArguments(SFTModelArguments):
     model_name_or_path: str = field(default="outputs/model_clm_glm",
                                     metadata={"help": "Local base (or chat) model directory."})
-    template: str = field(default="glm4", metadata={"help": "Chat template (common/templates.py)."})
+    template: str = field(default="auto", metadata={"help": TEMPLATE_HELP})
 
 
 @dataclass

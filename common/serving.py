@@ -56,9 +56,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.errors import UserError
 from common.templates import (
+    JinjaTemplate,
     check_messages,
     encode_chat,
     get_template,
+    registry_entry_of,
     saved_template_name,
     stop_criteria,
 )
@@ -719,10 +721,12 @@ def _partial_stop_length(text: str, stop: tuple[str, ...]) -> int:
 class Engine:
     """A model, its tokenizer and how to prompt it.
 
-    `template` names an entry of common/templates.py; without one, the tokenizer's own Jinja
-    chat template is used when it has one, else "plain". Registry templates build prompts
-    with `encode_chat`, the code training uses, so a tuned model is prompted token for token
-    as it was trained; their stop markers that are single tokens end generation by id.
+    `template` names an entry of common/templates.py; without one, the entry a tuned model's
+    chat_template was generated from, else the tokenizer's own Jinja chat template, else
+    "plain". Registry templates build prompts with `encode_chat`, the code training uses, so a
+    tuned model is prompted token for token as it was trained; their stop markers that are
+    single tokens end generation by id. With the tokenizer's own template, the special tokens
+    it writes after a reply and generation_config.json's eos ids end generation.
     """
 
     def __init__(self, model, tokenizer, name: str, template: str | None = None, max_batch: int = 8,
@@ -734,9 +738,19 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
-        own = template is None and bool(getattr(tokenizer, "chat_template", None))
-        self.template = None if own else get_template(template or "plain")
-        self.stop_token_ids, self.template_stops = stop_criteria(tokenizer, self.template)
+        entry = registry_entry_of(getattr(tokenizer, "chat_template", None)) if template is None else None
+        own = template is None and entry is None and bool(getattr(tokenizer, "chat_template", None))
+        self.template = None if own else entry or get_template(template or "plain")
+        stops_of = self.template
+        if own:
+            try:
+                stops_of = JinjaTemplate(tokenizer)
+            except UserError:  # a template we could not train on still renders prompts; eos ends them
+                stops_of = None
+        self.stop_token_ids, self.template_stops = stop_criteria(tokenizer, stops_of)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids + ([eos] if isinstance(eos, int) else
+                                                                        list(eos or []))))
         if max_batch < 1 or (max_cache_len is not None and max_cache_len < 2):
             raise UserError("need max_batch >= 1 and max_cache_len >= 2")
         self.context_length = min(context_length(model), max_cache_len or DEFAULT_CACHE_LEN)
@@ -769,7 +783,8 @@ class Engine:
     def from_pretrained(cls, model_dir: str | Path, name: str | None = None, template: str | None = None,
                         device: str | None = None, dtype: str = "auto", base_model: str | None = None,
                         **engine_options) -> Engine:
-        """`template` default: the one the model was tuned with (sft_template.json), if any.
+        """`template` default: the one the model was tuned with (its chat template, or an older
+        output's sft_template.json), if any.
         `engine_options`: max_batch, max_cache_len, compile (see __init__)."""
         model, tokenizer = load_causal_lm(model_dir, device, dtype, base_model)
         return cls(model, tokenizer, name or Path(model_dir).resolve().name, template or saved_template_name(model_dir),

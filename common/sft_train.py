@@ -41,7 +41,7 @@ from common.sft import (
     register_liger_glm,
     tokenize_conversations,
 )
-from common.templates import ensure_template_tokens, get_template, save_template_name
+from common.templates import ensure_template_tokens, resolve_template, save_chat_template
 from common.tokenizer import load_tokenizer
 
 logger = logging.getLogger("sft")
@@ -131,6 +131,12 @@ LORA_TARGETS = {
 
 
 # ----------------------------------------------------------------------------- arguments
+TEMPLATE_HELP = ("How conversations are written: auto (the model's own Jinja chat_template, or the entry a tuned "
+                 "model was trained with), official (the tokenizer's chat_template, required), or a registry entry "
+                 "of common/templates.py (chatml, qwen2.5, qwen3, qwen3-thinking, llama3, deepseek-r1, glm4, glm4.5, "
+                 "chatglm3, chatglm2, baichuan2, llama2-chinese, alpaca, dolly, plain).")
+
+
 @dataclass
 class SFTDataArguments:
     data_dir: str = field(default="data/sft", metadata={"help": "Folder of prepare_data.py's JSONL files."})
@@ -148,14 +154,14 @@ class SFTDataArguments:
 class SFTModelArguments:
     model_name_or_path: str = field(default="outputs/model_clm_glm",
                                     metadata={"help": "Local base (or chat) model directory."})
-    template: str = field(default="glm4", metadata={"help": "Chat template (common/templates.py)."})
+    template: str = field(default="auto", metadata={"help": TEMPLATE_HELP})
     finetuning_type: str = field(default="lora", metadata={"help": "lora, qlora or full."})
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     lora_target: list[str] | None = field(
-        default=None, metadata={"help": "Module names to adapt (default: every linear layer of the family, else "
-                                "PEFT's all-linear)."})
+        default=None, metadata={"help": "Module names to adapt, or all-linear (every linear layer but the LM head). "
+                                "Default: every linear layer of the family, else all-linear."})
     adapter_path: str | None = field(default=None, metadata={"help": "Continue training this saved adapter."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2."})
     device_map: str | None = field(
@@ -246,6 +252,22 @@ def load_model(model_args: SFTModelArguments, training_args: SFTTrainingArgument
     return model
 
 
+def lora_target_modules(model, requested: list[str] | None) -> list[str] | str:
+    """LoRA's target_modules: the requested module names (checked against the model, with one
+    clear message listing its linear layers), else the family's linear layers, else all-linear."""
+    targets = requested or LORA_TARGETS.get(model.config.model_type, "all-linear")
+    if targets in (["all-linear"], "all-linear"):  # PEFT's keyword is a string; the command line gives a list
+        return "all-linear"
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")})
+        raise UserError(f"--lora_target {' '.join(missing)}: no such module in this {model.config.model_type} model; "
+                        f"its linear layers are {', '.join(linear)} (or give all-linear)")
+    return targets
+
+
 def add_adapter(model, model_args: SFTModelArguments, training_args: SFTTrainingArguments, new_token_ids: list[int]):
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
@@ -256,7 +278,7 @@ def add_adapter(model, model_args: SFTModelArguments, training_args: SFTTraining
     if model_args.adapter_path:
         model = PeftModel.from_pretrained(model, model_args.adapter_path, is_trainable=True)
     else:
-        targets = model_args.lora_target or LORA_TARGETS.get(model.config.model_type, "all-linear")
+        targets = lora_target_modules(model, model_args.lora_target)
         config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha,
                             lora_dropout=model_args.lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
                             trainable_token_indices=new_token_ids or None)
@@ -305,11 +327,15 @@ def run_sft(data_args: SFTDataArguments, model_args: SFTModelArguments, training
     if model_args.finetuning_type not in ("lora", "qlora", "full"):
         raise UserError(f"--finetuning_type must be lora, qlora or full, got {model_args.finetuning_type}")
     check_device_map(model_args, training_args)
-    template = get_template(model_args.template)
-    tokenizer = load_tokenizer(model_args.adapter_path or model_args.model_name_or_path)
+    tokenizer_dir = model_args.adapter_path or model_args.model_name_or_path
+    tokenizer = load_tokenizer(tokenizer_dir)
+    template = resolve_template(model_args.template, tokenizer, tokenizer_dir)
+    print(f"chat template: {template.name}" + (f" ({template.source})" if template.name == "official" else ""),
+          flush=True)
     added = ensure_template_tokens(tokenizer, template)
     if added:
         print(f"added the template's markers {added} to the vocabulary (trained with the adapter)", flush=True)
+    tokenizer.chat_template = template.jinja()  # checkpoints carry it too
 
     train_dataset, train_report = load_split(data_args, tokenizer, template, "train", prepare_hint)
     valid_dataset, valid_report = load_split(data_args, tokenizer, template, "valid", prepare_hint)
@@ -345,8 +371,7 @@ def run_sft(data_args: SFTDataArguments, model_args: SFTModelArguments, training
     trainer.save_model(training_args.output_dir)
     if not trainer.is_world_process_zero():
         return {}
-    tokenizer.save_pretrained(training_args.output_dir)
-    save_template_name(training_args.output_dir, template.name)
+    save_chat_template(training_args.output_dir, tokenizer, template)  # the Jinja of what training rendered
 
     tuned_scores = tuned_replies = None
     if single_process:

@@ -45,7 +45,7 @@ from common.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
-TEMPLATE_FILE = "sft_template.json"  # written next to a tuned model: which template it was trained with
+TEMPLATE_FILE = "sft_template.json"  # older outputs: the name of the template they were trained with
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ runs with every Llama kernel, PEFT, TRL and serving path, without remote code:
 Weights are streamed shard by shard (safetensors read tensor by tensor, .bin memory-mapped):
 peak memory is about one output shard (--max_shard_size, 5 GB), never the whole model. The
 output is safetensors (an output shard per input file, split further where larger; an index
-when more than one), config.json, generation_config.json, the tokenizer and sft_template.json
+when more than one), config.json, generation_config.json and the tokenizer (its chat_template: the registry entry as Jinja)
 (the chat template name that common/templates.py and the serving code read).
 """
 
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Bake Baichuan2's NormHead (row-normalised lm_head) into the weight. auto: yes when "
                              "modeling_baichuan.py defines NormHead, else when vocab_size is 125696.")
     parser.add_argument("--template", default="baichuan2", choices=[*sorted(TEMPLATES), "none"],
-                        help="Chat template recorded in sft_template.json for SFT, chat and serving (none: skip).")
+                        help="Chat template written into the tokenizer (as Jinja) for SFT, chat and serving (none: skip).")
     parser.add_argument("--max_shard_size", default="5GB",
                         help="Largest output shard (an output shard also ends with each input file); "
                              "bounds the memory the conversion needs.")
@@ -551,12 +551,14 @@ def main(argv: list[str] | None = None) -> dict:
     generation.save_pretrained(output)
     written = ["config.json", "generation_config.json"]
     if tokenizer is not None:
+        if template is not None:  # as Jinja, so that any serving stack prompts it the same way
+            tokenizer.chat_template = template.jinja()
         tokenizer.save_pretrained(output)
         # Tools that read sentencepiece directly (llama.cpp's converter) look for it;
         # transformers prefers tokenizer.json.
         shutil.copyfile(source / "tokenizer.model", output / "tokenizer.model")
         written += ["tokenizer.json", "tokenizer_config.json", "tokenizer.model"]
-    if template is not None:
+    if template is not None and tokenizer is None:  # no tokenizer to carry it: the older record
         save_template_name(output, template.name)
         written.append("sft_template.json")
 

@@ -9,10 +9,11 @@ import openai
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GlmConfig, GlmForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GlmConfig, GlmForCausalLM
 
 from common.corpora import load_peoples_daily, load_reviews
 from common.serving import Engine, SamplingParams
+from common.templates import get_template, registry_entry_of
 from common.tokenizer import build_chinese_tokenizer
 
 from conftest import REPO, free_port, run_script, wait_until_up
@@ -71,8 +72,8 @@ def test_lora_sft_learns_and_reports(workdir, tuned):
         assert 0 <= tuned["test"][model]["segmentation"]["f1"] <= 1
     assert tuned["data"]["train"]["kept_whole"] > 0 and tuned["data"]["packing"] is True
     assert tuned["data"]["train_rows"] < tuned["data"]["train"]["kept_whole"]  # several conversations per row
-    assert (out / "adapter_model.safetensors").is_file() and json.loads((out / "sft_template.json").read_text()) == \
-        {"template": "glm4"}
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "sft_template.json").exists()
+    assert registry_entry_of(AutoTokenizer.from_pretrained(out).chat_template) is get_template("glm4")
     # the GLM role markers were new to this tokenizer: added, and their embeddings trained with the adapter
     assert "<|user|>" in json.loads((out / "tokenizer.json").read_text())["added_tokens"].__repr__()
     assert any("trainable_tokens" in key for key in load_file(out / "adapter_model.safetensors"))
@@ -148,5 +149,13 @@ def test_full_finetuning_saves_a_plain_model_and_errors_are_clear(workdir):
                      workdir / "data", check=False)
     assert bad.returncode == 2 and "no model in" in bad.stderr and "Traceback" not in bad.stderr
     bad = run_script("chatglm_lora/train.py", "--model_name_or_path", workdir / "base", "--data_dir",
-                     workdir / "data", "--finetuning_type", "qlora", check=False)
+                     workdir / "data", check=False)  # --template auto, and this base has no chat template
+    assert bad.returncode == 2 and "no Jinja chat_template to use: pick a registry entry" in bad.stderr
+    bad = run_script("chatglm_lora/train.py", "--model_name_or_path", workdir / "base", "--data_dir",
+                     workdir / "data", "--template", "glm4", "--finetuning_type", "qlora", check=False)
     assert bad.returncode == 2 and "qlora needs" in bad.stderr
+    bad = run_script("chatglm_lora/train.py", "--model_name_or_path", workdir / "base", "--data_dir",
+                     workdir / "data", "--template", "glm4", "--lora_target", "q_proj", "c_attn", "--max_steps", "1",
+                     "--output_dir", workdir / "bad", check=False)
+    assert bad.returncode == 2 and "--lora_target c_attn: no such module in this glm model" in bad.stderr
+    assert "gate_up_proj" in bad.stderr and "Traceback" not in bad.stderr

@@ -13,7 +13,14 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
 from common.corpora import load_peoples_daily, load_reviews
-from common.templates import encode_chat, ensure_template_tokens, get_template, saved_template_name
+from common.templates import (
+    encode_chat,
+    ensure_template_tokens,
+    get_template,
+    registry_entry_of,
+    resolve_template,
+    stop_criteria,
+)
 
 from conftest import load_recipe_module, run_script
 
@@ -244,7 +251,9 @@ def test_sharded_output_index_config_and_generation_config(baichuan2):
             generation.max_new_tokens, generation.do_sample) == (0.3, 5, 0.85, 1.05, 2048, True)
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 0)
     assert "user_token_id" not in json.loads((out / "generation_config.json").read_text())
-    assert json.loads((out / "sft_template.json").read_text()) == {"template": "baichuan2"}
+    # the converted tokenizer carries the baichuan2 entry as Jinja (no sft_template.json needed)
+    assert registry_entry_of(AutoTokenizer.from_pretrained(out).chat_template) is get_template("baichuan2")
+    assert not (out / "sft_template.json").exists()
     assert "load it without remote code" in baichuan2["stdout"] and "verify: loads cleanly" in baichuan2["stdout"]
 
 
@@ -265,7 +274,8 @@ def test_tokenizer_gives_sentencepiece_ids(baichuan2, sp_model):
     chat = tokenizer("<reserved_106>你好<reserved_107>")["input_ids"]
     assert tokenizer.decode(chat, skip_special_tokens=True) == "你好"
     # the recorded template works as is: its markers need no new embedding rows
-    template = get_template(saved_template_name(baichuan2["output"]))
+    template = resolve_template("auto", tokenizer, baichuan2["output"])
+    assert template is get_template("baichuan2")
     assert ensure_template_tokens(tokenizer, template) == []
     encoded = encode_chat(tokenizer, template, [{"role": "user", "content": "你好"}], add_generation_prompt=True)
     assert encoded.input_ids == [sp.piece_to_id("<reserved_106>"), *sp.encode("你好"), sp.piece_to_id("<reserved_107>")]
@@ -442,7 +452,18 @@ def test_sft_on_the_converted_model_with_the_baichuan2_template(tuned, baichuan2
     assert "added the template's markers" not in tuned["stdout"]  # the converted vocabulary has them
     assert metrics["valid"]["loss_after"] < metrics["valid"]["loss_before"] - 0.5
     assert metrics["test"]["base"] is not None and metrics["test"]["tuned"] is not None
-    assert saved_template_name(tuned["adapter"]) == "baichuan2"
+    # the adapter carries the template as Jinja that renders the training ids, and its end tokens as eos
+    tokenizer = AutoTokenizer.from_pretrained(tuned["adapter"])
+    template = get_template("baichuan2")
+    assert registry_entry_of(tokenizer.chat_template) is template
+    conversation = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+                    {"role": "user", "content": "再见"}]
+    for messages, generation in ((conversation, True), (conversation[:2], False)):
+        assert tokenizer.apply_chat_template(messages, add_generation_prompt=generation, tokenize=True,
+                                             return_dict=True)["input_ids"] == \
+            encode_chat(tokenizer, template, messages, add_generation_prompt=generation).input_ids
+    eos = GenerationConfig.from_pretrained(tuned["adapter"]).eos_token_id
+    assert eos == stop_criteria(tokenizer, template)[0] and tokenizer.convert_tokens_to_ids("<reserved_106>") in eos
     assert json.loads((tuned["adapter"] / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         str(baichuan2["output"])
 
