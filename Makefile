@@ -7,7 +7,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo demo-classifier demo-clm demo-sft demo-baichuan demo-dpo demo-pipeline demo-modify test lint clean
+# Real tokenizers and official chat templates for the tests: the pinned llama-cpp-python sdist (sha256
+# checked), downloaded once into .cache/ (ignored), only its vocabularies and templates extracted.
+REAL_ARTEFACTS := .cache/real_artefacts/validation.json
+
+.PHONY: setup real-artefacts browser demo demo-classifier demo-clm demo-sft demo-baichuan demo-dpo demo-pipeline demo-modify test lint clean
 
 setup: $(STAMP)
 
@@ -98,7 +102,12 @@ browser:
 	export DEBIAN_FRONTEND=noninteractive; \
 	$$SUDO apt-get install -y -q $(CHROMIUM_PKGS) || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $(CHROMIUM_PKGS); }
 
-test: setup browser
+real-artefacts: $(REAL_ARTEFACTS)
+
+$(REAL_ARTEFACTS): tests/real_artefacts.py | $(STAMP)
+	$(PY) tests/real_artefacts.py
+
+test: setup browser real-artefacts
 	$(PY) -m pytest -q
 
 lint: setup

@@ -13,10 +13,10 @@ llama-cpp-python sdist that `make real-artefacts` caches (tests/real_artefacts.p
 import copy
 
 import pytest
+import real_artefacts
 from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
-import real_artefacts
 from common.errors import UserError
 from common.templates import (
     IGNORE_INDEX,
@@ -105,7 +105,7 @@ def test_fixture_tokenizers_are_validated_against_llama_cpp(artefacts):
 
     results = json.loads(artefacts.VALIDATION.read_text())
     assert results["qwen2"]["usable"] and results["qwen2"]["matching"] == results["qwen2"]["cases"] == 46
-    for vocab, result in results.items():  # used only when every expected id list is reproduced
+    for result in results.values():  # used only when every expected id list is reproduced
         assert result["usable"] == (result["loaded"] and result["cases"] > 0 and result["matching"] == result["cases"])
 
 
