@@ -22,7 +22,7 @@ from transformers import Trainer, set_seed
 
 from common.config import parse_args
 from common.sft import PackedCollator, ReplyLossTrainer
-from common.templates import ensure_template_tokens, get_template
+from common.templates import ensure_template_tokens, resolve_template
 from common.tokenizer import load_tokenizer
 
 from recipe_loader import load_recipe_script  # benchmarks/ is on sys.path when a benchmark runs
@@ -42,8 +42,8 @@ def main() -> None:
         [opts.config, "--output_dir", "/tmp/reply_loss_speed", "--max_steps", str(opts.steps),
          "--save_strategy", "no", "--eval_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "1000"])
     set_seed(training_args.seed)
-    template = get_template(model_args.template)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
+    template = resolve_template(model_args.template, tokenizer, model_args.model_name_or_path)
     added = ensure_template_tokens(tokenizer, template)
     dataset, _ = train.load_split(data_args, tokenizer, template, "train")
     model = train.load_model(model_args, training_args, len(tokenizer))

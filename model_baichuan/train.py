@@ -14,8 +14,10 @@
 
 Conversations are rendered with the baichuan2 template: `<reserved_106>` opens a user turn,
 `<reserved_107>` the reply (ids 195 / 196 in Baichuan2's vocabulary; a model without them, like
-the built-in base, gets them as new special tokens trained with the adapter). Loss falls on
-the replies and their end token only; conversations are packed without cross-attention.
+the built-in base, gets them as new special tokens trained with the adapter). `--template`
+takes auto / official / any registry entry as in chatglm_lora. Loss falls on the replies and
+their end token only; conversations are packed without cross-attention. The tuned model
+carries the template as Jinja and its end tokens as eos ids, for any serving stack.
 The run itself (data, LoRA over q/k/v/o/gate/up/down, Trainer, scoring of the starting and
 the tuned model on the built-in tasks, metrics.json) is common/sft_train.py's, shared with
 chatglm_lora. A remote-code Baichuan directory (model_type "baichuan") is refused with the
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 
 from common.config import parse_args
 from common.errors import cli_main
-from common.sft_train import SFTDataArguments, SFTModelArguments, run_sft
+from common.sft_train import TEMPLATE_HELP, SFTDataArguments, SFTModelArguments, run_sft
 from common.sft_train import SFTTrainingArguments as _SFTTrainingArguments
 
 
@@ -41,7 +43,7 @@ class DataArguments(SFTDataArguments):
 class ModelArguments(SFTModelArguments):
     model_name_or_path: str = field(default="outputs/model_clm",
                                     metadata={"help": "Local Llama-format model (convert.py's output, or any Llama)."})
-    template: str = field(default="baichuan2", metadata={"help": "Chat template (common/templates.py)."})
+    template: str = field(default="baichuan2", metadata={"help": TEMPLATE_HELP})
 
 
 @dataclass

@@ -5,6 +5,7 @@ all-linear, template chosen automatically) -> merge -> serve, answered through t
 openai client: replies stop at <|im_end|> and never show template markers."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -103,3 +104,41 @@ def test_merged_model_carries_the_template_and_stops_at_im_end(qwen):
         assert stream.token_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>") and stop == ()
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("template,line,message", [
+    # Gemma-2's official template raises on a system turn: the file and line of the conversation are named
+    ("google-gemma-2-2b-it", '{"messages": [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"}, '
+     '{"role": "assistant", "content": "你好！"}]}', r"train\.jsonl:2: .*refuses this conversation: System role not "
+     r"supported"),
+    # Qwen3's template rewrites earlier replies: refused with the entry to use
+    ("Qwen-Qwen3-0.6B", json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                                 {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}),
+     r"train\.jsonl:2: .*not prefix-consistent.*use --template qwen3"),
+    ("Qwen-Qwen2.5-7B-Instruct", '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]}',
+     r"train\.jsonl:2: message 1: an empty assistant reply"),
+    ("Qwen-Qwen2.5-7B-Instruct", '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
+     r"train\.jsonl:2: message 1: expected an assistant turn"),
+    ("no generation prompt", None, r"has no generation prompt"),
+])
+def test_conversations_the_template_cannot_render_stop_train_with_one_message(qwen, tmp_path, template, line,
+                                                                             message):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model / name).symlink_to(qwen["root"] / "base" / name)
+    tokenizer = AutoTokenizer.from_pretrained(qwen["root"] / "base")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.chat_template = ("{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}" if line is None
+                               else real_artefacts.official_template(template))
+    tokenizer.save_pretrained(model)
+    data = tmp_path / "data"
+    data.mkdir()
+    good = '{"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}'
+    (data / "train.jsonl").write_text(good + "\n" + (line or good) + "\n", encoding="utf-8")
+    (data / "valid.jsonl").write_text(good + "\n", encoding="utf-8")
+    result = run_script("chatglm_lora/train.py", "--model_name_or_path", model, "--data_dir", data,
+                        "--output_dir", tmp_path / "out", "--eval_samples", "-1", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
