@@ -220,11 +220,12 @@ register(ChatTemplate(name="qwen2.5", default_system="You are Qwen, created by A
                                                      "assistant.", **_CHATML))
 # Qwen3, thinking off (enable_thinking=False): the reply opens with an empty think block in the
 # prompt; replies in history carry none (Qwen3's template drops them).
-register(ChatTemplate(name="qwen3", **{**_CHATML, "assistant_prefix": "<|im_start|>assistant\n<think>\n\n</think>\n\n"},
+_QWEN3 = {**_CHATML, "special_tokens": (*_CHATML["special_tokens"], "<think>", "</think>")}
+register(ChatTemplate(name="qwen3", **{**_QWEN3, "assistant_prefix": "<|im_start|>assistant\n<think>\n\n</think>\n\n"},
                       history_assistant_prefix="<|im_start|>assistant\n"))
 # Qwen3, thinking on (its default): the model writes the think block itself, learned here empty.
 register(ChatTemplate(name="qwen3-thinking", reply_prefix="<think>\n\n</think>\n\n", history_reply_prefix="",
-                      **_CHATML))
+                      **_QWEN3))
 # Llama-3.1 / 3.2 / 3.3 Instruct: a system header always, with the knowledge-date lines. The date
 # is Llama-3.1's fixed default; 3.2 / 3.3 write today's date, which would make training text
 # change from day to day.
@@ -244,7 +245,8 @@ register(ChatTemplate(
     name="deepseek-r1", prefix="{bos}", system="{content}", user="<｜User｜>{content}",
     assistant_prefix="<｜Assistant｜><think>\n", history_assistant_prefix="<｜Assistant｜>",
     reply_prefix="</think>\n\n", history_reply_prefix="", assistant_suffix="<｜end▁of▁sentence｜>", end=None,
-    stop=("<｜end▁of▁sentence｜>", "<｜User｜>"), special_tokens=("<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"),
+    stop=("<｜end▁of▁sentence｜>", "<｜User｜>"),
+    special_tokens=("<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>", "<think>", "</think>"),
 ))
 # GLM-4.5 / 4.6 / 4.7: GLM-4's roles, and every reply opens with a think block (empty here). The
 # official template writes no end marker (generation stops at <|user|>); a finished conversation

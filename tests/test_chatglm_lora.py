@@ -9,11 +9,11 @@ import openai
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GlmConfig, GlmForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GlmConfig, GlmForCausalLM
 
 from common.corpora import load_peoples_daily, load_reviews
 from common.serving import Engine, SamplingParams
-from common.templates import get_template, registry_entry_of
+from common.templates import encode_chat, get_template, registry_entry_of
 from common.tokenizer import build_chinese_tokenizer
 
 from conftest import REPO, free_port, run_script, wait_until_up
@@ -87,6 +87,15 @@ def test_merge_is_verified_and_serves_like_the_adapter(workdir, tuned):
     assert "verified" in result.stdout
     assert not (workdir / "merged" / "adapter_config.json").exists()
     AutoModelForCausalLM.from_pretrained(workdir / "merged")  # a plain checkpoint
+    # the merged model carries glm4 (whose role markers training added) as Jinja: any stack's ids are training's
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "merged")
+    conversation = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": QUESTION},
+                    {"role": "assistant", "content": "正面"}, {"role": "user", "content": "为什么？"}]
+    for messages, generation in ((conversation, True), (conversation[:3], False)):
+        assert tokenizer.apply_chat_template(messages, add_generation_prompt=generation, tokenize=True,
+                                             return_dict=True)["input_ids"] == \
+            encode_chat(tokenizer, get_template("glm4"), messages, add_generation_prompt=generation).input_ids
+    assert tokenizer.convert_tokens_to_ids("<|user|>") in GenerationConfig.from_pretrained(workdir / "merged").eos_token_id
     greedy = SamplingParams(max_new_tokens=12, temperature=0)
     messages = [{"role": "user", "content": QUESTION}]
     replies = []
@@ -112,6 +121,7 @@ def test_generate_and_the_server_give_the_same_greedy_reply(workdir, tuned):
         messages = [{"role": "user", "content": QUESTION}]
         answer = client.chat.completions.create(model="lora", messages=messages, temperature=0, max_tokens=12)
         assert answer.choices[0].message.content == reply
+        assert "<|" not in reply and "[gMASK]" not in reply  # template markers never reach the client
         stream = client.chat.completions.create(model="lora", messages=messages, temperature=0, max_tokens=12,
                                                 stream=True)
         assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == reply
