@@ -9,7 +9,13 @@ import openai
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GlmConfig, GlmForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    GlmConfig,
+    GlmForCausalLM,
+)
 
 from common.corpora import load_peoples_daily, load_reviews
 from common.serving import Engine, SamplingParams
