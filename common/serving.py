@@ -738,6 +738,8 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        if template in ("auto", "official"):  # the training recipes' words for "the model's own"
+            template = None
         entry = registry_entry_of(getattr(tokenizer, "chat_template", None)) if template is None else None
         own = template is None and entry is None and bool(getattr(tokenizer, "chat_template", None))
         self.template = None if own else entry or get_template(template or "plain")

@@ -488,8 +488,8 @@ def save_chat_template(output_dir: str | Path, tokenizer, template) -> None:
 
 
 def save_template_name(output_dir: str | Path, name: str) -> None:
-    """Older outputs' record of the template (model_baichuan/convert.py still writes it for
-    converted base models, which carry no chat_template of their own)."""
+    """Older outputs' record of the template's name (model_baichuan/convert.py still writes it
+    when it converts no tokenizer to carry the Jinja template)."""
     Path(output_dir, TEMPLATE_FILE).write_text(json.dumps({"template": name}) + "\n", encoding="utf-8")
 
 
