@@ -45,7 +45,14 @@ from common.config import parse_args
 from common.errors import UserError, cli_main
 from common.instructions import item_messages, paired_change
 from common.serving import adapter_base, load_adapter
-from common.sft_train import TEMPLATE_HELP, count_parameters, evaluate_tasks, lora_target_modules
+from common.sft_train import (
+    TEMPLATE_HELP,
+    count_parameters,
+    evaluate_tasks,
+    lora_target_modules,
+    refuse_data_parallel,
+    weights_dtype,
+)
 from common.templates import (
     encode_chat,
     ensure_template_tokens,
@@ -191,8 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
     if model_args.finetuning_type not in ("lora", "full"):
         raise UserError(f"--finetuning_type must be lora or full, got {model_args.finetuning_type}")
+    refuse_data_parallel(args)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    model, tokenizer = load_start_model(model_args.model_name_or_path, dtype)
+    # the policy: fp32 master weights for full fine-tuning without DeepSpeed (weights_dtype says why)
+    model, tokenizer = load_start_model(model_args.model_name_or_path, weights_dtype(model_args.finetuning_type, args))
     template = resolve_template(model_args.template, tokenizer, model_args.model_name_or_path) or get_template("baichuan2")
     if ensure_template_tokens(tokenizer, template):
         raise UserError(f"the model's vocabulary lacks the {template.name} template's markers: start DPO from a "

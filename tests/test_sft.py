@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast, TrainingArguments
+from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 from common.corpora import load_peoples_daily
 from common.errors import UserError
@@ -215,6 +215,42 @@ def test_reply_logits_only_loss_equals_the_models_own_loss(bpe, tmp_path):
         assert torch.allclose(ours, own, atol=1e-5)
         assert torch.allclose(model.model.layers[0].self_attn.q_proj.weight.grad, own_grad, atol=1e-6)
         model.zero_grad()
+
+
+def test_full_finetuning_keeps_updates_below_bf16_resolution(tmp_path):
+    """A step far below bf16's resolution at 1.0 (2**-7) must still move the weights: fp32
+    master weights under bf16 autocast do; bf16 weights (the old way) round it away."""
+    from datasets import Dataset
+
+    from common.sft_train import weights_dtype
+
+    args = TrainingArguments(tmp_path, use_cpu=True, bf16=True, learning_rate=1e-5, max_steps=3, report_to="none",
+                             lr_scheduler_type="constant", per_device_train_batch_size=2, save_strategy="no",
+                             disable_tqdm=True)
+    assert weights_dtype("full", args) == torch.float32 and weights_dtype("lora", args) == torch.bfloat16
+    ids = [[1, 5, 9, 13, 17, 21, 2], [1, 6, 10, 14, 18, 22, 2]]
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    changed = {}
+    for name, dtype in (("fp32 master", weights_dtype("full", args)), ("bf16 weights", torch.bfloat16)):
+        torch.manual_seed(0)
+        model = GlmForCausalLM(GlmConfig(vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                                         pad_token_id=0)).to(dtype)
+        before = model.model.norm.weight.detach().float().clone()  # all 1.0
+        Trainer(model=model, args=args, train_dataset=data).train()
+        changed[name] = (model.model.norm.weight.detach().float() != before).float().mean().item()
+    assert changed == {"fp32 master": 1.0, "bf16 weights": 0.0}
+
+
+def test_one_process_with_several_gpus_is_refused_with_the_commands_that_work():
+    from types import SimpleNamespace
+
+    from common.sft_train import refuse_data_parallel
+
+    with pytest.raises(UserError, match=r"sees 2 GPUs.*torchrun --nproc_per_node 2.*--device_map balanced"):
+        refuse_data_parallel(SimpleNamespace(n_gpu=2))
+    refuse_data_parallel(SimpleNamespace(n_gpu=2), device_map="balanced")  # chaining: the Trainer leaves it alone
+    refuse_data_parallel(SimpleNamespace(n_gpu=1))
 
 
 def test_padding_collator_pads_right_with_ignored_labels():
