@@ -7,7 +7,13 @@ import json
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers import (
+    GlmConfig,
+    GlmForCausalLM,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+)
 
 from common.corpora import load_peoples_daily
 from common.errors import UserError
