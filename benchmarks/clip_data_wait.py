@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--synced_steps", type=int, default=64)
     parser.add_argument("--free_steps", type=int, default=64)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with the default tiny config.")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "clip_data_wait.json")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "benchmarks" / "clip_data_wait.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tiny:
@@ -202,6 +202,7 @@ def main() -> None:
         print(f"{row['variant']:<18}{row['workers']:>8}{row['synced_step_ms']:>9.1f}{row['data_ms']:>9.2f}"
               f"{row['data_share']:>11.1%}{row['data_share_within_epoch']:>9.1%}{starts:>16}"
               f"{row['free_images_per_s']:>10.0f}{ratio:>12}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"environment": header, "config": str(GPU_CONFIG.relative_to(REPO)),
                                     "steps": {"warmup": args.warmup_steps, "synced": args.synced_steps,
                                               "free": args.free_steps}, "rows": rows}, indent=2) + "\n")

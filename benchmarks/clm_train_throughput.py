@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--peak_tflops", type=float, default=989.0)
     parser.add_argument("--data_dir", type=Path, default=Path(tempfile.gettempdir()) / "clm_throughput_data")
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "clm_train_throughput.json")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "benchmarks" / "clm_train_throughput.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.tiny:
@@ -225,6 +225,7 @@ def main() -> None:
         memory = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "-"
         print(f"{row['variant']:<19}{row['gpus']:>5}{row['batch']:>6} x {row['accumulation']:<3}{row['tokens_per_s']:>11,}"
               f"{row['mfu']:>9.1%}{memory:>10}{ratio:>12}{scaling:>9}")
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps({"environment": header, "rows": rows}, indent=2) + "\n")
     print(f"wrote {opts.out}")
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import socket
 import sys
 import threading
 import time
@@ -184,8 +185,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--skip_static_generate", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="2 x 64 model on the CPU, 16 tokens: a smoke test.")
-    parser.add_argument("--port", type=int, default=8019)
-    parser.add_argument("--out", default="benchmarks/decode_throughput.json")
+    parser.add_argument("--port", type=int, default=None, help="Port of the in-process server (default: a free one).")
+    parser.add_argument("--out", default="outputs/benchmarks/decode_throughput.json")
     args = parser.parse_args()
     shape = "tiny" if args.tiny else args.shape
     tokens = 16 if args.tiny else args.tokens
@@ -238,6 +239,10 @@ def main() -> None:
     add("engine, batch 1", 1, timed(engine_one), tokens)
     alone = [engine_one(i) for i in range(args.clients)]  # references for the concurrent streams
 
+    if args.port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            args.port = probe.getsockname()[1]
     server, thread = serve_in_thread(engine, args.port, args.clients)
     # the clients run in a process of their own, as they would in use: not sharing the server's GIL
     clients = multiprocessing.get_context("spawn").Pool(1)
@@ -286,6 +291,7 @@ def main() -> None:
                "bandwidth_bound_tokens_per_s": round(bound, 1) if bound else None,
                "batch1_fraction_of_bound": round(batch1 / bound, 3) if bound else None}
     print(json.dumps(summary, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"setup": header, "rows": rows, "summary": summary}, indent=2) + "\n")
 
 

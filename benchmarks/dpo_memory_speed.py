@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--warmup_steps", type=int, default=3)
     parser.add_argument("--measure_steps", type=int, default=8)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny model.")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "dpo_memory_speed.json"))
+    parser.add_argument("--out", default=str(REPO / "outputs" / "benchmarks" / "dpo_memory_speed.json"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.tiny:
@@ -201,6 +201,7 @@ def main() -> None:
               "settings": {k: getattr(opts, k) for k in ("batch", "prompt_tokens", "reply_tokens",
                                                           "gradient_checkpointing", "warmup_steps", "measure_steps")},
               "rows": rows}
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {opts.out}")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -64,8 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--tiny", action="store_true", help="2 x 64 model, 20 tokens: a CPU smoke test.")
-    parser.add_argument("--port", type=int, default=8017)
-    parser.add_argument("--out", default="benchmarks/gpt2_decode_speed.json")
+    parser.add_argument("--port", type=int, default=None, help="Port of the server run (default: a free one).")
+    parser.add_argument("--out", default="outputs/benchmarks/gpt2_decode_speed.json")
     args = parser.parse_args()
     tokens = 20 if args.tiny else args.tokens
     sizes = dict(n_layer=2, n_head=2, n_embd=64) if args.tiny else dict(n_layer=12, n_head=12, n_embd=768)
@@ -101,10 +102,16 @@ def main() -> None:
             rows.append({"path": f"Engine.stream, request {run}", "cudnn_sdpa": cudnn,
                          "tokens_per_s": tokens_per_second(stream, tokens)})
     # the server as shipped (cuDNN SDPA off, set by load_causal_lm in its own process)
+    if args.port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            args.port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, str(REPO / "chinese_gpt2/serve.py"), "--model", str(model_dir),
                                "--port", str(args.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(240):
+            if server.poll() is not None:
+                raise SystemExit(f"serve.py exited with code {server.returncode}")
             try:
                 httpx.get(f"http://127.0.0.1:{args.port}/health", timeout=1)
                 break

@@ -339,7 +339,7 @@ def main() -> None:
                         help="the GPU's dense bf16 peak for MFU; H100 SXM 989 (default: %(default)s)")
     parser.add_argument("--data_dir", default=None,
                         help="where the synthetic token files go (default: a new temporary folder)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "gpt2_train_throughput.json"),
+    parser.add_argument("--out", default=str(REPO / "outputs" / "benchmarks" / "gpt2_train_throughput.json"),
                         help="JSON results (default: %(default)s)")
     parser.add_argument("--time_limit", type=float, default=None,
                         help="seconds for all variants: a child still running then is stopped and reported as "

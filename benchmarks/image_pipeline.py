@@ -2,6 +2,7 @@
 
     python benchmarks/image_pipeline.py                           # 1,024 JPEGs of 500 x 375, 2 workers
     python benchmarks/image_pipeline.py --images 256 --workers 1  # quicker
+    python benchmarks/image_pipeline.py --tiny                    # CPU smoke test: 64 images of 64 x 64, seconds
 
 Same images (JPEG files of 500 x 375, rendered shape scenes with noise, written first), same
 batch size, same DataLoader workers, same output (float [B, 3, 224, 224], CLIP's mean / std):
@@ -67,10 +68,11 @@ class Paths(Dataset):
 class ProcessorCollate:
     """The original way: decode and process a batch of image files."""
 
-    def __init__(self):
+    def __init__(self, size: int = 224):
         from transformers import ChineseCLIPImageProcessorPil
 
-        self.processor = ChineseCLIPImageProcessorPil()  # 224, CLIP mean / std
+        self.processor = ChineseCLIPImageProcessorPil(  # CLIP's mean / std
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
     def __call__(self, paths):
         images = []
@@ -118,8 +120,11 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--out", default="benchmarks/image_pipeline.json")
+    parser.add_argument("--out", default="outputs/benchmarks/image_pipeline.json")
+    parser.add_argument("--tiny", action="store_true", help="Smoke test: 64 images, batch 16, one worker, 64 pixels.")
     args = parser.parse_args()
+    if args.tiny:
+        args.images, args.batch_size, args.workers, args.size = 64, 16, 1, 64
 
     work = Path(tempfile.mkdtemp(prefix="image_pipeline_"))
     (work / "jpeg").mkdir()
@@ -127,7 +132,7 @@ def main() -> None:
     mean_kb = np.mean([p.stat().st_size for p in paths]) / 1024
     loader_args = dict(num_workers=args.workers, persistent_workers=False)
 
-    original = DataLoader(Paths(paths), batch_size=args.batch_size, collate_fn=ProcessorCollate(), **loader_args)
+    original = DataLoader(Paths(paths), batch_size=args.batch_size, collate_fn=ProcessorCollate(args.size), **loader_args)
     rate_a, shape_a = images_per_second(original)
 
     start = time.perf_counter()

@@ -233,6 +233,7 @@ def run_variant(name: str, opts) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from common.sft import PackedCollator, PaddingCollator, pack, register_liger_glm
+    from common.sft_train import count_parameters
 
     spec = VARIANTS[name]
     train = load_recipe_script("chatglm_lora")
@@ -264,7 +265,7 @@ def run_variant(name: str, opts) -> dict:
     start = time.perf_counter()
     model = build_model(opts, spec["attention"])
     model = train.add_adapter(model, train.ModelArguments(), args, [])  # r=16, alpha=32, GLM's six projections
-    parameters = train.count_parameters(model)
+    parameters = count_parameters(model)
     build_s = time.perf_counter() - start
     marks, counts, memory = {}, {"real": 0, "processed": 0, "label": 0, "steps": 0}, {}
 
@@ -336,7 +337,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--time_limit", type=float, default=0, help="Start no child after this many seconds (0: none).")
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "lora_sft_throughput.json")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "benchmarks" / "lora_sft_throughput.json")
     parser.add_argument("--log", type=Path, help="Append every child's stdout and stderr here.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -362,6 +363,9 @@ def main() -> None:
     print(f"data: {json.dumps(data)}", flush=True)
     rows = []
     for name in opts.variants.split(","):
+        if VARIANTS[name].get("attention") == "flex_attention" and not torch.cuda.is_available():
+            rows.append({"variant": name, "skipped": "flex attention has no backward on the CPU"})
+            continue
         if opts.time_limit and time.time() - started > opts.time_limit:
             rows.append({"variant": name, "error": "not run (time limit)"})
             continue
@@ -380,6 +384,7 @@ def main() -> None:
             rows.append(json.loads(lines[-1][4:]))
         rows[-1]["child_s"] = round(time.time() - t0, 1)
         print(json.dumps(rows[-1]), flush=True)
+        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
         opts.out.write_text(json.dumps({"environment": header, "data": data, "rows": rows}, indent=2) + "\n")
 
     # only now: CUDA initialised in this process would hold GPU memory while the children run
@@ -394,6 +399,7 @@ def main() -> None:
         summary = {"recipe": best["variant"], "real_tokens_per_s_ratio": round(ratio, 2),
                    "peak_memory_gib": [best["peak_memory_gib"], base["peak_memory_gib"]],
                    "goal_met": ratio >= 2 and memory_ok}
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps({"environment": header, "data": data, "summary": summary, "rows": rows},
                                    indent=2) + "\n")
     print(header)

