@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # checked), downloaded once into .cache/ (ignored), only its vocabularies and templates extracted.
 REAL_ARTEFACTS := .cache/real_artefacts/validation.json
 
-.PHONY: setup real-artefacts browser demo demo-classifier demo-clm demo-sft demo-baichuan demo-dpo demo-pipeline demo-modify test lint clean
+.PHONY: setup real-artefacts gpu-wheels browser demo demo-classifier demo-clm demo-sft demo-baichuan demo-dpo demo-pipeline demo-modify test lint clean
 
 setup: $(STAMP)
 
@@ -92,6 +92,20 @@ demo-pipeline: setup
 	$(PY) model_clm/prepare_data.py --dedup true
 	PYTHONPATH=. $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 \
 		pipeline_parallel/train.py pipeline_parallel/configs/default.yaml
+
+# Wheels the GPU image lacks (STACK.md) for the benchmarks and the recipes' GPU paths, for Python 3.12 on
+# x86-64, into .whl/ (ignored); the device tool carries the folder (benchmarks/RESULTS.md: a bare GPU
+# machine). QLORA=1 adds bitsandbytes (43 MB of the 64 MiB a call may carry).
+GPU_WHEELS := datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 trl==1.16.0 liger-kernel==0.8.5 \
+	fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+	annotated-doc==0.0.4 typing-inspection==0.4.5 opentelemetry-api==1.45.2 uvicorn==0.54.0 \
+	$(if $(QLORA),bitsandbytes==0.50.2)
+GPU_PLATFORMS := $(foreach n,2_28 2_27 2_24 2_17,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+	@du -sh .whl
 
 # The chatbot test drives Debian's chromium headless; install it when missing (needs root or sudo).
 CHROMIUM_PKGS := chromium chromium-driver
