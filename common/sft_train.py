@@ -416,7 +416,9 @@ def run_sft(data_args: SFTDataArguments, model_args: SFTModelArguments, training
                  "train_rows": len(train_dataset), "train_tokens": train_tokens},
         "train": {"first_logged_loss": logged[0] if logged else None, "last_logged_loss": logged[-1] if logged else None,
                   "steps": trainer.state.global_step, "runtime_s": round(runtime, 1),
-                  "real_tokens_per_s": round(train_tokens * epochs / runtime, 1)},
+                  "real_tokens_per_s": round(train_tokens * epochs / runtime, 1),
+                  "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                  if torch.cuda.is_available() else None},
         "valid": {"loss_before": before, "loss_after": after,
                   "perplexity_before": math.exp(min(before, 50)) if before is not None else None,
                   "perplexity_after": math.exp(min(after, 50))},
