@@ -406,7 +406,9 @@ def run_sft(data_args: SFTDataArguments, model_args: SFTModelArguments, training
     train_tokens = real_tokens(train_dataset)
     rows_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                      * training_args.world_size)
-    epochs = trainer.state.global_step * rows_per_step / len(train_dataset)  # rows are alike: mean tokens per row
+    resumed_at = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0  # steps before this process
+    # rows are alike: mean tokens per row; only the steps this process ran count against its runtime
+    epochs = (trainer.state.global_step - resumed_at) * rows_per_step / len(train_dataset)
     metrics = {
         "template": template.name,
         "finetuning_type": model_args.finetuning_type,
