@@ -16,7 +16,8 @@ BENCHMARKS = ["clip_data_wait", "clm_train_throughput", "decode_throughput", "dp
 # Variants run one child process each (about 10 s of imports apiece): where a benchmark has many,
 # the test runs one per code path (baseline, the recipe's way, torch.compile, DPO's references).
 VARIANTS = {"clip_data_wait": "loader,resident_compile", "gpt2_train_throughput": "baseline,recipe",
-            "dpo_memory_speed": "lora_adapter_off,full_ref_copy,full_precomputed"}
+            "clm_train_throughput": "baseline,recipe", "lora_sft_throughput": "check,baseline,recipe_sdpa",
+            "dpo_memory_speed": "lora_adapter_off,full_precomputed"}
 
 
 def records(node):

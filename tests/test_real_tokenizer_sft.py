@@ -46,7 +46,7 @@ def qwen(tmp_path_factory):
         "--output_dir", root / "lora", "--lora_target", "all-linear", "--lora_rank", "8", "--lora_alpha", "16",
         "--max_length", "160", "--per_device_train_batch_size", "8", "--max_steps", "200", "--learning_rate", "1e-2",
         "--warmup_steps", "10", "--eval_steps", "200", "--save_steps", "200", "--logging_steps", "20",
-        "--eval_samples", "16", "--eval_max_new_tokens", "8")
+        "--eval_samples", "-1")
     run_script("chatglm_lora/merge.py", "--adapter", root / "lora", "--output_dir", root / "merged")
     return {"root": root, "stdout": result.stdout,
             "metrics": json.loads((root / "lora" / "metrics.json").read_text())}
@@ -106,19 +106,12 @@ def test_merged_model_carries_the_template_and_stops_at_im_end(qwen):
         engine.close()
 
 
+# (Qwen3's refusal, empty replies and roles out of order: tests/test_templates.py and test_sft.py)
 @pytest.mark.parametrize("template,line,message", [
     # Gemma-2's official template raises on a system turn: the file and line of the conversation are named
     ("google-gemma-2-2b-it", '{"messages": [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"}, '
      '{"role": "assistant", "content": "你好！"}]}', r"train\.jsonl:2: .*refuses this conversation: System role not "
      r"supported"),
-    # Qwen3's template rewrites earlier replies: refused with the entry to use
-    ("Qwen-Qwen3-0.6B", json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                                 {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}),
-     r"train\.jsonl:2: .*not prefix-consistent.*use --template qwen3"),
-    ("Qwen-Qwen2.5-7B-Instruct", '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]}',
-     r"train\.jsonl:2: message 1: an empty assistant reply"),
-    ("Qwen-Qwen2.5-7B-Instruct", '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
-     r"train\.jsonl:2: message 1: expected an assistant turn"),
     ("no generation prompt", None, r"has no generation prompt"),
 ])
 def test_conversations_the_template_cannot_render_stop_train_with_one_message(qwen, tmp_path, template, line,
