@@ -25,8 +25,8 @@ runs with every Llama kernel, PEFT, TRL and serving path, without remote code:
 Weights are streamed shard by shard (safetensors read tensor by tensor, .bin memory-mapped):
 peak memory is about one output shard (--max_shard_size, 5 GB), never the whole model. The
 output is safetensors (an output shard per input file, split further where larger; an index
-when more than one), config.json, generation_config.json and the tokenizer (its chat_template: the registry entry as Jinja)
-(the chat template name that common/templates.py and the serving code read).
+when more than one), config.json, generation_config.json and the tokenizer, whose
+chat_template is the --template entry as Jinja (what SFT, chat and serving read).
 """
 
 from __future__ import annotations
