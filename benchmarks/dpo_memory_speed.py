@@ -36,14 +36,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from shapes import BAICHUAN2_7B
+
 from recipe_loader import load_recipe_script  # benchmarks/ is on sys.path when a benchmark runs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SHAPES = {  # Baichuan2-7B as convert.py writes it; a tiny one for the CPU
-    "baichuan2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=125696, max_position_embeddings=4096),
+    "baichuan2-7b": BAICHUAN2_7B,
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=1000, max_position_embeddings=1024),
 }

@@ -65,14 +65,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from shapes import GLM4_9B
+
 from recipe_loader import load_recipe_script  # benchmarks/ is on sys.path when a benchmark runs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GLM4_9B = dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
-               num_attention_heads=32, num_key_value_heads=2, head_dim=128, partial_rotary_factor=0.5,
-               attention_bias=True, max_position_embeddings=8192, rms_norm_eps=1.5625e-07)
 TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5, attention_bias=True,
             max_position_embeddings=2048, rms_norm_eps=1e-5, pad_token_id=0, eos_token_id=1)

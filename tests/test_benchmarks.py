@@ -5,19 +5,22 @@ must hold real measurements, no errors."""
 
 import json
 import math
+import sys
 
 import pytest
 
-from conftest import run_script
+from conftest import REPO, run_script
 
 BENCHMARKS = ["clip_data_wait", "clm_train_throughput", "decode_throughput", "dpo_memory_speed", "gpt2_decode_speed",
-              "gpt2_train_throughput", "image_pipeline", "lora_sft_throughput", "reply_loss_speed",
+              "gpt2_train_throughput", "image_pipeline", "lora_sft_throughput", "reply_loss_speed", "sft_memory",
               "tokenize_throughput"]
 # Variants run one child process each (about 10 s of imports apiece): where a benchmark has many,
 # the test runs one per code path (baseline, the recipe's way, torch.compile, DPO's references).
 VARIANTS = {"clip_data_wait": "loader,resident_compile", "gpt2_train_throughput": "baseline,recipe",
             "clm_train_throughput": "baseline,recipe", "lora_sft_throughput": "check,baseline,recipe_sdpa",
             "dpo_memory_speed": "lora_adapter_off,full_precomputed"}
+OPTIONS = {name: ("--variants", variants) for name, variants in VARIANTS.items()} | {
+    "sft_memory": ("--shapes", "glm4-9b", "--methods", "lora,full")}  # (QLoRA and 8-bit states need a GPU)
 
 
 def records(node):
@@ -47,13 +50,28 @@ def numbers(node):
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_tiny_mode_runs_and_measures(name, tmp_path):
     out = tmp_path / f"{name}.json"
-    variants = ("--variants", VARIANTS[name]) if name in VARIANTS else ()
-    run_script(f"benchmarks/{name}.py", "--tiny", "--out", out, *variants, timeout=900)
+    run_script(f"benchmarks/{name}.py", "--tiny", "--out", out, *OPTIONS.get(name, ()), timeout=900)
     result = json.loads(out.read_text())
     errors = [r["error"] for r in records(result) if r.get("error")]
     assert not errors, errors
     measured = [x for x in numbers(result) if math.isfinite(x) and x > 0]
     assert len(measured) >= 2  # rates / times / memory, not an empty table
+
+
+def test_sft_memory_cap_search_finds_what_trying_every_cap_finds():
+    """sft_memory.py tries a setting's caps from the largest one a dominated setting (shorter, or the
+    same with checkpointing) needed: the smallest fitting cap is the one trying every cap finds."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from sft_memory import sweep
+
+    caps = [16, 24, 48, 140]
+    need = {(1024, True): 10, (2048, True): 14, (4096, True): 20, (1024, False): 15, (2048, False): 30,
+            (4096, False): 70, (8192, False): 500}  # GiB a setting needs: monotone, the last fits nothing
+    needed, attempts = sweep(list(need), len(caps), lambda setting, i: need[setting] <= caps[i])
+    assert needed == {s: next((i for i, c in enumerate(caps) if n <= c), len(caps)) for s, n in need.items()}
+    assert [i for *s, i in attempts if tuple(s) == (4096, False)] == [2, 3]  # bounded by (2048, off) and (4096, on)
+    assert [i for *s, i in attempts if tuple(s) == (8192, False)] == [3]
+    assert len(attempts) == 11  # against 28 for every cap of every setting
 
 
 @pytest.mark.gpu
