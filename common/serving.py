@@ -84,12 +84,13 @@ def adapter_base(adapter_dir: str | Path, base_model: str | Path | None = None) 
     return base
 
 
-def load_adapter(adapter_dir: str | Path, base: Path, tokenizer, dtype: torch.dtype):
+def load_adapter(adapter_dir: str | Path, base: Path, tokenizer, dtype: torch.dtype, **load_kwargs):
     """A PeftModel: `base` (embeddings grown to the tokenizer when training added markers)
-    with the adapter of `adapter_dir` over it, unmerged."""
+    with the adapter of `adapter_dir` over it, unmerged. `load_kwargs` go to the base's
+    from_pretrained (merge.py: the NF4 quantisation a QLoRA adapter was trained over)."""
     from peft import PeftModel
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=False, **load_kwargs)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return PeftModel.from_pretrained(model, adapter_dir)

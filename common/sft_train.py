@@ -249,6 +249,15 @@ def weights_dtype(finetuning_type: str, training_args) -> torch.dtype:
     return torch.float32 if finetuning_type == "full" and not training_args.deepspeed else half
 
 
+def nf4_config(compute_dtype: torch.dtype):
+    """QLoRA's base: NF4 weights with double quantisation, matmuls in `compute_dtype` (merge.py
+    quantises the base the same way to merge an adapter into what it was trained over)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 def load_model(model_args: SFTModelArguments, training_args: SFTTrainingArguments, vocab_size: int):
     dtype = weights_dtype(model_args.finetuning_type, training_args)
     compute = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
@@ -263,11 +272,8 @@ def load_model(model_args: SFTModelArguments, training_args: SFTTrainingArgument
     if model_args.finetuning_type == "qlora":
         if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
             raise UserError("qlora needs a CUDA GPU and the bitsandbytes package; use --finetuning_type lora")
-        from transformers import BitsAndBytesConfig
-
         kwargs["device_map"] = {"": training_args.local_process_index}  # 4-bit weights are placed at load
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+        kwargs["quantization_config"] = nf4_config(compute)
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     if model.get_input_embeddings().num_embeddings < vocab_size:
         model.resize_token_embeddings(vocab_size, mean_resizing=True)

@@ -87,10 +87,28 @@ def test_lora_sft_learns_and_reports(workdir, tuned):
     assert any("trainable_tokens" in key for key in load_file(out / "adapter_model.safetensors"))
 
 
+def test_merge_of_a_qlora_adapter_without_a_gpu_is_refused(workdir, tuned, tmp_path):
+    """A QLoRA adapter is merged into the NF4 base it was trained over (GPU + bitsandbytes); on a
+    machine without them merge.py says so and names the way out, instead of silently merging
+    into the unquantised weights."""
+    import shutil
+
+    adapter = tmp_path / "qlora"
+    shutil.copytree(workdir / "lora", adapter)
+    metrics = json.loads((adapter / "metrics.json").read_text())
+    (adapter / "metrics.json").write_text(json.dumps(metrics | {"finetuning_type": "qlora"}))
+    result = run_script("chatglm_lora/merge.py", "--adapter", adapter, "--output_dir", tmp_path / "merged",
+                        check=False)
+    assert result.returncode == 2, result.stderr
+    assert "QLoRA adapter" in result.stderr and "--base_precision saved" in result.stderr
+    assert not (tmp_path / "merged").exists()
+
+
 def test_merge_is_verified_and_serves_like_the_adapter(workdir, tuned):
     result = run_script("chatglm_lora/merge.py", "--adapter", workdir / "lora", "--output_dir", workdir / "merged")
     report = json.loads((workdir / "merged" / "merge_report.json").read_text())
     assert report["verified"] and report["max_abs_logit_difference"] <= 1e-3
+    assert report["base_precision"] == "saved"  # a LoRA adapter: the base as saved
     assert report["adapter_effect_max_abs_logit_change"] > 0.1  # the adapter matters, so parity means something
     assert "verified" in result.stdout
     assert not (workdir / "merged" / "adapter_config.json").exists()
