@@ -32,7 +32,7 @@ import torch
 from transformers import AutoTokenizer
 
 from common.errors import UserError, cli_main
-from common.serving import adapter_base, load_adapter
+from common.serving import adapter_base, adapter_finetuning_type, load_adapter
 from common.sft_train import nf4_config
 from common.templates import encode_chat, get_template, resolve_template, save_chat_template
 
@@ -48,16 +48,6 @@ CHECK_CONVERSATIONS = [
 @torch.inference_mode()
 def logits_of(model, batches: list[list[int]]) -> list[torch.Tensor]:
     return [model(input_ids=torch.tensor([ids], device=model.device)).logits.float().cpu() for ids in batches]
-
-
-def trained_with(adapter: Path) -> str | None:
-    """finetuning_type of the run that wrote `adapter` (its metrics.json, or that of the run a
-    checkpoint-N folder belongs to), None when unknown."""
-    for folder in (adapter, adapter.parent):
-        metrics = folder / "metrics.json"
-        if metrics.is_file():
-            return json.loads(metrics.read_text(encoding="utf-8")).get("finetuning_type")
-    return None
 
 
 @cli_main
@@ -86,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     precision = args.base_precision
     if precision == "auto":
-        precision = "nf4" if trained_with(adapter) == "qlora" else "saved"
+        precision = "nf4" if adapter_finetuning_type(adapter) == "qlora" else "saved"
     device = args.device or ("cuda" if precision == "nf4" else "cpu")
     if precision == "nf4" and (importlib.util.find_spec("bitsandbytes") is None or not device.startswith("cuda")
                                or not torch.cuda.is_available()):

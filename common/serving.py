@@ -84,6 +84,15 @@ def adapter_base(adapter_dir: str | Path, base_model: str | Path | None = None) 
     return base
 
 
+def adapter_finetuning_type(adapter_dir: str | Path) -> str | None:
+    """finetuning_type (lora / qlora) of the run that wrote an adapter: its metrics.json, or that
+    of the run a checkpoint-N folder belongs to; None when unknown."""
+    for folder in (Path(adapter_dir), Path(adapter_dir).parent):
+        if (folder / "metrics.json").is_file():
+            return json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("finetuning_type")
+    return None
+
+
 def load_adapter(adapter_dir: str | Path, base: Path, tokenizer, dtype: torch.dtype, **load_kwargs):
     """A PeftModel: `base` (embeddings grown to the tokenizer when training added markers)
     with the adapter of `adapter_dir` over it, unmerged. `load_kwargs` go to the base's
@@ -119,6 +128,10 @@ def load_causal_lm(model_dir: str | Path, device: str | None = None, dtype: str 
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     if base is not None:
+        if adapter_finetuning_type(model_dir) == "qlora":
+            logger.warning("%s is a QLoRA adapter, served here over the unquantised base (not the NF4 weights it "
+                           "was trained over): merge it first (chatglm_lora/merge.py) to serve the trained model",
+                           model_dir)
         model = load_adapter(model_dir, base, tokenizer, getattr(torch, dtype)).merge_and_unload()
         logger.info("loaded the adapter %s over %s and merged it", model_dir, base)
     else:

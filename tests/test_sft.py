@@ -3,6 +3,7 @@ label masking, truncation, packing isolation, data layouts and their errors, sco
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from common.config import parse_args
 from common.corpora import load_peoples_daily
 from common.errors import UserError
 from common.instructions import score, segmentation_items, segmentation_scores, sentiment_items
@@ -36,6 +38,8 @@ from common.templates import (
     get_template,
     stop_criteria,
 )
+
+from conftest import REPO, load_recipe_module
 
 CONVERSATION = [
     {"role": "system", "content": "你是一个助手。"},
@@ -326,3 +330,16 @@ def test_segmentation_f1_and_task_scores():
     result = score(items, ["正面", "正面", "我不知道", "中国/人民"])
     assert result["sentiment"] == {"n": 3, "accuracy": 1 / 3, "unparsable": 1 / 3, "majority_class_accuracy": 2 / 3}
     assert result["segmentation"]["f1"] == 1.0 and result["segmentation"]["one_char_per_word_f1"] == 0.0
+
+
+@pytest.mark.parametrize("recipe", ["chatglm_lora", "model_baichuan"])
+def test_every_config_parses_with_its_recipes_arguments(recipe):
+    """A typo or an option the recipe lacks in a GPU config fails here, not on the user's GPU."""
+    train = load_recipe_module(recipe, "train")
+    configs = sorted((REPO / recipe / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    for config in configs:
+        data_args, model_args, training_args = parse_args(
+            [train.DataArguments, train.ModelArguments, train.SFTTrainingArguments], [str(config), "--use_cpu", "true"])
+        assert model_args.finetuning_type in ("lora", "qlora", "full"), config
+        assert Path(data_args.data_dir).name == recipe, config
