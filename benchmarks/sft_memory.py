@@ -71,22 +71,28 @@ NEEDS_BNB = {"qlora", "full_8bit"}
 
 # ------------------------------------------------------------------------ the cap search
 def sweep(settings: list[tuple[int, bool]], n_caps: int, fits) -> tuple[dict, list]:
-    """The smallest cap index each (seq, checkpointing) setting fits under, n_caps if none.
+    """The smallest cap index each (seq, checkpointing) setting fits under: n_caps if none, None
+    if not run (the time limit came first: then no later setting runs either).
 
-    `fits(setting, cap_index) -> bool` runs one attempt. A setting starts at the largest index
-    any setting it dominates needed: shorter sequences with the same checkpointing, or the
-    same length with checkpointing when it has none (both need no more memory). Settings are
-    visited shortest first, checkpointing first, so those bounds are known when needed."""
-    needed: dict[tuple[int, bool], int] = {}
+    `fits(setting, cap_index) -> bool | None` runs one attempt (None: not run). A setting starts
+    at the largest index any setting it dominates needed: shorter sequences with the same
+    checkpointing, or the same length with checkpointing when it has none (both need no more
+    memory). Settings are visited shortest first, checkpointing first, so those bounds are
+    known when needed."""
+    needed: dict[tuple[int, bool], int | None] = {}
     attempts = []
     for seq, checkpointing in sorted(settings, key=lambda s: (not s[1], s[0])):
+        if None in needed.values():
+            needed[seq, checkpointing] = None
+            continue
         lower = max([i for (s, c), i in needed.items()
                      if (c == checkpointing and s < seq) or (s == seq and c and not checkpointing)], default=0)
         needed[seq, checkpointing] = n_caps
         for index in range(lower, n_caps):
             attempts.append((seq, checkpointing, index))
-            if fits((seq, checkpointing), index):
-                needed[seq, checkpointing] = index
+            result = fits((seq, checkpointing), index)
+            if result is None or result:
+                needed[seq, checkpointing] = None if result is None else index
                 break
     return needed, attempts
 
@@ -206,8 +212,7 @@ def run_method(opts, shape: str, method: str) -> list[dict]:
             record[label] = "no: the weights alone"
             return False
         if time.time() > opts.deadline:
-            record[label] = "not run (time limit)"
-            return False
+            return None
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -247,11 +252,12 @@ def run_method(opts, shape: str, method: str) -> list[dict]:
     for setting in settings:
         record = outcomes.get(setting, {})
         for index, cap in enumerate(caps):  # what the search did not run, it inferred
-            record.setdefault(cap_label(cap, total), "yes (inferred)" if index > needed[setting] else
-                              "no (inferred)")
-        fit = caps[needed[setting]] if needed[setting] < len(caps) else False
+            record.setdefault(cap_label(cap, total), "not run (time limit)" if needed[setting] is None else
+                              "yes (inferred)" if index > needed[setting] else "no (inferred)")
+        fit = needed[setting] is not None and needed[setting] < len(caps)
         rows.append(common | {"seq": setting[0], "gradient_checkpointing": setting[1],
-                              "fits_under": cap_label(fit, total) if fit is not False else None,
+                              "fits_under": cap_label(caps[needed[setting]], total) if fit else
+                              "not run (time limit)" if needed[setting] is None else None,
                               "by_cap": {label: record[label] for label in map(lambda c: cap_label(c, total), caps)},
                               "attempts": sum(1 for a in attempts if a[:2] == setting)}
                     | measured.get(setting, {}))

@@ -72,6 +72,10 @@ def test_sft_memory_cap_search_finds_what_trying_every_cap_finds():
     assert [i for *s, i in attempts if tuple(s) == (4096, False)] == [2, 3]  # bounded by (2048, off) and (4096, on)
     assert [i for *s, i in attempts if tuple(s) == (8192, False)] == [3]
     assert len(attempts) == 11  # against 28 for every cap of every setting
+    # the time limit: a setting not run is unknown, not "does not fit", and nothing runs after it
+    needed, attempts = sweep(list(need), len(caps), lambda s, i: None if s == (2048, False) else need[s] <= caps[i])
+    assert needed[2048, False] is needed[4096, False] is needed[8192, False] is None
+    assert needed[1024, False] == 0 and needed[4096, True] == 1 and len(attempts) == 6
 
 
 @pytest.mark.gpu
