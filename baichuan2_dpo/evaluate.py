@@ -23,6 +23,7 @@ import torch
 
 from common.errors import cli_main
 from common.instructions import item_messages, paired_change
+from common.sft_train import evaluate_tasks, load_start_model, read_jsonl
 from common.templates import get_template, resolve_template
 from common.tokenizer import load_tokenizer
 
@@ -48,18 +49,18 @@ def main(argv: list[str] | None = None) -> dict:
     template = resolve_template(args.template, load_tokenizer(args.model), args.model) or get_template("baichuan2")
     data_dir = Path(args.data_dir)
     scoring = train.DataArguments(data_dir=str(data_dir), eval_samples=args.eval_samples)
-    items = [{**row, "messages": item_messages(row)} for row in train.read_jsonl(data_dir / "test.jsonl")
+    items = [{**row, "messages": item_messages(row)} for row in read_jsonl(data_dir / "test.jsonl", train.PREPARE)
              if row.get("task")][:args.eval_samples or None]
 
     results, logps, replies = {}, {}, {}
     for name, path in (("start", args.start_model), ("tuned", args.model)):
-        model, tokenizer = train.load_start_model(path, dtype)
+        model, tokenizer = load_start_model(path, dtype)
         model.to(device)
-        pairs, _ = train.tokenize_pairs(train.read_jsonl(data_dir / "valid.jsonl"), tokenizer, template,
+        pairs, _ = train.tokenize_pairs(read_jsonl(data_dir / "valid.jsonl", train.PREPARE), tokenizer, template,
                                         args.max_length)
         preference = train.preference_accuracy(model, pairs, with_gaps=True)
         logps[name] = preference.pop("gaps")
-        scores, replies[name] = train.evaluate_tasks(model, tokenizer, template, items, scoring,
+        scores, replies[name] = evaluate_tasks(model, tokenizer, template, items, scoring,
                                                      f"scoring the {name} model")
         results[name] = {"pairs": preference, "test": scores}
         del model

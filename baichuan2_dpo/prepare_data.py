@@ -18,7 +18,8 @@ empty prompt or reply, chosen == rejected, dialogues that part before their last
 Built-in default: the built-in tasks with known answers (common/instructions.py), the gold
 answer as chosen and a wrong one as rejected (the other sentiment; a segmentation with words
 wrongly merged or split); the same hash split as the SFT recipes, so the test items were held
-out from SFT as well. test.jsonl keeps `task` and `answer` for scoring generations.
+out from SFT as well. Every row keeps `task` and `answer` (scoring generations; train_grpo.py's
+gold answers).
 
 Writes `train.jsonl`, `valid.jsonl`, `test.jsonl` and `report.json` under --output_dir.
 """
@@ -191,9 +192,8 @@ def own_replies(model_path: str, items: list[dict], batch_size: int) -> list[str
     """The model's greedy replies to the items, prompted with the template it was tuned with."""
     import torch
 
+    from common.sft_train import load_start_model
     from common.templates import get_template, resolve_template
-
-    from train import load_start_model  # baichuan2_dpo/train.py, next to this file
 
     model, tokenizer = load_start_model(model_path, torch.float32)
     template = resolve_template(None, tokenizer, model_path) or get_template("baichuan2")
@@ -227,7 +227,7 @@ def builtin_pairs(args: PrepareArguments) -> tuple[dict[str, list[dict]], dict]:
             else:
                 rejected = wrong_segmentation(item["answer"], rng)
             row = {"prompt": item_messages(item)[:1], "chosen": item["answer"], "rejected": rejected}
-            rows.append({**row, **item} if split == "test" else row)
+            rows.append({**row, **item})  # task and answer kept: scoring, and GRPO's gold answers
         splits[split] = rows
     return splits, report
 

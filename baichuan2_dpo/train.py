@@ -44,12 +44,14 @@ from trl import DPOConfig, DPOTrainer
 from common.config import parse_args
 from common.errors import UserError, cli_main
 from common.instructions import item_messages, paired_change
-from common.serving import adapter_base, load_adapter
+from common.serving import adapter_base
 from common.sft_train import (
     TEMPLATE_HELP,
     count_parameters,
     evaluate_tasks,
+    load_start_model,
     lora_target_modules,
+    read_jsonl,
     refuse_data_parallel,
     weights_dtype,
 )
@@ -60,7 +62,8 @@ from common.templates import (
     resolve_template,
     save_chat_template,
 )
-from common.tokenizer import load_tokenizer
+
+PREPARE = "python baichuan2_dpo/prepare_data.py"
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -102,13 +105,6 @@ class PreferenceArguments(DPOConfig):
 
 
 # -------------------------------------------------------------------------------- data
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"{path} not found: run baichuan2_dpo/prepare_data.py first")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def tokenize_pairs(rows: list[dict], tokenizer, template, max_length: int | None) -> tuple[Dataset, dict]:
     """prompt_ids / chosen_ids / rejected_ids by the template, as SFT and serving tokenise;
     pairs whose prompt leaves no room for a reply are dropped (counted)."""
@@ -150,19 +146,6 @@ class TemplateDPOTrainer(DPOTrainer):
 
 
 # ---------------------------------------------------------------------- model and scores
-def load_start_model(path: str, dtype: torch.dtype):
-    """A plain model: the SFT adapter merged into its base when `path` is an adapter."""
-    if not Path(path, "config.json").is_file() and not Path(path, "adapter_config.json").is_file():
-        raise UserError(f"no model in {path}: train one first (model_baichuan/train.py or chatglm_lora/train.py) "
-                        "or give --model_name_or_path")
-    tokenizer = load_tokenizer(path)
-    base = adapter_base(path)
-    if base is None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False), tokenizer
-    model = load_adapter(path, base, tokenizer, dtype).merge_and_unload()
-    return model.requires_grad_(True), tokenizer  # PEFT froze the base weights; a full run trains them
-
-
 @torch.inference_mode()
 def preference_accuracy(model, dataset: Dataset, batch_size: int = 16, with_gaps: bool = False) -> dict:
     """Share of pairs whose chosen reply has the higher log-likelihood, and the mean gap
@@ -209,14 +192,14 @@ def main(argv: list[str] | None = None) -> dict:
     model.config.use_cache = False
 
     data_dir = Path(data_args.data_dir)
-    train_rows = read_jsonl(data_dir / "train.jsonl")
+    train_rows = read_jsonl(data_dir / "train.jsonl", PREPARE)
     if data_args.train_samples:
         train_rows = train_rows[:data_args.train_samples]
     train_dataset, train_report = tokenize_pairs(train_rows, tokenizer, template, args.max_length)
-    valid_dataset, valid_report = tokenize_pairs(read_jsonl(data_dir / "valid.jsonl"), tokenizer, template,
+    valid_dataset, valid_report = tokenize_pairs(read_jsonl(data_dir / "valid.jsonl", PREPARE), tokenizer, template,
                                                  args.max_length)
     test_items = [] if data_args.eval_samples < 0 else [
-        {**row, "messages": item_messages(row)} for row in read_jsonl(data_dir / "test.jsonl") if row.get("task")]
+        {**row, "messages": item_messages(row)} for row in read_jsonl(data_dir / "test.jsonl", PREPARE) if row.get("task")]
     if data_args.eval_samples > 0:
         test_items = test_items[:data_args.eval_samples]
     print(f"pairs: train {train_report}, valid {valid_report}", flush=True)

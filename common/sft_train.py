@@ -30,6 +30,7 @@ from common.instructions import (
     split_of,
     to_conversations,
 )
+from common.serving import adapter_base, load_adapter
 from common.sft import (
     PackedCollator,
     PaddingCollator,
@@ -338,6 +339,28 @@ def check_local_model(path: str, base_hint: str) -> None:
     if json.loads(config.read_text(encoding="utf-8")).get("model_type") == "baichuan":
         raise UserError(f"{path} is a remote-code Baichuan checkpoint: convert it to Llama first "
                         f"(python model_baichuan/convert.py --input {path} --output <dir>) and train that")
+
+
+def read_jsonl(path: Path, prepare_hint: str) -> list[dict]:
+    """The rows of a prepare_data.py JSONL file; a missing file names the command that makes it."""
+    if not path.is_file():
+        raise UserError(f"{path} not found: run {prepare_hint} first")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_start_model(path: str, dtype: torch.dtype):
+    """The model preference / reward training starts from, plain: an SFT adapter directory is
+    merged into its base first. Returns (model, tokenizer)."""
+    if not Path(path, "config.json").is_file() and not Path(path, "adapter_config.json").is_file():
+        raise UserError(f"no model in {path}: train one first (model_baichuan/train.py or chatglm_lora/train.py) "
+                        "or give --model_name_or_path")
+    tokenizer = load_tokenizer(path)
+    base = adapter_base(path)
+    if base is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False), tokenizer
+    model = load_adapter(path, base, tokenizer, dtype).merge_and_unload()
+    return model.requires_grad_(True), tokenizer  # PEFT froze the base weights; a full run trains them
 
 
 # ------------------------------------------------------------------------------ the run
