@@ -276,3 +276,110 @@ def test_paired_change_counts_items_and_gives_the_exact_sign_test():
     # 8 fixed, 2 broken, 2 unchanged: P(X <= 2 or X >= 8), X ~ Binomial(10, 1/2) = 2 * 56 / 1024
     assert change["sentiment"] == {"n": 12, "better": 8, "worse": 2, "sign_test_p": 2 * 56 / 1024}
     assert change["segmentation"] == {"n": 2, "better": 0, "worse": 1, "sign_test_p": 1.0}
+
+
+# ------------------------------------------------------------------------------------ GRPO
+def test_builtin_rewards_score_hand_built_replies():
+    from common.rewards import format, task
+
+    sentiment = "判断下面这条评论的情感是正面还是负面：\n质量很好"
+    assert task(sentiment, "正面", "正面") == 1.0 and task(sentiment, "负面", "正面") == 0.0
+    assert task(sentiment, "正面还是负面", "正面") == 0.0  # both labels: no answer
+    segment = "请给下面的句子分词，词与词之间用“/”隔开：\n我爱北京"
+    assert task(segment, "我/爱/北京", "我/爱/北京") == 1.0
+    # predicted 我 / 爱北京 against gold 我 / 爱 / 北京: one word right of 2 predicted and 3 gold
+    assert task(segment, "我/爱北京", "我/爱/北京") == pytest.approx(2 * 1 / (2 + 3))
+    assert format(sentiment, "正面", "正面") == 1.0
+    assert format(sentiment, "正面。", "正面") == 0.0  # not the label alone
+    assert format(sentiment, "正面", "正面", stopped=False) == 0.0  # ran into the length limit
+    assert format(segment, "我爱/北京", "我/爱/北京") == 1.0  # wrong words, right form
+    assert format(segment, "我/爱/上海", "我/爱/北京") == 0.0  # changed characters
+    assert format(segment, "我//爱北京", "我/爱/北京") == 0.0  # an empty word
+
+
+def test_user_rewards_are_checked_and_wrapped_for_trl(tmp_path, monkeypatch):
+    grpo = load_recipe_module("baichuan2_dpo", "train_grpo")
+    (tmp_path / "my_rewards.py").write_text(
+        "def exact(prompt, completion, gold):\n    return float(completion == gold)\n"
+        "def two_args(prompt, completion):\n    return 0.0\n"
+        "def stops(prompt, completion, gold, stopped=True):\n    return float(stopped)\n")
+    monkeypatch.chdir(tmp_path)
+    exact = grpo.load_reward("my_rewards:exact")
+    with pytest.raises(UserError, match=r"must take \(prompt, completion, gold\)"):
+        grpo.load_reward("my_rewards:two_args")
+    with pytest.raises(UserError, match="not found"):
+        grpo.load_reward("my_rewards:missing")
+    with pytest.raises(UserError, match="module:function"):
+        grpo.load_reward("accuracy")
+
+    class Tokenizer:  # what display_cleaner needs: a tokenizer whose decode does not space characters
+        backend_tokenizer = None
+
+    prompts = [[{"role": "user", "content": "q"}]] * 2
+    completions = [[{"role": "assistant", "content": "正面"}], [{"role": "assistant", "content": "负面"}]]
+    wrapped = grpo.for_trl(exact, Tokenizer(), stop_ids=[2])
+    assert wrapped.__name__ == "exact"
+    assert wrapped(prompts, completions, [[5, 2], [6, 7]], answer=["正面", "正面"]) == [1.0, 0.0]
+    stops = grpo.for_trl(grpo.load_reward("my_rewards:stops"), Tokenizer(), stop_ids=[2])
+    assert stops(prompts, completions, [[5, 2], [6, 7]], answer=["正面", "正面"]) == [1.0, 0.0]
+
+
+def first_token_probs(model_dir, prompts, tokenizer_dir):
+    """Mean next-token distribution at a reply's first position over `prompts`, and the cleaned text
+    of every token (prompts rendered by `tokenizer_dir`'s chat template, the Jinja of baichuan2)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.tokenizer import display_cleaner
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    probs = []
+    for messages in prompts:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        with torch.no_grad():
+            probs.append(model(input_ids=torch.tensor([ids])).logits[0, -1].softmax(-1))
+    clean = display_cleaner(tokenizer)
+    return torch.stack(probs).mean(0), [clean(tokenizer.decode([i])) for i in range(len(tokenizer))]
+
+
+def test_grpo_moves_the_policy_towards_the_reward(tiny_chat_model, tmp_path):
+    """A toy task whose answer is known: reward 1 when the reply starts with one given character.
+    Through the real command line (a user reward, module:function), that character's probability as
+    the first reply token rises on held-out prompts; the KL to the start is logged, the curve plotted."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.templates import get_template
+
+    data, start, out = tmp_path / "data", tmp_path / "start", tmp_path / "out"
+    run_script("baichuan2_dpo/prepare_data.py", "--output_dir", data, "--sentiment_items", "300",
+               "--segmentation_items", "60")
+    # a start model with a peaked first-token distribution, so that groups of 8 samples disagree
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    model.save_pretrained(start)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    tokenizer.chat_template = get_template("baichuan2").jinja()
+    tokenizer.save_pretrained(start)
+    held_out = [row["prompt"] for row in map(json.loads, (data / "test.jsonl").open(encoding="utf-8"))][:20]
+    probs, pieces = first_token_probs(start, held_out, start)
+    target = next(int(i) for i in probs.argsort(descending=True)[1:] if len(pieces[i]) == 1)
+    before = float(probs[target])
+    assert 0.05 < before < 0.6  # sampled often, not always
+    (tmp_path / "toy_reward.py").write_text(
+        f"def starts_right(prompt, completion, gold):\n    return float(completion.startswith({pieces[target]!r}))\n")
+    run_script("baichuan2_dpo/train_grpo.py", "--model_name_or_path", start, "--data_dir", data,
+               "--output_dir", out, "--rewards", "toy_reward:starts_right", "--max_steps", "12",
+               "--per_device_train_batch_size", "32", "--max_completion_length", "4", "--learning_rate", "3e-3",
+               "--beta", "0.04", "--eval_samples", "8", "--eval_max_new_tokens", "4", "--logging_steps", "4",
+               cwd=tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rewards"] == ["toy_reward:starts_right"] and metrics["train"]["steps"] == 12
+    curves = metrics["curves"]
+    assert len(curves["reward"]) == 3 and curves["kl"][-1][1] > 0  # the policy left the start, measured
+    after = float(first_token_probs(out, held_out, start)[0][target])
+    assert after > before + 0.15, (before, after)
+    assert (out / "rewards.png").stat().st_size > 10_000
+    assert metrics["test"]["change"] is not None  # held-out items scored before and after
