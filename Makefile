@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # checked), downloaded once into .cache/ (ignored), only its vocabularies and templates extracted.
 REAL_ARTEFACTS := .cache/real_artefacts/validation.json
 
-.PHONY: setup real-artefacts gpu-wheels browser demo demo-classifier demo-clm demo-sft demo-baichuan demo-dpo demo-pipeline demo-modify test lint clean
+.PHONY: setup real-artefacts gpu-wheels browser demo demo-classifier demo-clm demo-sft demo-baichuan demo-dpo demo-grpo demo-pipeline demo-modify test lint clean
 
 setup: $(STAMP)
 
@@ -75,6 +75,12 @@ demo-dpo: setup outputs/model_baichuan/adapter_config.json
 	$(PY) baichuan2_dpo/train.py baichuan2_dpo/configs/default.yaml
 	$(PY) baichuan2_dpo/evaluate.py --model outputs/baichuan2_dpo --start_model outputs/model_baichuan
 	$(PY) model_baichuan/chatbot.py --model outputs/baichuan2_dpo
+
+# Reinforcement learning with verifiable rewards (GRPO) of the same SFT model on the built-in items.
+demo-grpo: setup outputs/model_baichuan/adapter_config.json
+	$(PY) baichuan2_dpo/prepare_data.py
+	$(PY) baichuan2_dpo/train_grpo.py baichuan2_dpo/configs/grpo_default.yaml
+	$(PY) model_baichuan/chatbot.py --model outputs/baichuan2_grpo
 
 outputs/model_baichuan/adapter_config.json:
 	$(BAICHUAN_SFT)
