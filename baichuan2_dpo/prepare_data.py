@@ -40,6 +40,7 @@ from common.instructions import (
     builtin_items,
     generate_replies,
     item_messages,
+    item_score,
     parse_sentiment,
     split_of,
 )
@@ -66,6 +67,13 @@ class PrepareArguments:
                 "reply to each training item, where wrong, becomes the rejected answer (on-policy pairs); "
                 "right replies keep the constructed wrong answer. Validation pairs stay constructed."})
     rejected_batch_size: int = 32
+    pairs_from_samples: str | None = field(default=None, metadata={
+        "help": "Built-in: a chat model (the SFT model DPO will start from). It samples --samples_per_item "
+                "replies to each training item; the best-scoring one (sentiment right, highest segmentation F1) "
+                "is chosen, the worst rejected, items whose samples all score the same are dropped (counted): "
+                "on-policy pairs of behaviour the model already produces. Validation pairs stay constructed."})
+    samples_per_item: int = 4
+    sample_temperature: float = 1.0
     seed: int = 42
 
 
@@ -188,8 +196,22 @@ def is_right(item: dict, reply: str) -> bool:
     return reply.replace(" ", "") == item["answer"]
 
 
-def own_replies(model_path: str, items: list[dict], batch_size: int) -> list[str]:
-    """The model's greedy replies to the items, prompted with the template it was tuned with."""
+def best_worst_pair(item: dict, replies: list[str]) -> dict | None:
+    """The best- and the worst-scoring of a model's non-empty replies to one item as chosen /
+    rejected (the first of equals), None when fewer than two remain or they all score the same."""
+    replies = [reply for reply in replies if reply]
+    if len(replies) < 2:
+        return None
+    scores = [item_score(item, reply) for reply in replies]
+    best, worst = max(range(len(scores)), key=scores.__getitem__), min(range(len(scores)), key=scores.__getitem__)
+    if scores[best] == scores[worst]:
+        return None
+    return {"chosen": replies[best], "rejected": replies[worst], "scores": [scores[best], scores[worst]]}
+
+
+def own_replies(model_path: str, items: list[dict], batch_size: int, temperature: float = 0.0) -> list[str]:
+    """The model's replies to the items (greedy, or sampled at `temperature`), prompted with the
+    template it was tuned with."""
     import torch
 
     from common.sft_train import load_start_model
@@ -198,7 +220,7 @@ def own_replies(model_path: str, items: list[dict], batch_size: int) -> list[str
     model, tokenizer = load_start_model(model_path, torch.float32)
     template = resolve_template(None, tokenizer, model_path) or get_template("baichuan2")
     return generate_replies(model, tokenizer, template, [item_messages(i)[:1] for i in items],
-                            batch_size=batch_size, desc=f"replies of {model_path}")
+                            batch_size=batch_size, desc=f"replies of {model_path}", temperature=temperature)
 
 
 def builtin_pairs(args: PrepareArguments) -> tuple[dict[str, list[dict]], dict]:
@@ -216,10 +238,30 @@ def builtin_pairs(args: PrepareArguments) -> tuple[dict[str, list[dict]], dict]:
                if reply.strip() and not is_right(item, reply)}
         report["rejected_from"] = {"model": args.rejected_from, "own_wrong_replies": len(own),
                                    "of": len(items["train"])}
+    sampled = {}
+    if args.pairs_from_samples:
+        n = args.samples_per_item
+        replies = own_replies(args.pairs_from_samples, [i for i in items["train"] for _ in range(n)],
+                              args.rejected_batch_size, args.sample_temperature)
+        for i, item in enumerate(items["train"]):
+            pair = best_worst_pair(item, replies[i * n:(i + 1) * n])
+            if pair is not None:
+                sampled[i] = pair
+        kept = [p["scores"] for p in sampled.values()]
+        report["pairs_from_samples"] = {
+            "model": args.pairs_from_samples, "samples_per_item": n, "temperature": args.sample_temperature,
+            "items": len(items["train"]), "pairs": len(sampled), "dropped_all_samples_equal": len(items["train"]) -
+            len(sampled), "mean_chosen_score": sum(c for c, _ in kept) / max(1, len(kept)),
+            "mean_rejected_score": sum(r for _, r in kept) / max(1, len(kept))}
     splits = {}
     for split, split_items in items.items():
         rows = []
         for i, item in enumerate(split_items):
+            if split == "train" and args.pairs_from_samples:
+                if i in sampled:
+                    rows.append({"prompt": item_messages(item)[:1], "chosen": sampled[i]["chosen"],
+                                 "rejected": sampled[i]["rejected"], **item})
+                continue
             if split == "train" and i in own:
                 rejected = own[i].strip()
             elif item["task"] == "sentiment":

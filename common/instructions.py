@@ -181,9 +181,10 @@ def score(items: list[dict], replies: list[str]) -> dict:
 
 @torch.inference_mode()
 def generate_replies(model, tokenizer, template: ChatTemplate, conversations: list[list[dict]],
-                     max_new_tokens: int = 64, batch_size: int = 32, desc: str = "generating") -> list[str]:
-    """Greedy replies to the last user turn of each conversation, prompted exactly as in
-    training (`encode_chat`), in left-padded batches."""
+                     max_new_tokens: int = 64, batch_size: int = 32, desc: str = "generating",
+                     temperature: float = 0.0) -> list[str]:
+    """Replies to the last user turn of each conversation, prompted exactly as in training
+    (`encode_chat`), in left-padded batches: greedy, or sampled at `temperature` > 0."""
     stop_ids, stop_texts = stop_criteria(tokenizer, template)
     clean = display_cleaner(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
@@ -200,7 +201,9 @@ def generate_replies(model, tokenizer, template: ChatTemplate, conversations: li
         for row, i in enumerate(batch):
             ids[row, longest - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[row, longest - len(prompts[i]):] = 1
-        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
+            {"do_sample": False}
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **sampling,
                              max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad)
         for row, i in enumerate(batch):
             new = out[row, longest:].tolist()

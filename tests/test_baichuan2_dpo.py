@@ -237,6 +237,46 @@ def test_rejected_from_takes_the_models_own_wrong_replies(tiny_chat_model, tmp_p
     assert [splits["train"][i]["rejected"] for i in own] == [replies[i] for i in own]
 
 
+def test_best_worst_pair_ranks_samples_and_drops_ties(prepare):
+    sentiment = {"task": "sentiment", "text": "质量很好", "answer": "正面"}
+    assert prepare.best_worst_pair(sentiment, ["负面", "正面", "正面", "负面"]) == {
+        "chosen": "正面", "rejected": "负面", "scores": [1.0, 0.0]}
+    assert prepare.best_worst_pair(sentiment, ["正面", "正面"]) is None  # all equal: no preference
+    assert prepare.best_worst_pair(sentiment, ["正面", "", ""]) is None  # empty replies do not count
+    segment = {"task": "segmentation", "text": "我爱北京", "answer": "我/爱/北京"}
+    pair = prepare.best_worst_pair(segment, ["我爱/北京", "我/爱/北京", "我/爱北/京"])
+    assert (pair["chosen"], pair["rejected"]) == ("我/爱/北京", "我/爱北/京")
+    assert pair["scores"][0] == 1.0 > pair["scores"][1]
+
+
+def test_pairs_from_samples_are_the_models_own_best_and_worst(prepare, monkeypatch):
+    """The wiring of --pairs_from_samples, with the model's samples stood in by known replies:
+    every training item gets n samples, ranked pairs are kept, all-equal ones dropped and counted."""
+    from common.instructions import item_score
+
+    def samples(model_path, items, batch_size, temperature):
+        assert (model_path, temperature) == ("sft", 1.0)
+        # per item: the gold answer once for every second item, else always the same wrong reply
+        replies = []
+        for k in range(0, len(items), 3):
+            item = items[k]
+            wrong = {"正面": "负面", "负面": "正面"}.get(item["answer"], "x" + item["answer"].replace("/", ""))
+            replies += [wrong, item["answer"] if (k // 3) % 2 == 0 else wrong, wrong]
+        return replies
+
+    monkeypatch.setattr(prepare, "own_replies", samples)
+    args = prepare.PrepareArguments(sentiment_items=60, segmentation_items=20, pairs_from_samples="sft",
+                                    samples_per_item=3)
+    splits, report = prepare.builtin_pairs(args)
+    counts = report["pairs_from_samples"]
+    assert counts["pairs"] == len(splits["train"]) == (counts["items"] + 1) // 2
+    assert counts["pairs"] + counts["dropped_all_samples_equal"] == counts["items"]
+    assert counts["mean_chosen_score"] == 1.0 and counts["mean_rejected_score"] < 1.0
+    for row in splits["train"]:
+        assert row["chosen"] == row["answer"] and item_score(row, row["chosen"]) > item_score(row, row["rejected"])
+    assert all(constructed(row) for row in splits["valid"])  # held-out pairs stay model-independent
+
+
 def test_full_dpo_from_an_sft_adapter_trains_every_weight(tiny_chat_model, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
