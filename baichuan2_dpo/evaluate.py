@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from common.errors import cli_main
-from common.instructions import item_messages, paired_change
-from common.sft_train import evaluate_tasks, load_start_model, read_jsonl
+from common.instructions import paired_change
+from common.sft_train import evaluate_tasks, load_start_model, read_jsonl, scored_test_items
 from common.templates import get_template, resolve_template
 from common.tokenizer import load_tokenizer
 
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     template = resolve_template(args.template, load_tokenizer(args.model), args.model) or get_template("baichuan2")
     data_dir = Path(args.data_dir)
     scoring = train.DataArguments(data_dir=str(data_dir), eval_samples=args.eval_samples)
-    items = [{**row, "messages": item_messages(row)} for row in read_jsonl(data_dir / "test.jsonl", train.PREPARE)
-             if row.get("task")][:args.eval_samples or None]
+    items = scored_test_items(scoring, train.PREPARE)
 
     results, logps, replies = {}, {}, {}
     for name, path in (("start", args.start_model), ("tuned", args.model)):

@@ -43,16 +43,18 @@ from trl import DPOConfig, DPOTrainer
 
 from common.config import parse_args
 from common.errors import UserError, cli_main
-from common.instructions import item_messages, paired_change
 from common.serving import adapter_base
 from common.sft_train import (
-    TEMPLATE_HELP,
+    ScoredDataArguments,
+    StartModelArguments,
     count_parameters,
     evaluate_tasks,
     load_start_model,
-    lora_target_modules,
+    lora_config,
     read_jsonl,
     refuse_data_parallel,
+    scored_test_items,
+    start_vs_tuned,
     weights_dtype,
 )
 from common.templates import (
@@ -68,26 +70,13 @@ PREPARE = "python baichuan2_dpo/prepare_data.py"
 
 # ----------------------------------------------------------------------------- arguments
 @dataclass
-class DataArguments:
-    data_dir: str = field(default="data/baichuan2_dpo", metadata={"help": "Folder of prepare_data.py's JSONL files."})
-    train_samples: int = field(default=0, metadata={"help": "Use at most this many training pairs (0 = all)."})
-    eval_samples: int = field(default=400, metadata={"help": "Test items scored before and after (0 = all, -1 = "
-                                                     "skip task evaluation)."})
-    eval_max_new_tokens: int = field(default=64, metadata={"help": "Longest generated reply when scoring."})
-    eval_batch_size: int = 32
+class DataArguments(ScoredDataArguments):
+    """data_dir (prepare_data.py's pairs), train_samples, eval_samples, ... (common/sft_train.py)."""
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str = field(default="outputs/model_baichuan",
-                                    metadata={"help": "Local chat model, or an SFT LoRA adapter (merged into its base)."})
-    template: str | None = field(default=None, metadata={"help": TEMPLATE_HELP + " Default: auto, else baichuan2."})
-    finetuning_type: str = field(default="lora", metadata={"help": "lora (reference = adapter off) or full."})
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    lora_target: list[str] | None = field(default=None, metadata={"help": "Modules to adapt (default: every "
-                                                                  "linear layer of the family; not lm_head)."})
+class ModelArguments(StartModelArguments):
+    """model_name_or_path, template, finetuning_type (lora or full), lora_* (common/sft_train.py)."""
 
 
 @dataclass
@@ -198,10 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_dataset, train_report = tokenize_pairs(train_rows, tokenizer, template, args.max_length)
     valid_dataset, valid_report = tokenize_pairs(read_jsonl(data_dir / "valid.jsonl", PREPARE), tokenizer, template,
                                                  args.max_length)
-    test_items = [] if data_args.eval_samples < 0 else [
-        {**row, "messages": item_messages(row)} for row in read_jsonl(data_dir / "test.jsonl", PREPARE) if row.get("task")]
-    if data_args.eval_samples > 0:
-        test_items = test_items[:data_args.eval_samples]
+    test_items = scored_test_items(data_args, PREPARE)
     print(f"pairs: train {train_report}, valid {valid_report}", flush=True)
     if len(train_dataset) == 0:
         raise UserError(f"no training pair fits max_length {args.max_length}")
@@ -216,11 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     peft_config = None
     ref_model = None
     if model_args.finetuning_type == "lora":
-        from peft import LoraConfig
-
-        targets = lora_target_modules(model, model_args.lora_target)
-        peft_config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha,
-                                 lora_dropout=model_args.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+        peft_config = lora_config(model, model_args)
     elif not args.precompute_ref_log_probs:  # full: a frozen copy of the starting model
         ref_model, _ = load_start_model(model_args.model_name_or_path, dtype)
     trainer = TemplateDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset,
@@ -254,10 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "steps": trainer.state.global_step, "runtime_s": round(result.metrics["train_runtime"], 1)},
         "valid": {"dpo": {k.removeprefix("eval_"): v for k, v in dpo_eval.items()},
                   "start": start_preference, "tuned": tuned_preference},
-        "test": {"start": start_scores, "tuned": tuned_scores,
-                 "change": paired_change(test_items, start_replies, tuned_replies) if test_items else None},
-        "examples": [{"prompt": item["messages"][0]["content"], "answer": item["answer"],
-                      "start": start_replies[i], "tuned": tuned_replies[i]} for i, item in enumerate(test_items[:6])],
+        **start_vs_tuned(test_items, (start_scores, start_replies), (tuned_scores, tuned_replies)),
         "runtime_s": round(time.time() - start, 1),
     }
     out = Path(args.output_dir)
@@ -265,12 +244,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"held-out pairs, chosen more likely: start {start_preference['chosen_more_likely']:.3f} -> "
           f"tuned {tuned_preference['chosen_more_likely']:.3f}; DPO reward accuracy "
           f"{dpo_eval.get('eval_rewards/accuracies', math.nan):.3f}")
-    for task, key in (("sentiment", "accuracy"), ("segmentation", "f1")):
-        if tuned_scores and task in tuned_scores:
-            change = metrics["test"]["change"][task]
-            print(f"{task}: {key} start {start_scores[task][key]:.3f} -> tuned {tuned_scores[task][key]:.3f} "
-                  f"({change['better']} items better, {change['worse']} worse of {change['n']}; "
-                  f"sign test p = {change['sign_test_p']:.3g})")
     print(f"adapter / model, tokenizer and metrics.json in {out}")
     return metrics
 

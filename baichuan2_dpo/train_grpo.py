@@ -43,16 +43,18 @@ from trl import GRPOConfig, GRPOTrainer
 from common import rewards as builtin_rewards
 from common.config import parse_args
 from common.errors import UserError, cli_main
-from common.instructions import item_messages, paired_change
 from common.serving import adapter_base
 from common.sft_train import (
-    TEMPLATE_HELP,
+    ScoredDataArguments,
+    StartModelArguments,
     count_parameters,
     evaluate_tasks,
     load_start_model,
-    lora_target_modules,
+    lora_config,
     read_jsonl,
     refuse_data_parallel,
+    scored_test_items,
+    start_vs_tuned,
     weights_dtype,
 )
 from common.templates import (
@@ -69,28 +71,18 @@ PREPARE = "python baichuan2_dpo/prepare_data.py"
 
 # ----------------------------------------------------------------------------- arguments
 @dataclass
-class DataArguments:
-    data_dir: str = field(default="data/baichuan2_dpo", metadata={"help": "Folder with train.jsonl (prompt, answer) "
-                                                                  "and test.jsonl (scored items)."})
-    train_samples: int = field(default=0, metadata={"help": "Use at most this many training prompts (0 = all)."})
+class DataArguments(ScoredDataArguments):
+    """data_dir: train.jsonl rows with `prompt` and a gold `answer`, test.jsonl scored items
+    (common/sft_train.py); every test item is scored by default."""
     eval_samples: int = field(default=0, metadata={"help": "Test items scored before and after (0 = all, -1 = "
                                                    "skip)."})
-    eval_max_new_tokens: int = field(default=64, metadata={"help": "Longest generated reply when scoring."})
-    eval_batch_size: int = 32
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str = field(default="outputs/model_baichuan",
-                                    metadata={"help": "Local chat model, or an SFT LoRA adapter (merged into its base)."})
-    template: str | None = field(default=None, metadata={"help": TEMPLATE_HELP + " Default: auto, else baichuan2."})
+class ModelArguments(StartModelArguments):
+    """model_name_or_path, template, finetuning_type, lora_* (common/sft_train.py), and the rewards."""
     finetuning_type: str = field(default="full", metadata={"help": "full (reference = a frozen copy) or lora "
                                                            "(reference = adapter off)."})
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    lora_target: list[str] | None = field(default=None, metadata={"help": "Modules to adapt (default: every "
-                                                                  "linear layer of the family)."})
     rewards: list[str] = field(default_factory=lambda: ["task", "format"], metadata={
         "help": "Reward functions: task, format (common/rewards.py) or module:function of yours, scoring "
                 "(prompt, completion, gold) -> float; weights in --reward_weights."})
@@ -209,9 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     data_dir = Path(data_args.data_dir)
     train_rows = read_jsonl(data_dir / "train.jsonl", PREPARE)[:data_args.train_samples or None]
     train_dataset = prompt_rows(train_rows, data_dir / "train.jsonl")
-    test_items = [] if data_args.eval_samples < 0 else [
-        {**row, "messages": item_messages(row)} for row in read_jsonl(data_dir / "test.jsonl", PREPARE)
-        if row.get("task")][:data_args.eval_samples or None]
+    test_items = scored_test_items(data_args, PREPARE)
 
     model, tokenizer = load_start_model(model_args.model_name_or_path, weights_dtype(model_args.finetuning_type, args))
     template = resolve_template(model_args.template, tokenizer, model_args.model_name_or_path) or get_template("baichuan2")
@@ -232,13 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.to(args.device)
     start_scores, start_replies = evaluate_tasks(model, tokenizer, template, test_items, data_args,
                                                  "scoring the starting model")
-    peft_config = None
-    if model_args.finetuning_type == "lora":
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha,
-                                 lora_dropout=model_args.lora_dropout, task_type="CAUSAL_LM",
-                                 target_modules=lora_target_modules(model, model_args.lora_target))
+    peft_config = lora_config(model, model_args) if model_args.finetuning_type == "lora" else None
     trainer = GRPOTrainer(model=model, reward_funcs=[for_trl(fn, tokenizer, stop_ids) for fn in reward_fns],
                           args=args, train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config)
     parameters = count_parameters(trainer.model)
@@ -263,22 +247,13 @@ def main(argv: list[str] | None = None) -> dict:
                   "first_logged_reward": series["reward"][0][1] if series.get("reward") else None,
                   "last_logged_reward": series["reward"][-1][1] if series.get("reward") else None},
         "curves": series,
-        "test": {"start": start_scores, "tuned": tuned_scores,
-                 "change": paired_change(test_items, start_replies, tuned_replies) if test_items else None},
-        "examples": [{"prompt": item["messages"][0]["content"], "answer": item["answer"],
-                      "start": start_replies[i], "tuned": tuned_replies[i]} for i, item in enumerate(test_items[:6])],
+        **start_vs_tuned(test_items, (start_scores, start_replies), (tuned_scores, tuned_replies)),
         "runtime_s": round(time.time() - start, 1),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     if series.get("reward"):
         print(f"mean reward of the sampled replies: {metrics['train']['first_logged_reward']:.3f} (first logged) -> "
               f"{metrics['train']['last_logged_reward']:.3f} (last)")
-    for task, key in (("sentiment", "accuracy"), ("segmentation", "f1")):
-        if tuned_scores and task in tuned_scores:
-            change = metrics["test"]["change"][task]
-            print(f"{task}: {key} start {start_scores[task][key]:.3f} -> tuned {tuned_scores[task][key]:.3f} "
-                  f"({change['better']} items better, {change['worse']} worse of {change['n']}; "
-                  f"sign test p = {change['sign_test_p']:.3g})")
     print(f"model, tokenizer, metrics.json and rewards.png in {out}")
     return metrics
 

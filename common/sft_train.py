@@ -26,6 +26,7 @@ from common.instructions import (
     builtin_items,
     generate_replies,
     item_messages,
+    paired_change,
     score,
     split_of,
     to_conversations,
@@ -297,8 +298,18 @@ def lora_target_modules(model, requested: list[str] | None) -> list[str] | str:
     return targets
 
 
+def lora_config(model, model_args, new_token_ids: list[int] | None = None):
+    """LoRA of `model_args` (lora_rank / alpha / dropout / target) on `model`; `new_token_ids`: the
+    embedding rows of markers training added, trained with the adapter."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                      target_modules=lora_target_modules(model, model_args.lora_target), task_type="CAUSAL_LM",
+                      trainable_token_indices=new_token_ids or None)
+
+
 def add_adapter(model, model_args: SFTModelArguments, training_args: SFTTrainingArguments, new_token_ids: list[int]):
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if model_args.finetuning_type == "qlora":
         model = prepare_model_for_kbit_training(model, training_args.gradient_checkpointing)
@@ -307,11 +318,7 @@ def add_adapter(model, model_args: SFTModelArguments, training_args: SFTTraining
     if model_args.adapter_path:
         model = PeftModel.from_pretrained(model, model_args.adapter_path, is_trainable=True)
     else:
-        targets = lora_target_modules(model, model_args.lora_target)
-        config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha,
-                            lora_dropout=model_args.lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
-                            trainable_token_indices=new_token_ids or None)
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, lora_config(model, model_args, new_token_ids))
     if model_args.device_map:
         align_adapter_inputs(model)  # the LM head's LoRA, outside any decoder layer, must see inputs on its GPU
     return model
@@ -338,6 +345,55 @@ def check_local_model(path: str, base_hint: str) -> None:
     if json.loads(config.read_text(encoding="utf-8")).get("model_type") == "baichuan":
         raise UserError(f"{path} is a remote-code Baichuan checkpoint: convert it to Llama first "
                         f"(python model_baichuan/convert.py --input {path} --output <dir>) and train that")
+
+
+@dataclass
+class StartModelArguments:
+    """The model preference / reward training (baichuan2_dpo) starts from, and its adapter."""
+    model_name_or_path: str = field(default="outputs/model_baichuan",
+                                    metadata={"help": "Local chat model, or an SFT LoRA adapter (merged into its base)."})
+    template: str | None = field(default=None, metadata={"help": TEMPLATE_HELP + " Default: auto, else baichuan2."})
+    finetuning_type: str = field(default="lora", metadata={"help": "lora (reference = adapter off) or full "
+                                                           "(reference = a frozen copy)."})
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_target: list[str] | None = field(default=None, metadata={"help": "Modules to adapt (default: every "
+                                                                  "linear layer of the family; not lm_head)."})
+
+
+@dataclass
+class ScoredDataArguments:
+    """A prepare_data.py folder whose test.jsonl items (with a `task`) are scored before and after."""
+    data_dir: str = field(default="data/baichuan2_dpo", metadata={"help": "Folder of prepare_data.py's JSONL files."})
+    train_samples: int = field(default=0, metadata={"help": "Use at most this many training rows (0 = all)."})
+    eval_samples: int = field(default=400, metadata={"help": "Test items scored before and after (0 = all, -1 = "
+                                                     "skip task evaluation)."})
+    eval_max_new_tokens: int = field(default=64, metadata={"help": "Longest generated reply when scoring."})
+    eval_batch_size: int = 32
+
+
+def scored_test_items(data_args: ScoredDataArguments, prepare_hint: str) -> list[dict]:
+    """test.jsonl's items that have a task, with their messages, at most eval_samples (0 = all, < 0 = none)."""
+    if data_args.eval_samples < 0:
+        return []
+    rows = read_jsonl(Path(data_args.data_dir) / "test.jsonl", prepare_hint)
+    return [{**row, "messages": item_messages(row)} for row in rows if row.get("task")][:data_args.eval_samples or None]
+
+
+def start_vs_tuned(items: list[dict], start: tuple, tuned: tuple) -> dict:
+    """metrics.json's test scores of the starting and the tuned model (each `evaluate_tasks`'
+    (scores, replies)), items better / worse with the sign test, six examples; printed per task."""
+    (start_scores, start_replies), (tuned_scores, tuned_replies) = start, tuned
+    change = paired_change(items, start_replies, tuned_replies) if items else None
+    for task, key in (("sentiment", "accuracy"), ("segmentation", "f1")):
+        if tuned_scores and task in tuned_scores:
+            print(f"{task}: {key} start {start_scores[task][key]:.3f} -> tuned {tuned_scores[task][key]:.3f} "
+                  f"({change[task]['better']} items better, {change[task]['worse']} worse of {change[task]['n']}; "
+                  f"sign test p = {change[task]['sign_test_p']:.3g})")
+    return {"test": {"start": start_scores, "tuned": tuned_scores, "change": change},
+            "examples": [{"prompt": item["messages"][0]["content"], "answer": item["answer"],
+                          "start": start_replies[i], "tuned": tuned_replies[i]} for i, item in enumerate(items[:6])]}
 
 
 def read_jsonl(path: Path, prepare_hint: str) -> list[dict]:
