@@ -32,7 +32,9 @@ other processes: leave that headroom. For each setting the caps are tried from t
 one that could fit upwards (a setting needs at least what one with shorter sequences, or the
 same with checkpointing, needed; weights alone above a cap rule it out without a run); the
 first cap it runs under is its fit, larger caps fit by the same monotonicity (marked
-"inferred"). A run: --warmup_steps steps, then --measure_steps timed between
+"inferred"). Every run has a process of its own (a child replays the earlier children's
+attempts, makes one new one and exits): a second run in one process was 2.5-3x slower with fp32
+master weights (see `attempt`). A run: --warmup_steps steps, then --measure_steps timed between
 `torch.cuda.synchronize()` calls; peak = `max_memory_reserved()` over the run (allocated too).
 """
 
@@ -97,6 +99,43 @@ def sweep(settings: list[tuple[int, bool]], n_caps: int, fits) -> tuple[dict, li
     return needed, attempts
 
 
+RESTART = 75  # a child's exit code: it made its one attempt, a fresh process goes on
+
+
+class FreshProcessNeeded(Exception):
+    pass
+
+
+def attempt(known: dict, key: str, run, report=None) -> dict:
+    """One attempt of the cap search: an earlier child's outcome when `known` has it, else
+    `run()` -> {"ok": bool, "record": str, "measured": {...}}, reported to the parent (an
+    "ATTEMPT" line), and this process ends (FreshProcessNeeded): each run has a process of its own.
+
+    Measured on an H200 (2026-12-02, llama2-7b, fp32 master weights): the first run in a process
+    gave 2,489 tokens/s at 1024 tokens with checkpointing, every later one in the same process
+    (a new Trainer on the same model) 771-1,016 at any length, 2.5-3x slower, whether or not a run
+    had gone out of memory before it (2,944 fresh against 973 after one); runs with bf16 weights
+    showed no such drop. The cause was not found; a fresh process per run rules it out."""
+    if key in known:
+        return known[key]
+    result = run()
+    (report or (lambda k, r: print("ATTEMPT " + json.dumps({"key": k} | r), flush=True)))(key, result)
+    raise FreshProcessNeeded(key)
+
+
+def until_done(run_once) -> tuple[list[dict], str]:
+    """A method's children, one after another until one finishes: `run_once(known)` -> (rows,
+    error, its new attempts, whether it stopped for a fresh process)."""
+    known: dict = {}
+    while True:
+        rows, error, new, restart = run_once(known)
+        if restart and not new:  # cannot happen unless a child broke its contract: never loop forever
+            return [], "a child asked for a fresh process without reporting an attempt"
+        known |= new
+        if not restart:
+            return rows, error
+
+
 # ------------------------------------------------------------------------------ children
 def base_dir(opts, shape: str) -> Path:
     return Path(opts.workdir) / (f"{shape}-tiny" if opts.tiny else shape)
@@ -142,8 +181,9 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def run_method(opts, shape: str, method: str) -> list[dict]:
-    """One child: the model loaded once, then every (seq, checkpointing) setting under the caps."""
+def run_method(opts, shape: str, method: str, known: dict) -> list[dict]:
+    """One child: the model loaded once, then every (seq, checkpointing) setting under the caps;
+    the attempts in `known` (made by earlier children) are replayed, not run."""
     import torch
     from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -203,16 +243,24 @@ def run_method(opts, shape: str, method: str) -> list[dict]:
                 torch.cuda.synchronize()
             self.marks[state.global_step] = time.perf_counter()
 
-    def fits(setting: tuple[int, bool], index: int) -> bool:
-        seq, checkpointing = setting
+    def fits(setting: tuple[int, bool], index: int) -> bool | None:
         cap = caps[index]
         label = cap_label(cap, total)
         record = outcomes.setdefault(setting, {})
         if cap is not None and weights_bytes >= cap:
             record[label] = "no: the weights alone"
             return False
-        if time.time() > opts.deadline:
+        key = f"{setting[0]}:{int(setting[1])}:{index}"
+        if key not in known and time.time() > opts.deadline:
             return None
+        result = attempt(known, key, lambda: train_under(setting, cap))
+        record[label] = result["record"]
+        if result["ok"]:
+            measured[setting] = result["measured"]
+        return result["ok"]
+
+    def train_under(setting: tuple[int, bool], cap) -> dict:
+        seq, checkpointing = setting
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -226,25 +274,19 @@ def run_method(opts, shape: str, method: str) -> list[dict]:
                                    data_collator=PackedCollator(), callbacks=[clock])
         try:
             trainer.train()
-            ok = True
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not is_out_of_memory(err):
                 raise
-            ok = False
+            return {"ok": False, "record": f"no: out of memory after {len(clock.marks)} steps"}
         steps = sorted(clock.marks)
-        if ok:
-            seconds = clock.marks[steps[-1]] - clock.marks[opts.warmup_steps]
-            measured[setting] = {
-                "cap": label, "step_s": round(seconds / opts.measure_steps, 3),
-                "real_tokens_per_s": round(seq * opts.measure_steps / seconds, 1),
-                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
-                "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
-            record[label] = "yes"
-        else:
-            record[label] = f"no: out of memory after {len(steps)} steps"
+        seconds = clock.marks[steps[-1]] - clock.marks[opts.warmup_steps]
         del trainer
         model.zero_grad(set_to_none=True)
-        return ok
+        return {"ok": True, "record": "yes", "measured": {
+            "cap": cap_label(cap, total), "step_s": round(seconds / opts.measure_steps, 3),
+            "real_tokens_per_s": round(seq * opts.measure_steps / seconds, 1),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}}
 
     settings = [(seq, checkpointing) for seq in opts.seqs for checkpointing in opts.checkpointing]
     needed, attempts = sweep(settings, len(caps), fits)
@@ -287,17 +329,26 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_child(opts, child: str) -> tuple[list[dict], str]:
-    argv = [sys.executable, __file__, "--child", child, "--deadline", str(opts.deadline), *sys.argv[1:]]
-    result = subprocess.run(argv, capture_output=True, text=True)
+def run_child(opts, child: str, known: dict | None = None) -> tuple[list[dict], str, dict, bool]:
+    """One child process: (its rows, its error, its new attempts, whether it stopped for a fresh one)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as known_file:
+        json.dump(known or {}, known_file)
+        known_file.flush()
+        argv = [sys.executable, __file__, *sys.argv[1:], "--child", child, "--deadline", str(opts.deadline),
+                "--known", known_file.name]
+        result = subprocess.run(argv, capture_output=True, text=True)
     if opts.log:
         with open(opts.log, "a") as log:
             log.write(f"===== {child}: exit {result.returncode}\n{result.stdout}\n{result.stderr}\n")
-    rows = [json.loads(line[4:]) for line in result.stdout.splitlines() if line.startswith("ROW ")]
+    lines = result.stdout.splitlines()
+    new = {a.pop("key"): a for a in (json.loads(line[8:]) for line in lines if line.startswith("ATTEMPT "))}
+    if result.returncode == RESTART:
+        return [], "", new, True
+    rows = [json.loads(line[4:]) for line in lines if line.startswith("ROW ")]
     if result.returncode or not rows:
         print(result.stdout[-2000:], result.stderr[-4000:], file=sys.stderr)
-        return [], (result.stderr.strip().splitlines() or ["?"])[-1][:300]
-    return rows, ""
+        return [], (result.stderr.strip().splitlines() or ["?"])[-1][:300], new, False
+    return rows, "", new, False
 
 
 def main() -> None:
@@ -318,6 +369,7 @@ def main() -> None:
     parser.add_argument("--log", type=Path, help="Append every child's stdout and stderr here.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
+    parser.add_argument("--known", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.tiny:
         opts.seqs = "64,128"
@@ -327,7 +379,11 @@ def main() -> None:
     opts.checkpointing = [{"on": True, "off": False}[c] for c in opts.checkpointing.split(",")]
     if opts.child:
         kind, shape = opts.child.split(":", 1)
-        rows = [make_base(opts, shape)] if kind == "base" else run_method(opts, shape, kind)
+        known = json.loads(Path(opts.known).read_text()) if opts.known else {}
+        try:
+            rows = [make_base(opts, shape)] if kind == "base" else run_method(opts, shape, kind, known)
+        except FreshProcessNeeded:
+            sys.exit(RESTART)
         for row in rows:
             print("ROW " + json.dumps(row), flush=True)
         return
@@ -344,7 +400,7 @@ def main() -> None:
     have_bnb = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
     rows, bases = [], {}
     for shape in opts.shapes.split(","):
-        made, error = run_child(opts, f"base:{shape}")
+        made, error, _, _ = run_child(opts, f"base:{shape}")
         bases[shape] = made[0] if made else {"error": error}
         print(f"base {shape}: {json.dumps(bases[shape])}", flush=True)
         for method in opts.methods.split(","):
@@ -354,7 +410,7 @@ def main() -> None:
                 new = [{"shape": shape, "method": method, "error": f"no base model: {error}"}]
             else:
                 t0 = time.time()
-                new, child_error = run_child(opts, f"{method}:{shape}")
+                new, child_error = until_done(lambda known: run_child(opts, f"{method}:{shape}", known))
                 new = new or [{"shape": shape, "method": method, "error": child_error}]
                 print(f"{shape} {method}: {time.time() - t0:.0f} s", flush=True)
             rows += new

@@ -78,6 +78,41 @@ def test_sft_memory_cap_search_finds_what_trying_every_cap_finds():
     assert needed[1024, False] == 0 and needed[4096, True] == 1 and len(attempts) == 6
 
 
+def test_sft_memory_runs_each_attempt_in_a_fresh_process():
+    """A child makes one attempt and exits; the next one replays what was tried: no run shares a
+    process with another, no attempt is run twice, and the search finds what one process trying
+    everything finds."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from sft_memory import FreshProcessNeeded, attempt, sweep, until_done
+
+    caps = [16, 24, 48, 140]
+    need = {(1024, True): 20, (2048, True): 30, (1024, False): 40, (2048, False): 100}
+    runs, processes = [], []
+
+    def child(known):
+        processes.append(len(processes))
+        new = {}
+
+        def fits(setting, i):
+            def run():
+                runs.append((setting, i, processes[-1]))
+                ok = need[setting] <= caps[i]
+                return {"ok": ok, "record": "yes" if ok else "no", "measured": {"process": processes[-1]}}
+            return attempt(known | new, f"{setting}:{i}", run, report=new.__setitem__)["ok"]
+
+        try:
+            needed, _ = sweep(list(need), len(caps), fits)
+        except FreshProcessNeeded:
+            return [], "", new, True
+        return [needed], "", new, False
+
+    rows, error = until_done(child)
+    in_one_process, attempts = sweep(list(need), len(caps), lambda s, i: need[s] <= caps[i])
+    assert not error and rows == [in_one_process]
+    assert sorted(p for *_, p in runs) == list(range(len(runs))) and len(processes) == len(runs) + 1
+    assert len(runs) == len({(s, i) for s, i, _ in runs}) == len(attempts) == 8  # nothing run twice
+
+
 @pytest.mark.gpu
 def test_pipeline_vs_chaining_tiny_needs_two_gpus(tmp_path):
     import torch
