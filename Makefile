@@ -113,12 +113,14 @@ gpu-wheels:
 		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
 	@du -sh .whl
 
-# The chatbot test drives Debian's chromium headless; install it when missing (needs root or sudo).
-CHROMIUM_PKGS := chromium chromium-driver
+# The chatbot test drives Debian's chromium headless, with a CJK font so that Chinese text renders
+# (without one the page shows empty boxes); install what is missing (needs root or sudo).
+CHROMIUM_PKGS := chromium chromium-driver fonts-noto-cjk
 browser:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && [ -n "$$(fc-list :lang=zh 2>/dev/null)" ]; \
+		then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
-		echo "warning: chromium missing and no root: the browser test will be skipped"; exit 0; fi; \
+		echo "warning: chromium or a CJK font missing and no root: the browser test will be skipped"; exit 0; fi; \
 	export DEBIAN_FRONTEND=noninteractive; \
 	$$SUDO apt-get install -y -q $(CHROMIUM_PKGS) || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $(CHROMIUM_PKGS); }
 

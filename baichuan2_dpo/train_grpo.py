@@ -76,6 +76,9 @@ class DataArguments(ScoredDataArguments):
     (common/sft_train.py); every test item is scored by default."""
     eval_samples: int = field(default=0, metadata={"help": "Test items scored before and after (0 = all, -1 = "
                                                    "skip)."})
+    train_tasks: list[str] | None = field(default=None, metadata={
+        "help": "Train on the rows of these tasks only (e.g. sentiment: replies of a few tokens, so many more "
+                "prompts per minute); every test item is still scored. Default: all rows."})
 
 
 @dataclass
@@ -199,7 +202,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"{len(args.reward_weights)} reward_weights for {len(reward_fns)} rewards")
     refuse_data_parallel(args)
     data_dir = Path(data_args.data_dir)
-    train_rows = read_jsonl(data_dir / "train.jsonl", PREPARE)[:data_args.train_samples or None]
+    train_rows = read_jsonl(data_dir / "train.jsonl", PREPARE)
+    if data_args.train_tasks:
+        train_rows = [row for row in train_rows if row.get("task") in data_args.train_tasks]
+        if not train_rows:
+            raise UserError(f"no training row has a task in {data_args.train_tasks}")
+    train_rows = train_rows[:data_args.train_samples or None]
     train_dataset = prompt_rows(train_rows, data_dir / "train.jsonl")
     test_items = scored_test_items(data_args, PREPARE)
 

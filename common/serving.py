@@ -1306,7 +1306,10 @@ def run_chatbot(argv: list[str] | None, default_model: str, description: str, ti
     defaults = _sampling_defaults(args)
     engine = Engine.from_pretrained(args.model, None, args.template, args.device, args.dtype, args.base_model,
                                     **_engine_options(args, args.max_concurrent))
-    demo = build_chat_ui(engine, title, description.split("\n\n")[0], defaults, args.system_prompt, examples)
-    print(f"chatbot for '{engine.name}' at http://{args.host}:{args.port}", flush=True)
+    url = f"http://{args.host}:{args.port}"
+    # the docstring's first paragraph names the default address: the page shows the real one
+    summary = description.split("\n\n")[0].replace("http://127.0.0.1:7860", url)
+    demo = build_chat_ui(engine, title, summary, defaults, args.system_prompt, examples)
+    print(f"chatbot for '{engine.name}' at {url}", flush=True)
     demo.queue(default_concurrency_limit=args.max_concurrent).launch(server_name=args.host, server_port=args.port,
                                                    share=False, show_error=True)

@@ -424,6 +424,8 @@ def test_chatbot_streams_a_reply_in_headless_chromium(model_dir, tmp_path):
         box.send_keys(Keys.ENTER)
         user = WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid='user']"))
         assert user[-1].text.strip() == "新华社北京电"
+        page = driver.find_element(By.TAG_NAME, "body").text
+        assert f"http://127.0.0.1:{port}" in page and ":7860" not in page  # the real address, not the default
 
         def settled(d):  # the reply stopped changing for a second
             texts = d.execute_script("return window.botTexts")
@@ -434,6 +436,15 @@ def test_chatbot_streams_a_reply_in_headless_chromium(model_dir, tmp_path):
         assert final and final == texts[-1]
         assert len(texts) >= 3, f"the reply appeared at once, not streamed: {texts}"
         assert all(final.startswith(t) for t in texts)  # it grew piece by piece
+        # Chinese renders in a CJK font (make browser installs fonts-noto-cjk), not as empty boxes:
+        # the page's Chinese is drawn by a font that has its characters
+        assert subprocess.run(["fc-list", f":charset={ord('新'):x}"], capture_output=True,
+                              text=True).stdout.strip(), "no installed font draws 新: run make browser"
+        shot = REPO / "outputs" / "chatbot_screenshot.png"  # for people to look at
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        driver.set_window_size(1200, 1400)
+        driver.execute_script("window.scrollTo(0, 0)")  # the title and the address first
+        assert driver.save_screenshot(str(shot))
     finally:
         if driver is not None:
             driver.quit()
