@@ -33,7 +33,7 @@ import train  # noqa: E402  (baichuan2_dpo/train.py, next to this file)
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="outputs/baichuan2_dpo", help="The preference-tuned model.")
+    parser.add_argument("--model", "--model_name_or_path", default="outputs/baichuan2_dpo", help="The preference-tuned model.")
     parser.add_argument("--start_model", default="outputs/model_baichuan", help="The model DPO started from.")
     parser.add_argument("--data_dir", default="data/baichuan2_dpo")
     parser.add_argument("--template", default=None, help="auto, official or a registry entry (common/templates.py). "

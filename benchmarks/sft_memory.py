@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from shapes import GLM4_9B, LLAMA2_7B  # benchmarks/ is on sys.path when a benchmark runs
@@ -410,7 +411,7 @@ def main() -> None:
                 new = [{"shape": shape, "method": method, "error": f"no base model: {error}"}]
             else:
                 t0 = time.time()
-                new, child_error = until_done(lambda known: run_child(opts, f"{method}:{shape}", known))
+                new, child_error = until_done(partial(run_child, opts, f"{method}:{shape}"))
                 new = new or [{"shape": shape, "method": method, "error": child_error}]
                 print(f"{shape} {method}: {time.time() - t0:.0f} s", flush=True)
             rows += new

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompts", nargs="*", help="Questions, one user turn each.")
     parser.add_argument("--file", type=Path, help="A UTF-8 file with one question per line.")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="Adapter or model directory.")
+    parser.add_argument("--model", "--model_name_or_path", default=DEFAULT_MODEL, help="Adapter or model directory.")
     parser.add_argument("--base_model", default=None, help="Base of an adapter (default: the one it names).")
     parser.add_argument("--template", default=None, help="Chat template (default: the one the model was tuned with).")
     parser.add_argument("--system", default="", help="System prompt.")

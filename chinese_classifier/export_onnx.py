@@ -80,7 +80,7 @@ def median_latency_ms(fn, texts: list[str]) -> float:
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL), help="Trained model directory.")
+    parser.add_argument("--model", "--model_name_or_path", type=Path, default=Path(DEFAULT_MODEL), help="Trained model directory.")
     parser.add_argument("--output", type=Path, help="ONNX file (default: <model>/model.onnx).")
     parser.add_argument("--data_dir", type=Path, default=Path("data/chinese_classifier"),
                         help="Folder with test.csv, the texts the parity check runs on.")

@@ -81,7 +81,7 @@ def read_texts(path: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("texts", nargs="*", help="Texts to classify.")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="Trained model directory (train.py's output_dir).")
+    parser.add_argument("--model", "--model_name_or_path", default=DEFAULT_MODEL, help="Trained model directory (train.py's output_dir).")
     parser.add_argument("--file", type=Path, help="A .txt file (one text per line) or a CSV with a text column.")
     parser.add_argument("--output", type=Path, help="Write a CSV (text,label,probability,...) instead of printing.")
     parser.add_argument("--batch_size", type=int, default=64)

@@ -81,7 +81,7 @@ def create_app(classifier: TextClassifier, max_items: int = 64, max_chars: int =
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL), help="Trained model directory.")
+    parser.add_argument("--model", "--model_name_or_path", type=Path, default=Path(DEFAULT_MODEL), help="Trained model directory.")
     parser.add_argument("--host", default="127.0.0.1", help="Use 0.0.0.0 to accept other machines.")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max_items", type=int, default=64, help="Most texts in one request.")

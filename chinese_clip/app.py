@@ -64,7 +64,7 @@ def build_app(searcher: CLIPSearcher, image_dir: str | None):
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="train.py's output_dir.")
+    parser.add_argument("--model", "--model_name_or_path", default=DEFAULT_MODEL, help="train.py's output_dir.")
     parser.add_argument("--image_dir", default=None, help="Folder searched by the second tab.")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines.")
     parser.add_argument("--port", type=int, default=7860)

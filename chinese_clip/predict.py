@@ -108,7 +108,7 @@ class CLIPSearcher:
 @cli_main
 def main(argv: list[str] | None = None) -> list:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="train.py's output_dir.")
+    parser.add_argument("--model", "--model_name_or_path", default=DEFAULT_MODEL, help="train.py's output_dir.")
     parser.add_argument("--image", help="An image whose candidate --texts to rank.")
     parser.add_argument("--texts", nargs="+", help="Candidate texts for --image.")
     parser.add_argument("--search", help="A text to look for in --image_dir.")

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompts", nargs="*", help="Texts to continue.")
     parser.add_argument("--file", type=Path, help="A UTF-8 file with one prompt per line.")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="Model directory (train.py's output_dir).")
+    parser.add_argument("--model", "--model_name_or_path", default=DEFAULT_MODEL, help="Model directory (train.py's output_dir).")
     parser.add_argument("--strategy", default="greedy", choices=["greedy", "sample", "beam"])
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)

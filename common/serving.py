@@ -1222,7 +1222,7 @@ def build_chat_ui(engine: Engine, title: str, description: str = "", defaults: S
 
 # ------------------------------------------------------------- command lines
 def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
-    parser.add_argument("--model", default=default_model, help="Local model directory (config.json, weights, tokenizer).")
+    parser.add_argument("--model", "--model_name_or_path", default=default_model, help="Local model directory (config.json, weights, tokenizer).")
     parser.add_argument("--template", default=None,
                         help="Chat template from common/templates.py; default: the one the model was tuned with, "
                              "else the tokenizer's own, else 'plain'.")

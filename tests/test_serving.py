@@ -371,10 +371,11 @@ def test_disconnect_stops_generation_and_a_full_server_answers_429_then_503(serv
     assert after.status_code == 200  # the slot came back
 
 
-def test_serve_cli_refuses_a_missing_model(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "chinese_gpt2/serve.py"), "--model", str(tmp_path)],
+@pytest.mark.parametrize("flag", ["--model", "--model_name_or_path"])  # the second as train.py names it
+def test_serve_cli_refuses_a_missing_model(tmp_path, flag):
+    result = subprocess.run([sys.executable, str(REPO / "chinese_gpt2/serve.py"), flag, str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "no model in" in result.stderr
+    assert result.returncode == 2 and f"no model in {tmp_path}" in result.stderr
 
 
 # ------------------------------------------------------------ chatbot in a browser

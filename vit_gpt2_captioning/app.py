@@ -51,7 +51,7 @@ def build_app(captioner: Captioner):
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="train.py's output_dir.")
+    parser.add_argument("--model", "--model_name_or_path", default=DEFAULT_MODEL, help="train.py's output_dir.")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines.")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", default=None)

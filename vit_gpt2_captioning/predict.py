@@ -50,7 +50,7 @@ class Captioner:
 def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", help="Image files.")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="train.py's output_dir.")
+    parser.add_argument("--model", "--model_name_or_path", default=DEFAULT_MODEL, help="train.py's output_dir.")
     parser.add_argument("--num_beams", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--do_sample", action="store_true", help="Sample instead of searching.")
