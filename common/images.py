@@ -19,9 +19,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -30,8 +31,9 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from common.data import check_file
+from common.data import check_file, resolve_files
 from common.errors import UserError
+from common.tokenizer import build_chinese_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -340,3 +342,104 @@ def make_synthetic_image_text(out_dir: str | Path, splits: dict[str, int] | None
         written[split] = csv_path
     logger.info("synthetic image-text set in %s: %s", out_dir, {s: n for s, n in splits.items()})
     return written
+
+
+# ----------------------------------------------------------- prepare_data.py of both recipes
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class PrepareImageTextArguments:
+    """What chinese_clip's and vit_gpt2_captioning's prepare_data.py take (each sets its own output_dir)."""
+    input: list[str] | None = field(default=None, metadata={
+        "help": "CSV text,image_path: files, folders or globs, split into train / valid / test by image "
+                "(--valid_ratio, --test_ratio, --seed). Default: the built-in synthetic set."})
+    train: str | None = field(default=None, metadata={"help": "Your own split instead of --input: the train CSV."})
+    valid: str | None = field(default=None, metadata={"help": "CSV for validation (needed with --train)."})
+    test: str | None = field(default=None, metadata={"help": "CSV for the final test (needed with --train)."})
+    output_dir: str = field(default="data/images", metadata={"help": "Where the prepared data goes."})
+    valid_ratio: float = field(default=0.05, metadata={"help": "Share of --input's images for validation."})
+    test_ratio: float = field(default=0.05, metadata={"help": "Share of --input's images for the test split."})
+    image_size: int = field(default=64, metadata={"help": "Side of the cached square images (the model's input)."})
+    min_size: int = field(default=16, metadata={"help": "Images with a side shorter than this are dropped."})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Local tokenizer directory. Default: a character tokenizer built from the "
+                                "train captions."},
+    )
+    vocab_size: int = field(default=4000, metadata={"help": "Size of a built tokenizer."})
+    synthetic_size: list[int] = field(
+        default_factory=lambda: [3000, 500, 500], metadata={"help": "Train, valid, test sizes of the built-in set."},
+    )
+    workers: int = field(default=0, metadata={"help": "Processes for verification and caching (0 = all cores)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the built-in set and of --input's split."})
+
+
+def split_image_text(specs: list[str], out_dir: str | Path, valid_ratio: float, test_ratio: float,
+                     seed: int = 0) -> dict[str, Path]:
+    """The rows of `specs` (CSV files, folders, globs) split into `out_dir/<split>.csv`, seeded and
+    by image: every caption of one image lands in the same split, so no test image was trained on.
+    Image paths are written absolute; the other columns are kept."""
+    if not (0 < valid_ratio < 1 and 0 < test_ratio < 1 and valid_ratio + test_ratio < 1):
+        raise UserError("--valid_ratio and --test_ratio must be in (0, 1) and sum to less than 1")
+    records, columns = [], ["text", "image_path"]
+    for csv_path in resolve_files(specs, extensions=(".csv",)):
+        check_file(csv_path, ["text", "image_path"])
+        with csv_path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            columns += [c for c in reader.fieldnames or [] if c not in columns]
+            for record in reader:
+                path = Path((record.get("image_path") or "").strip())
+                record["image_path"] = str(path if path.is_absolute() else (csv_path.parent / path).resolve())
+                records.append(record)
+    images = sorted({r["image_path"] for r in records})
+    if len(images) < 3:
+        raise UserError(f"{', '.join(specs)}: {len(images)} distinct images; a train / valid / test split needs 3 or more")
+    random.Random(seed).shuffle(images)
+    n_valid, n_test = (max(1, round(ratio * len(images))) for ratio in (valid_ratio, test_ratio))
+    split_of = {image: "valid" if i < n_valid else "test" if i < n_valid + n_test else "train"
+                for i, image in enumerate(images)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split in SPLITS:
+        written[split] = out_dir / f"{split}.csv"
+        with written[split].open("w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(r for r in records if split_of[r["image_path"]] == split)
+    return written
+
+
+def prepare_image_text(args: PrepareImageTextArguments) -> dict:
+    """A prepare_data.py run: the splits (--input split here, --train/--valid/--test as given, or
+    the built-in synthetic set) verified and cached, the tokenizer built or loaded, report.json."""
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    workers = args.workers or os.cpu_count() or 1
+    if args.input and args.train:
+        raise UserError("give --input (split here) or --train/--valid/--test (your own split), not both")
+    if args.input:
+        sources = split_image_text(args.input, out / "source", args.valid_ratio, args.test_ratio, args.seed)
+    elif args.train:
+        if not (args.valid and args.test):
+            raise UserError("with --train give --valid and --test too")
+        sources = {"train": Path(args.train), "valid": Path(args.valid), "test": Path(args.test)}
+    else:
+        if len(args.synthetic_size) != 3:
+            raise UserError("--synthetic_size takes three numbers: train valid test")
+        sources = make_synthetic_image_text(out / "source", dict(zip(SPLITS, args.synthetic_size)),
+                                            size=args.image_size, seed=args.seed)
+
+    report = {"workers": workers, "image_size": args.image_size,
+              "splits": prepare_image_text_splits(sources, out, args.image_size, args.min_size, workers)}
+    if args.tokenizer:  # load_tokenizer adds the [BOS] / [EOS] / [PAD] a decoder needs when missing
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        texts = [row.text for row in read_image_csv(out / "train.csv")]
+        tokenizer = build_chinese_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=1)
+    tokenizer.save_pretrained(out / "tokenizer")
+    report["vocab_size"] = len(tokenizer)
+    (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    print_report(report["splits"])
+    print(f"wrote {', '.join(f'{s}.csv' for s in sources)}, cache/, tokenizer/ and report.json to {out}")
+    return report

@@ -75,6 +75,36 @@ def test_prepare_drops_a_broken_image_from_a_user_csv(tmp_path):
 
 
 
+def test_prepare_splits_one_input_by_image(tmp_path):
+    """--input: one folder of CSVs split here; every caption of an image in one split, seeded."""
+    user = tmp_path / "user"
+    (user / "img").mkdir(parents=True)
+    rows = []
+    for i in range(40):
+        Image.new("RGB", (40, 30), (6 * i, 100, 240 - 6 * i)).save(user / "img" / f"{i}.jpg")
+        rows += [(f"第{i}张图", f"img/{i}.jpg"), (f"又一张：{i}", f"img/{i}.jpg")]  # two captions per image
+    for part in (0, 1):
+        with (user / f"part{part}.csv").open("w", encoding="utf-8", newline="") as f:
+            csv.writer(f).writerows([("text", "image_path"), *rows[part::2]])
+
+    def prepare(out):
+        run_script("chinese_clip/prepare_data.py", "--input", user, "--output_dir", out, "--image_size", "32",
+                   "--workers", "1", "--valid_ratio", "0.1", "--test_ratio", "0.1")
+        return {split: list(csv.DictReader((out / f"{split}.csv").open(encoding="utf-8")))
+                for split in ("train", "valid", "test")}
+
+    splits = prepare(tmp_path / "a")
+    images = {split: {r["image_path"] for r in got} for split, got in splits.items()}
+    assert [len(images[s]) for s in ("train", "valid", "test")] == [32, 4, 4]
+    assert sum(len(got) for got in splits.values()) == 80  # every row, each image with both captions
+    assert not (images["train"] & images["valid"]) and not (images["train"] & images["test"])
+    assert all(len(got) == 2 * len(images[split]) for split, got in splits.items())
+    assert prepare(tmp_path / "b") == splits  # the same seed, the same split
+    refused = run_script("chinese_clip/prepare_data.py", "--input", user, "--train", user / "part0.csv",
+                         "--output_dir", tmp_path / "c", check=False)
+    assert refused.returncode == 2 and "not both" in refused.stderr
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The built-in synthetic set, tiny, and a tiny CLIP trained on it."""
