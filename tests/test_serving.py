@@ -371,6 +371,61 @@ def test_disconnect_stops_generation_and_a_full_server_answers_429_then_503(serv
     assert after.status_code == 200  # the slot came back
 
 
+def test_64_streaming_clients_a_quarter_leaving_all_others_complete(model_dir, tmp_path):
+    """Load on the CPU: 64 concurrent streaming clients over 16 slots, every fourth one closing its
+    connection after the first chunk. Every other client gets all its tokens, nobody a 5xx, and
+    the server ends idle."""
+    port = free_port()
+    log = (tmp_path / "server.log").open("w+")
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "chinese_gpt2/serve.py"), "--model", str(model_dir), "--port", str(port),
+         "--device", "cpu", "--max_concurrent", "16", "--max_waiting", "64", "--queue_timeout", "120"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    n_tokens = 24
+
+    async def one(index: int, client: httpx.AsyncClient) -> dict:
+        body = {"prompt": "新华社北京电" * (1 + index % 5), "max_tokens": n_tokens, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.8, "seed": index}
+        events = []
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+                    if index % 4 == 0:
+                        break  # leaving: the connection closes mid-stream
+            return {"status": response.status_code, "events": events}
+
+    async def crowd():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+            return await asyncio.gather(*(one(i, client) for i in range(64)))
+
+    try:
+        wait_until_up(f"{url}/health", process)
+        before = health(url)["tokens_generated"]
+        results = asyncio.run(crowd())
+        assert all(r["status"] == 200 for r in results), [r["status"] for r in results]
+        stayed = [r["events"] for i, r in enumerate(results) if i % 4]
+        assert len(stayed) == 48
+        for events in stayed:
+            assert not any("error" in e for e in events)
+            assert events[-1]["usage"]["completion_tokens"] == n_tokens
+            assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == ["length"]
+        for _ in range(100):  # the leavers' generations stop; nothing stays queued or running
+            state = health(url)
+            if state["active"] == 0 and state["waiting"] == 0:
+                break
+            time.sleep(0.05)
+        assert state["active"] == 0 and state["waiting"] == 0
+        leavers = state["tokens_generated"] - before - 48 * n_tokens
+        assert 0 < leavers < 16 * n_tokens // 2  # the leavers' generations stopped early
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.seek(0)
+        print(log.read()[-3000:])
+
+
 @pytest.mark.parametrize("flag", ["--model", "--model_name_or_path"])  # the second as train.py names it
 def test_serve_cli_refuses_a_missing_model(tmp_path, flag):
     result = subprocess.run([sys.executable, str(REPO / "chinese_gpt2/serve.py"), flag, str(tmp_path)],
