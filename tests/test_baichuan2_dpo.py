@@ -414,9 +414,12 @@ def test_grpo_moves_the_policy_towards_the_reward(tiny_chat_model, tmp_path):
                "--output_dir", out, "--rewards", "toy_reward:starts_right", "--max_steps", "12",
                "--per_device_train_batch_size", "32", "--max_completion_length", "4", "--learning_rate", "3e-3",
                "--beta", "0.04", "--eval_samples", "8", "--eval_max_new_tokens", "4", "--logging_steps", "4",
-               cwd=tmp_path)
+               "--train_tasks", "sentiment", cwd=tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rewards"] == ["toy_reward:starts_right"] and metrics["train"]["steps"] == 12
+    rows = [json.loads(line) for line in (data / "train.jsonl").open(encoding="utf-8")]
+    sentiment = sum(row["task"] == "sentiment" for row in rows)
+    assert metrics["train_prompts"] == sentiment < len(rows)  # --train_tasks: the sentiment rows only
     curves = metrics["curves"]
     assert len(curves["reward"]) == 3 and curves["kl"][-1][1] > 0  # the policy left the start, measured
     after = float(first_token_probs(out, held_out, start)[0][target])
