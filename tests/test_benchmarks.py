@@ -20,7 +20,8 @@ VARIANTS = {"clip_data_wait": "loader,resident_compile", "gpt2_train_throughput"
             "clm_train_throughput": "baseline,recipe", "lora_sft_throughput": "check,baseline,recipe_sdpa",
             "dpo_memory_speed": "lora_adapter_off,full_precomputed"}
 OPTIONS = {name: ("--variants", variants) for name, variants in VARIANTS.items()} | {
-    "sft_memory": ("--shapes", "glm4-9b", "--methods", "lora,full")}  # (QLoRA and 8-bit states need a GPU)
+    # sft_memory: a process per attempt, so one checkpointing setting (QLoRA and 8-bit states need a GPU)
+    "sft_memory": ("--shapes", "glm4-9b", "--methods", "lora,full", "--checkpointing", "on")}
 
 
 def records(node):
