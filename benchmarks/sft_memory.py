@@ -41,7 +41,6 @@ master weights (see `attempt`). A run: --warmup_steps steps, then --measure_step
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -261,14 +260,10 @@ def run_method(opts, shape: str, method: str, known: dict) -> list[dict]:
         return result["ok"]
 
     def train_under(setting: tuple[int, bool], cap) -> dict:
-        seq, checkpointing = setting
-        gc.collect()
+        seq, checkpointing = setting  # the process's only run: the model as loaded, the allocator unused
         if cuda:
-            torch.cuda.empty_cache()
             torch.cuda.set_per_process_memory_fraction(cap / total)
             torch.cuda.reset_peak_memory_stats()
-        if not checkpointing:
-            model.gradient_checkpointing_disable()  # the Trainer enables it when asked, never disables it
         clock = Clock()
         trainer = ReplyLossTrainer(model=model, args=training_args(seq, checkpointing),
                                    train_dataset=packed_rows(seq, opts.warmup_steps + opts.measure_steps, vocab_size),
@@ -281,8 +276,6 @@ def run_method(opts, shape: str, method: str, known: dict) -> list[dict]:
             return {"ok": False, "record": f"no: out of memory after {len(clock.marks)} steps"}
         steps = sorted(clock.marks)
         seconds = clock.marks[steps[-1]] - clock.marks[opts.warmup_steps]
-        del trainer
-        model.zero_grad(set_to_none=True)
         return {"ok": True, "record": "yes", "measured": {
             "cap": cap_label(cap, total), "step_s": round(seconds / opts.measure_steps, 3),
             "real_tokens_per_s": round(seq * opts.measure_steps / seconds, 1),
