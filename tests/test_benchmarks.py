@@ -12,13 +12,13 @@ import pytest
 from conftest import REPO, run_script
 
 BENCHMARKS = ["clip_data_wait", "clm_train_throughput", "decode_throughput", "dpo_memory_speed", "gpt2_decode_speed",
-              "gpt2_train_throughput", "image_pipeline", "lora_sft_throughput", "reply_loss_speed", "sft_memory",
+              "gpt2_train_throughput", "grpo_step_time", "image_pipeline", "lora_sft_throughput", "reply_loss_speed", "sft_memory",
               "tokenize_throughput"]
 # Variants run one child process each (about 10 s of imports apiece): where a benchmark has many,
 # the test runs one per code path (baseline, the recipe's way, torch.compile, DPO's references).
 VARIANTS = {"clip_data_wait": "loader,resident_compile", "gpt2_train_throughput": "baseline,recipe",
             "clm_train_throughput": "baseline,recipe", "lora_sft_throughput": "check,baseline,recipe_sdpa",
-            "dpo_memory_speed": "lora_adapter_off,full_precomputed"}
+            "dpo_memory_speed": "lora_adapter_off,full_precomputed", "grpo_step_time": "g8_p4"}
 OPTIONS = {name: ("--variants", variants) for name, variants in VARIANTS.items()} | {
     # sft_memory: a process per attempt, so one checkpointing setting (QLoRA and 8-bit states need a GPU)
     "sft_memory": ("--shapes", "glm4-9b", "--methods", "lora,full", "--checkpointing", "on")}
