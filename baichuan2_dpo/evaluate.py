@@ -23,11 +23,18 @@ import torch
 
 from common.errors import cli_main
 from common.instructions import paired_change
-from common.sft_train import evaluate_tasks, load_start_model, read_jsonl, scored_test_items
+from common.preference import preference_accuracy, tokenize_pairs
+from common.sft_train import (
+    ScoredDataArguments,
+    evaluate_tasks,
+    load_start_model,
+    read_jsonl,
+    scored_test_items,
+)
 from common.templates import get_template, resolve_template
 from common.tokenizer import load_tokenizer
 
-import train  # noqa: E402  (baichuan2_dpo/train.py, next to this file)
+PREPARE = "python baichuan2_dpo/prepare_data.py"
 
 
 @cli_main
@@ -48,16 +55,16 @@ def main(argv: list[str] | None = None) -> dict:
     # both models prompted as the tuned one was trained
     template = resolve_template(args.template, load_tokenizer(args.model), args.model) or get_template("baichuan2")
     data_dir = Path(args.data_dir)
-    scoring = train.DataArguments(data_dir=str(data_dir), eval_samples=args.eval_samples)
-    items = scored_test_items(scoring, train.PREPARE)
+    scoring = ScoredDataArguments(data_dir=str(data_dir), eval_samples=args.eval_samples)
+    items = scored_test_items(scoring, PREPARE)
 
     results, logps, replies = {}, {}, {}
     for name, path in (("start", args.start_model), ("tuned", args.model)):
         model, tokenizer = load_start_model(path, dtype)
         model.to(device)
-        pairs, _ = train.tokenize_pairs(read_jsonl(data_dir / "valid.jsonl", train.PREPARE), tokenizer, template,
+        pairs, _ = tokenize_pairs(read_jsonl(data_dir / "valid.jsonl", PREPARE), tokenizer, template,
                                         args.max_length)
-        preference = train.preference_accuracy(model, pairs, with_gaps=True)
+        preference = preference_accuracy(model, pairs, with_gaps=True)
         logps[name] = preference.pop("gaps")
         scores, replies[name] = evaluate_tasks(model, tokenizer, template, items, scoring,
                                                      f"scoring the {name} model")

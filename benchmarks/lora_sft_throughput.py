@@ -172,6 +172,7 @@ def run_check(opts) -> dict:
     from datasets import Dataset
 
     from common.sft import PackedCollator, apply_liger_kernel_to_glm, pack, register_liger_glm
+    from common.sft_train import add_adapter
 
     train = load_recipe_script("chatglm_lora")
     cuda = torch.cuda.is_available()
@@ -186,7 +187,7 @@ def run_check(opts) -> dict:
     def lora(model):
         args = train.SFTTrainingArguments(output_dir=tempfile.gettempdir(), report_to="none")
         torch.manual_seed(1)  # the same LoRA weights for both
-        return train.add_adapter(model, train.ModelArguments(lora_dropout=0.0), args, [])
+        return add_adapter(model, train.ModelArguments(lora_dropout=0.0), args, [])
 
     def packed_loss(model):
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -232,7 +233,7 @@ def run_variant(name: str, opts) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from common.sft import PackedCollator, PaddingCollator, pack, register_liger_glm
-    from common.sft_train import count_parameters
+    from common.sft_train import add_adapter, count_parameters
 
     spec = VARIANTS[name]
     train = load_recipe_script("chatglm_lora")
@@ -263,7 +264,7 @@ def run_variant(name: str, opts) -> dict:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     model = build_model(opts, spec["attention"])
-    model = train.add_adapter(model, train.ModelArguments(), args, [])  # r=16, alpha=32, GLM's six projections
+    model = add_adapter(model, train.ModelArguments(), args, [])  # r=16, alpha=32, GLM's six projections
     parameters = count_parameters(model)
     build_s = time.perf_counter() - start
     marks, counts, memory = {}, {"real": 0, "processed": 0, "label": 0, "steps": 0}, {}

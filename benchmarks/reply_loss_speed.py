@@ -24,6 +24,7 @@ from transformers import Trainer, set_seed
 
 from common.config import parse_args
 from common.sft import PackedCollator, ReplyLossTrainer
+from common.sft_train import add_adapter, load_model, load_split
 from common.templates import ensure_template_tokens, resolve_template
 from common.tokenizer import load_tokenizer
 
@@ -77,9 +78,9 @@ def main() -> None:
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     template = resolve_template(model_args.template, tokenizer, model_args.model_name_or_path)
     added = ensure_template_tokens(tokenizer, template)
-    dataset, _ = train.load_split(data_args, tokenizer, template, "train")
-    model = train.load_model(model_args, training_args, len(tokenizer))
-    model = train.add_adapter(model, model_args, training_args, tokenizer.convert_tokens_to_ids(added))
+    dataset, _ = load_split(data_args, tokenizer, template, "train")
+    model = load_model(model_args, training_args, len(tokenizer))
+    model = add_adapter(model, model_args, training_args, tokenizer.convert_tokens_to_ids(added))
     start_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     results: dict[str, list] = {"Trainer": [], "ReplyLossTrainer": []}

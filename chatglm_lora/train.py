@@ -39,27 +39,46 @@ from the YAML or the command line.
 Evaluation: loss on valid before and after training; when test.jsonl holds scored tasks
 (the built-in data does), greedy replies of the starting model and of the tuned one are
 scored side by side (sentiment accuracy, segmentation F1, beside the trivial answers).
-Everything lands in `<output_dir>/metrics.json`; the adapter (or the full model), the
-tokenizer (with its chat template) in `<output_dir>`. The steps, in this order, are
-common/sft_train.py's `run_sft`, shared with model_baichuan; this file holds the defaults.
+Everything lands in `<output_dir>/metrics.json` and `loss.png` (train and valid loss per step);
+the adapter (or the full model), the tokenizer (with its chat template) in `<output_dir>`.
+The run below goes: arguments -> checks -> tokenizer and template -> data -> model (scored
+before any update) -> adapter -> Trainer -> train / evaluate / save -> scores -> metrics.json;
+the building blocks it calls are common/sft_train.py's.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import set_seed
 
 from common.config import parse_args
 from common.errors import cli_main
-from common.sft_train import (  # noqa: F401  (benchmarks/ reach add_adapter, load_model, load_split here)
+from common.plots import plot_losses
+from common.sft import PackedCollator, PaddingCollator, ReplyLossTrainer
+from common.sft_train import (
     TEMPLATE_HELP,
     SFTDataArguments,
     SFTModelArguments,
     add_adapter,
+    check_sft_run,
+    count_parameters,
+    evaluate_tasks,
     load_model,
+    load_sft_tokenizer,
     load_split,
-    run_sft,
+    load_test_items,
+    resume_checkpoint,
+    sft_metrics,
 )
 from common.sft_train import SFTTrainingArguments as _SFTTrainingArguments
+from common.templates import save_chat_template
+
+PREPARE = "python chatglm_lora/prepare_data.py"
+BUILT_IN_BASE = "python model_clm/train.py model_clm/configs/glm_tiny.yaml"
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -85,8 +104,56 @@ class SFTTrainingArguments(_SFTTrainingArguments):
 def main(argv: list[str] | None = None) -> dict:
     data_args, model_args, training_args = parse_args([DataArguments, ModelArguments, SFTTrainingArguments], argv,
                                                       description=__doc__)
-    return run_sft(data_args, model_args, training_args, prepare_hint="python chatglm_lora/prepare_data.py",
-                   base_hint="python model_clm/train.py model_clm/configs/glm_tiny.yaml")
+    start = time.time()
+    set_seed(training_args.seed)
+    check_sft_run(model_args, training_args, BUILT_IN_BASE)
+    tokenizer, template, added = load_sft_tokenizer(model_args)
+
+    # data: prepare_data.py's conversations, rendered with the template, packed into rows
+    train_dataset, train_report = load_split(data_args, tokenizer, template, "train", PREPARE)
+    valid_dataset, valid_report = load_split(data_args, tokenizer, template, "valid", PREPARE)
+    test_items = load_test_items(data_args)
+
+    # model: the base, scored on the test items before any update, then the adapter
+    model = load_model(model_args, training_args, len(tokenizer))
+    single_process = training_args.world_size == 1
+    base = (None, [])
+    if single_process and not model_args.adapter_path:
+        if model_args.finetuning_type != "qlora" and not model_args.device_map:
+            model.to(training_args.device)
+        base = evaluate_tasks(model, tokenizer, template, test_items, data_args, "scoring the base model")
+    if model_args.finetuning_type != "full":
+        model = add_adapter(model, model_args, training_args, tokenizer.convert_tokens_to_ids(added))
+    parameters = count_parameters(model)
+    print(f"training {parameters['trainable']:,} of {parameters['total']:,} parameters "
+          f"({100 * parameters['trainable_share']:.2f}%), {model_args.finetuning_type}", flush=True)
+
+    # trainer: loss on the replies only
+    collator = PackedCollator() if data_args.packing else PaddingCollator(tokenizer.pad_token_id)
+    trainer = ReplyLossTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=valid_dataset,
+                               data_collator=collator, processing_class=tokenizer)
+
+    # train (valid loss first, unless resuming), evaluate, save
+    resume = resume_checkpoint(training_args)
+    trainer.args.eval_on_start = not resume  # inside train(): DeepSpeed can only evaluate through its engine
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.evaluate()
+    trainer.save_model(training_args.output_dir)
+    if not trainer.is_world_process_zero():
+        return {}
+    save_chat_template(training_args.output_dir, tokenizer, template)  # the Jinja of what training rendered
+    tuned = (None, [])
+    if single_process:
+        tuned = evaluate_tasks(trainer.model, tokenizer, template, test_items, data_args, "scoring the tuned model")
+
+    # metrics.json and loss.png
+    metrics = sft_metrics(trainer, result, resume, template, model_args, data_args, parameters,
+                          {"train": train_report, "valid": valid_report}, test_items, base, tuned, start)
+    out = Path(training_args.output_dir)
+    (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    plot_losses(trainer.state.log_history, out / "loss.png", f"chatglm_lora: {model_args.finetuning_type} SFT")
+    print(f"adapter / model, tokenizer, metrics.json and loss.png in {out}")
+    return metrics
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from common.config import parse_args
 from common.corpora import load_peoples_daily
 from common.data import load_files
 from common.errors import UserError, cli_main
+from common.plots import plot_losses
 from common.tokenizer import build_chinese_tokenizer, load_tokenizer
 
 logger = logging.getLogger("train")
@@ -353,6 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     save_confusion_matrix(matrix, names, output_dir / "confusion_matrix.png")
     (output_dir / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    plot_losses(trainer.state.log_history, output_dir / "loss.png", "chinese_classifier")
     line = f"test accuracy {metrics['model']['test_accuracy']:.4f} (macro-F1 {metrics['model']['test_macro_f1']:.4f})"
     if "tfidf_logreg_baseline" in metrics:
         line += f" | TF-IDF + logistic regression {metrics['tfidf_logreg_baseline']['test_accuracy']:.4f}"

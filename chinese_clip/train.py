@@ -48,6 +48,7 @@ from common.images import (
     load_prepared_split,
     normalize,
 )
+from common.plots import plot_losses
 from common.tokenizer import load_tokenizer
 
 logger = logging.getLogger("train")
@@ -280,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["runtime_s"] = round(time.time() - start, 1)
     out = Path(training_args.output_dir)
     (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    plot_losses(trainer.state.log_history, out / "loss.png", "chinese_clip: contrastive loss")
     for key in ("image_to_text_recall@1", "text_to_image_recall@1", "image_to_text_recall@5"):
         print(f"{key}: {metrics[key]:.3f} (chance {metrics[key + '_chance']:.3f})")
     for attribute in ("shape", "colour", "position"):

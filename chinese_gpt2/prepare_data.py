@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
 from common.config import parse_args
 from common.corpora import load_peoples_daily
-from common.data import TokenFileWriter, check_file, resolve_files, token_dtype
+from common.data import TokenFileWriter, check_file, file_texts, resolve_files, token_dtype
 from common.errors import UserError, cli_main
 from common.tokenizer import build_chinese_tokenizer, load_tokenizer
 
@@ -66,42 +65,15 @@ class PrepareArguments:
 
 
 # --------------------------------------------------------------------------- reading
-def read_csv_texts(path: Path, column: str, chunk_rows: int = 10_000) -> Iterator[str]:
-    check_file(path, required_columns=[column])
-    try:
-        for chunk in pd.read_csv(path, usecols=[column], dtype=str, keep_default_na=False,
-                                 chunksize=chunk_rows, encoding="utf-8-sig"):
-            yield from chunk[column]
-    except (pd.errors.ParserError, ValueError) as err:
-        raise UserError(f"{path}: not a well-formed CSV: {err}") from None
-
-
-def read_jsonl_texts(path: Path, column: str) -> Iterator[str]:
-    check_file(path, required_columns=[column])
-    with path.open(encoding="utf-8-sig") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}: line {line_number} is not valid JSON: {err}") from None
-            if not isinstance(record, dict) or column not in record:
-                raise UserError(f"{path}: line {line_number} has no field '{column}'")
-            value = record[column]
-            yield "" if value is None else str(value)
-
-
 def read_texts(args: PrepareArguments) -> Iterator[str]:
     """The raw texts, one file after another, never all in memory."""
     if not args.input:
         yield from load_peoples_daily()
         return
     for path in resolve_files(args.input, extensions=[".csv", ".jsonl"]):
-        if path.suffix.lower() == ".csv":
-            yield from read_csv_texts(path, args.text_column or "content")
-        else:
-            yield from read_jsonl_texts(path, args.text_column or "text")
+        column = args.text_column or ("content" if path.suffix.lower() == ".csv" else "text")
+        check_file(path, required_columns=[column])  # a missing column or an empty file, named at once
+        yield from file_texts(path, column)
 
 
 # -------------------------------------------------------------------------- cleaning

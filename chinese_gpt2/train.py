@@ -50,6 +50,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from common.config import parse_args
 from common.data import PackedTokenDataset
 from common.errors import UserError, cli_main
+from common.plots import plot_losses
 from common.tokenizer import load_tokenizer
 
 logger = logging.getLogger("train")
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["runtime_s"] = round(time.time() - start, 1)
     output_dir = Path(training_args.output_dir)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_losses(trainer.state.log_history, output_dir / "loss.png", "chinese_gpt2")
     line = f"valid perplexity {metrics['valid_perplexity']:.1f}"
     if "bigram_baseline" in metrics:
         line += f" | character-bigram baseline {metrics['bigram_baseline']['valid_perplexity']:.1f}"

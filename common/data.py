@@ -1,4 +1,5 @@
 """Load the user's CSV / JSON / JSONL files into `datasets` (Arrow, memory-mapped, cached),
+read raw texts from txt / JSONL / CSV files (the one text reader: whole files or byte ranges),
 and write / read packed token files for language-model training.
 
 Inputs are given as a file, a folder (every data file under it) or a glob. Before the
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pandas as pd
 import torch
 
 from common.errors import UserError
@@ -160,6 +162,79 @@ def load_files(
     return loaded
 
 
+# ------------------------------------------------------------------------ reading texts
+# The one reader of raw text files: whole files, or byte ranges of a large one (the work units
+# model_clm's prepare_data.py hands to its processes), never all in memory.
+TEXT_EXTENSIONS = (".txt", ".jsonl", ".csv")
+
+
+def make_units(files: Sequence[Path], unit_bytes: int) -> list[dict]:
+    """Cut the input into work units: byte ranges of txt / JSONL files, whole CSV files."""
+    units = []
+    for path in files:
+        size = path.stat().st_size
+        if path.suffix.lower() == ".csv" or size <= unit_bytes:
+            units.append({"file": str(path), "start": 0, "end": size})
+        else:
+            units.extend({"file": str(path), "start": s, "end": min(s + unit_bytes, size)}
+                         for s in range(0, size, unit_bytes))
+    return units
+
+
+def unit_texts(unit: dict, column: str | None) -> Iterator[str]:
+    """The texts of one unit. A byte range owns every line that starts inside it."""
+    path = Path(unit["file"])
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        column = column or "content"
+        try:
+            for chunk in pd.read_csv(path, usecols=[column], dtype=str, keep_default_na=False,
+                                     chunksize=10_000, encoding="utf-8-sig"):
+                yield from chunk[column]
+        except (pd.errors.ParserError, ValueError) as err:
+            raise UserError(f"{path}: not a well-formed CSV with a '{column}' column: {err}") from None
+        return
+    column = column or "text"
+    line_number = 0 if unit["start"] == 0 else None  # known when the unit starts the file
+
+    def where(offset: int) -> str:
+        return f"line {line_number} (byte {offset})" if line_number else f"the line at byte {offset}"
+
+    with path.open("rb") as f:
+        if unit["start"] > 0:
+            f.seek(unit["start"] - 1)
+            f.readline()  # the rest of a line that started in the previous unit
+        while f.tell() < unit["end"]:
+            offset = f.tell()
+            raw = f.readline()
+            if not raw:
+                break
+            if line_number is not None:
+                line_number += 1
+            try:
+                line = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: {where(offset)} is not valid UTF-8; save the file as "
+                                "UTF-8 (e.g. `iconv -f GBK -t UTF-8`)") from None
+            if suffix == ".txt":
+                yield line
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}: {where(offset)} is not valid JSON: {err}") from None
+            if not isinstance(record, dict) or column not in record:
+                raise UserError(f"{path}: {where(offset)} has no field '{column}'")
+            yield "" if record[column] is None else str(record[column])
+
+
+def file_texts(path: Path, column: str | None = None) -> Iterator[str]:
+    """The texts of one whole file (txt lines, JSONL `column` or `text`, CSV `column` or `content`)."""
+    yield from unit_texts({"file": str(path), "start": 0, "end": path.stat().st_size}, column)
+
+
 # ------------------------------------------------------------------ packed token files
 # Language-model recipes store their tokenised corpus as one flat file of token ids
 # (uint16 when the vocabulary fits, else uint32) plus a JSON description, read back
@@ -238,8 +313,6 @@ def corpus_texts(specs: list[str], column: str | None = None) -> Iterator[str]:
         if {"builtin", "builtin:reviews"} & set(specs):
             yield from (text for text, _ in load_reviews())
         return
-    from common.shards import make_units, unit_texts
-
     files = resolve_files(specs, extensions=(".txt", ".jsonl", ".json", ".csv"))
     if not files:
         raise UserError(f"no .txt / .jsonl / .csv files in {specs}")

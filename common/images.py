@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from common.data import check_file, resolve_files
 from common.errors import UserError
-from common.tokenizer import build_chinese_tokenizer, load_tokenizer
+from common.tokenizer import build_chinese_tokenizer, display_cleaner, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +243,9 @@ def load_prepared_split(data_dir: Path, split: str, prepare_script: str) -> tupl
     return records, images
 
 
+VIT_MEAN, VIT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the captioning ViT's input normalisation
+
+
 def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float [B, 3, H, W] = (x / 255 - mean) / std per channel; run it
     after moving the uint8 batch to the GPU (4x fewer bytes to copy). One conversion and one
@@ -251,6 +254,23 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     std = torch.as_tensor(std, dtype=torch.float32, device=pixels.device)
     mean = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device)
     return pixels.float().mul_(1 / (255 * std)).sub_(mean / std).permute(0, 3, 1, 2)
+
+
+@torch.inference_mode()
+def caption_images(model, tokenizer, pixels: torch.Tensor, num_beams: int = 4, max_new_tokens: int = 16,
+                   batch_size: int = 64, **sampling) -> list[str]:
+    """Captions of a vision-encoder-decoder model (vit_gpt2_captioning) for uint8 images
+    [N, S, S, 3], normalised as its ViT encoder was trained, without WordPiece spaces."""
+    model.eval()
+    device = next(model.parameters()).device
+    clean = display_cleaner(tokenizer)
+    captions = []
+    for start in range(0, len(pixels), batch_size):
+        batch = normalize(pixels[start:start + batch_size].to(device), VIT_MEAN, VIT_STD)
+        generated = model.generate(pixel_values=batch, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                   early_stopping=num_beams > 1, **sampling)
+        captions += [clean(text) for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+    return captions
 
 
 # -------------------------------------------------------------- synthetic data

@@ -1,8 +1,7 @@
-"""The instruction-tuning run that chatglm_lora and model_baichuan share (baichuan2_dpo starts
-from its checkpoints): prepare_data's split, the argument dataclasses (each recipe subclasses
-them with its own defaults), data, model + LoRA adapter, the Trainer, task scoring of the
-starting and the tuned model, and metrics.json. The recipes' prepare_data.py and train.py
-hold their docstrings, defaults and configs; the steps, in order, are here.
+"""Building blocks of the instruction-tuning recipes (chatglm_lora, model_baichuan; baichuan2_dpo
+starts from their checkpoints): prepare_data's split, the argument dataclasses (each recipe
+subclasses them with its own defaults), data loading, model + LoRA adapter, task scoring,
+metrics.json and the loss plot. Each recipe's train.py runs them, in order, itself.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from common.device_map import align_adapter_inputs, load_chained, parse_device_map, require_gpus
@@ -32,9 +31,6 @@ from common.instructions import (
     to_conversations,
 )
 from common.sft import (
-    PackedCollator,
-    PaddingCollator,
-    ReplyLossTrainer,
     format_report,
     pack,
     read_conversations,
@@ -42,7 +38,7 @@ from common.sft import (
     register_liger_glm,
     tokenize_conversations,
 )
-from common.templates import ensure_template_tokens, resolve_template, save_chat_template
+from common.templates import ensure_template_tokens, resolve_template
 from common.tokenizer import load_tokenizer
 
 logger = logging.getLogger("sft")
@@ -153,8 +149,8 @@ class SFTDataArguments:
 
 @dataclass
 class SFTModelArguments:
-    model_name_or_path: str = field(default="outputs/model_clm_glm",
-                                    metadata={"help": "Local base (or chat) model directory."})
+    model_name_or_path: str = field(default="", metadata={"help": "Local base (or chat) model directory (each "
+                                                          "recipe sets its built-in one)."})
     template: str = field(default="auto", metadata={"help": TEMPLATE_HELP})
     finetuning_type: str = field(default="lora", metadata={"help": "lora, qlora or full."})
     lora_rank: int = 16
@@ -423,14 +419,10 @@ def load_start_model(path: str, dtype: torch.dtype):
     return model.requires_grad_(True), tokenizer  # PEFT froze the base weights; a full run trains them
 
 
-# ------------------------------------------------------------------------------ the run
-def run_sft(data_args: SFTDataArguments, model_args: SFTModelArguments, training_args: SFTTrainingArguments,
-            prepare_hint: str, base_hint: str) -> dict:
-    """The whole run: data -> tokenizer and model -> adapter -> Trainer -> train / evaluate /
-    save -> task scores of the starting and the tuned model -> metrics.json. `prepare_hint` /
-    `base_hint`: the commands that make the data / the built-in base, named in errors."""
-    start = time.time()
-    set_seed(training_args.seed)
+# ------------------------------------------------------------------------- run steps
+def check_sft_run(model_args: SFTModelArguments, training_args: SFTTrainingArguments, base_hint: str) -> None:
+    """Refuse what cannot run before any data or weights are read. `base_hint`: the command that
+    makes the recipe's built-in base, named when the model directory is missing."""
     if training_args.use_liger_kernel:  # fused RMSNorm / SwiGLU / linear + cross-entropy (no [T, vocab] logits)
         if importlib.util.find_spec("liger_kernel") is None:
             raise UserError("use_liger_kernel needs the liger-kernel package (pip install liger-kernel)")
@@ -440,6 +432,12 @@ def run_sft(data_args: SFTDataArguments, model_args: SFTModelArguments, training
         raise UserError(f"--finetuning_type must be lora, qlora or full, got {model_args.finetuning_type}")
     check_device_map(model_args, training_args)
     refuse_data_parallel(training_args, model_args.device_map)
+
+
+def load_sft_tokenizer(model_args: SFTModelArguments):
+    """The tokenizer (of the adapter being continued, else of the model), the chat template chosen
+    by --template, and the template's markers added to the vocabulary (trained with the adapter).
+    Returns (tokenizer, template, added marker strings)."""
     tokenizer_dir = model_args.adapter_path or model_args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_dir)
     template = resolve_template(model_args.template, tokenizer, tokenizer_dir)
@@ -449,62 +447,44 @@ def run_sft(data_args: SFTDataArguments, model_args: SFTModelArguments, training
     if added:
         print(f"added the template's markers {added} to the vocabulary (trained with the adapter)", flush=True)
     tokenizer.chat_template = template.jinja()  # checkpoints carry it too
+    return tokenizer, template, added
 
-    train_dataset, train_report = load_split(data_args, tokenizer, template, "train", prepare_hint)
-    valid_dataset, valid_report = load_split(data_args, tokenizer, template, "valid", prepare_hint)
-    test_items = load_test_items(data_args)
 
-    model = load_model(model_args, training_args, len(tokenizer))
-    single_process = training_args.world_size == 1
-    base_scores = base_replies = None
-    if single_process and not model_args.adapter_path:  # the starting model, before any update
-        if model_args.finetuning_type != "qlora" and not model_args.device_map:
-            model.to(training_args.device)
-        base_scores, base_replies = evaluate_tasks(model, tokenizer, template, test_items, data_args,
-                                                   "scoring the base model")
-    if model_args.finetuning_type != "full":
-        new_ids = tokenizer.convert_tokens_to_ids(added)
-        model = add_adapter(model, model_args, training_args, new_ids)
-    parameters = count_parameters(model)
-    print(f"training {parameters['trainable']:,} of {parameters['total']:,} parameters "
-          f"({100 * parameters['trainable_share']:.2f}%), {model_args.finetuning_type}", flush=True)
-
-    collator = PackedCollator() if data_args.packing else PaddingCollator(tokenizer.pad_token_id)
-    trainer = ReplyLossTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=valid_dataset,
-                               data_collator=collator, processing_class=tokenizer)
+def resume_checkpoint(training_args: SFTTrainingArguments) -> str | None:
+    """--resume_from_checkpoint as given; `last` = the newest checkpoint in output_dir (none: a fresh start)."""
     resume = training_args.resume_from_checkpoint
     if resume == "last":
         resume = get_last_checkpoint(training_args.output_dir)
         if resume is None:
             logger.info("no checkpoint in %s: starting from scratch", training_args.output_dir)
-    trainer.args.eval_on_start = not resume  # inside train(): DeepSpeed can only evaluate through its engine
-    result = trainer.train(resume_from_checkpoint=resume)
-    before = next((h["eval_loss"] for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h), None)
-    after = trainer.evaluate()["eval_loss"]
-    trainer.save_model(training_args.output_dir)
-    if not trainer.is_world_process_zero():
-        return {}
-    save_chat_template(training_args.output_dir, tokenizer, template)  # the Jinja of what training rendered
+    return resume
 
-    tuned_scores = tuned_replies = None
-    if single_process:
-        tuned_scores, tuned_replies = evaluate_tasks(trainer.model, tokenizer, template, test_items, data_args,
-                                                     "scoring the tuned model")
-    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+def sft_metrics(trainer, result, resume: str | None, template, model_args: SFTModelArguments,
+                data_args: SFTDataArguments, parameters: dict, reports: dict, test_items: list[dict],
+                base: tuple, tuned: tuple, start: float) -> dict:
+    """metrics.json of an SFT run: data, training speed, valid loss before / after (the logged
+    evaluation at step 0 and a final one), task scores of the base and the tuned model
+    (`evaluate_tasks`' (scores, replies) each), six examples. Printed in short."""
+    (base_scores, base_replies), (tuned_scores, tuned_replies) = base, tuned
+    args = trainer.args
+    history = trainer.state.log_history
+    before = next((h["eval_loss"] for h in history if h.get("step") == 0 and "eval_loss" in h), None)
+    after = next(h["eval_loss"] for h in reversed(history) if "eval_loss" in h)
+    logged = [h["loss"] for h in history if "loss" in h]
     runtime = result.metrics["train_runtime"]
-    train_tokens = real_tokens(train_dataset)
-    rows_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                     * training_args.world_size)
+    train_tokens = real_tokens(trainer.train_dataset)
+    rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     resumed_at = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0  # steps before this process
     # rows are alike: mean tokens per row; only the steps this process ran count against its runtime
-    epochs = (trainer.state.global_step - resumed_at) * rows_per_step / len(train_dataset)
+    epochs = (trainer.state.global_step - resumed_at) * rows_per_step / len(trainer.train_dataset)
     metrics = {
         "template": template.name,
         "finetuning_type": model_args.finetuning_type,
         "base_model": str(model_args.model_name_or_path),
         "parameters": parameters,
-        "data": {"train": train_report, "valid": valid_report, "packing": data_args.packing,
-                 "train_rows": len(train_dataset), "train_tokens": train_tokens},
+        "data": {**reports, "packing": data_args.packing, "train_rows": len(trainer.train_dataset),
+                 "train_tokens": train_tokens},
         "train": {"first_logged_loss": logged[0] if logged else None, "last_logged_loss": logged[-1] if logged else None,
                   "steps": trainer.state.global_step, "runtime_s": round(runtime, 1),
                   "real_tokens_per_s": round(train_tokens * epochs / runtime, 1),
@@ -519,14 +499,11 @@ def run_sft(data_args: SFTDataArguments, model_args: SFTModelArguments, training
                      for i, item in enumerate(test_items[:6])] if tuned_replies else [],
         "runtime_s": round(time.time() - start, 1),
     }
-    out = Path(training_args.output_dir)
-    (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(f"valid loss {before if before is None else round(before, 3)} -> {after:.3f}")
     for task, keys in (("sentiment", ("accuracy", "majority_class_accuracy")),
                        ("segmentation", ("f1", "one_char_per_word_f1"))):
         if tuned_scores and task in tuned_scores:
-            base = base_scores[task][keys[0]] if base_scores else float("nan")
-            print(f"{task}: {keys[0]} base {base:.3f} -> tuned {tuned_scores[task][keys[0]]:.3f} "
+            base_value = base_scores[task][keys[0]] if base_scores else float("nan")
+            print(f"{task}: {keys[0]} base {base_value:.3f} -> tuned {tuned_scores[task][keys[0]]:.3f} "
                   f"({keys[1]} {tuned_scores[task][keys[1]]:.3f})")
-    print(f"adapter / model, tokenizer and metrics.json in {out}")
     return metrics

@@ -32,16 +32,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
-from common.data import check_file, resolve_files, token_dtype
+from common.data import (
+    TEXT_EXTENSIONS,
+    check_file,
+    make_units,
+    resolve_files,
+    token_dtype,
+    unit_texts,
+)
 from common.errors import UserError
 
 logger = logging.getLogger(__name__)
 FORMAT = 1
-TEXT_EXTENSIONS = (".txt", ".jsonl", ".csv")
 
 
 # ------------------------------------------------------------------------- writing
@@ -54,61 +59,6 @@ class ShardOptions:
     text_column: str | None = None  # CSV default `content`, JSONL default `text`
     unit_bytes: int = 32 << 20
     batch_size: int = 1000  # documents per tokenizer call
-
-
-def make_units(files: Sequence[Path], unit_bytes: int) -> list[dict]:
-    """Cut the input into work units: byte ranges of txt / JSONL files, whole CSV files."""
-    units = []
-    for path in files:
-        size = path.stat().st_size
-        if path.suffix.lower() == ".csv" or size <= unit_bytes:
-            units.append({"file": str(path), "start": 0, "end": size})
-        else:
-            units.extend({"file": str(path), "start": s, "end": min(s + unit_bytes, size)}
-                         for s in range(0, size, unit_bytes))
-    return units
-
-
-def unit_texts(unit: dict, column: str | None) -> Iterator[str]:
-    """The texts of one unit. A byte range owns every line that starts inside it."""
-    path = Path(unit["file"])
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        column = column or "content"
-        try:
-            for chunk in pd.read_csv(path, usecols=[column], dtype=str, keep_default_na=False,
-                                     chunksize=10_000, encoding="utf-8-sig"):
-                yield from chunk[column]
-        except (pd.errors.ParserError, ValueError) as err:
-            raise UserError(f"{path}: not a well-formed CSV with a '{column}' column: {err}") from None
-        return
-    column = column or "text"
-    with path.open("rb") as f:
-        if unit["start"] > 0:
-            f.seek(unit["start"] - 1)
-            f.readline()  # the rest of a line that started in the previous unit
-        while f.tell() < unit["end"]:
-            offset = f.tell()
-            raw = f.readline()
-            if not raw:
-                break
-            try:
-                line = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{path}: the line at byte {offset} is not valid UTF-8; save the file as "
-                                "UTF-8 (e.g. `iconv -f GBK -t UTF-8`)") from None
-            if suffix == ".txt":
-                yield line
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}: the line at byte {offset} is not valid JSON: {err}") from None
-            if not isinstance(record, dict) or column not in record:
-                raise UserError(f"{path}: the record at byte {offset} has no field '{column}'")
-            yield "" if record[column] is None else str(record[column])
 
 
 def _clean_documents(unit: dict, options: ShardOptions, counts: dict) -> Iterator[str]:

@@ -33,9 +33,9 @@ from pathlib import Path
 
 from common.config import parse_args
 from common.corpora import load_peoples_daily, load_reviews
-from common.data import resolve_files
+from common.data import TEXT_EXTENSIONS, make_units, resolve_files, unit_texts
 from common.errors import UserError, cli_main
-from common.shards import TEXT_EXTENSIONS, ShardOptions, make_units, unit_texts, write_token_shards
+from common.shards import ShardOptions, write_token_shards
 from common.tokenizer import build_chinese_tokenizer, load_tokenizer
 
 logger = logging.getLogger("prepare_data")

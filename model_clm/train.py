@@ -50,6 +50,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from common.config import parse_args
 from common.errors import UserError, cli_main
+from common.plots import plot_losses
 from common.shards import MixedTokens, TokenShards, read_index
 from common.tokenizer import load_tokenizer
 
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["runtime_s"] = round(time.time() - start, 1)
     out = Path(training_args.output_dir)
     (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    plot_losses(trainer.state.log_history, out / "loss.png", "model_clm")
     for name in names:
         was = f"{before[name]['perplexity']:.1f} -> " if before else ""
         print(f"{name}: valid perplexity {was}{after[name]['perplexity']:.1f}")

@@ -130,16 +130,16 @@ def tiny_chat_model(tmp_path_factory):
 
 
 def test_pairs_are_tokenised_with_the_template_as_sft_does(tiny_chat_model):
+    from common.preference import tokenize_pairs
     from common.templates import encode_chat, get_template
     from common.tokenizer import load_tokenizer
 
-    train = load_recipe_module("baichuan2_dpo", "train")
     tokenizer, template = load_tokenizer(tiny_chat_model), get_template("baichuan2")
     prompt = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
               {"role": "user", "content": "判断情感：很好"}]
     rows = [{"prompt": prompt, "chosen": "正面", "rejected": "负面"},
             {"prompt": [{"role": "user", "content": "长" * 300}], "chosen": "甲", "rejected": "乙"}]
-    dataset, report = train.tokenize_pairs(rows, tokenizer, template, max_length=64)
+    dataset, report = tokenize_pairs(rows, tokenizer, template, max_length=64)
     assert report == {"pairs": 1, "dropped_prompt_too_long": 1}
     row = dataset[0]
     sft = encode_chat(tokenizer, template, [*prompt, {"role": "assistant", "content": "正面"}])
@@ -157,14 +157,15 @@ def test_preference_accuracy_on_a_case_with_a_known_answer(tiny_chat_model):
     from datasets import Dataset
     from transformers import LlamaForCausalLM
 
-    train = load_recipe_module("baichuan2_dpo", "train")
+    from common.preference import preference_accuracy
+
     model = LlamaForCausalLM.from_pretrained(tiny_chat_model)
     vocab = model.config.vocab_size
     with torch.no_grad():
         model.lm_head.weight.zero_()  # every token has log-probability -log(vocab)
     dataset = Dataset.from_dict({"prompt_ids": [[5, 6, 7], [5]], "chosen_ids": [[8], [9, 10]],
                                  "rejected_ids": [[8, 9, 10], [11, 12, 13, 14]]})
-    result = train.preference_accuracy(model, dataset)
+    result = preference_accuracy(model, dataset)
     assert result["chosen_more_likely"] == 1.0  # shorter replies are likelier under a uniform model
     assert math.isclose(result["mean_logp_gap"], (2 + 2) / 2 * math.log(vocab), rel_tol=1e-5)
     # a random model: the batched, padded computation equals one sequence at a time
@@ -178,7 +179,7 @@ def test_preference_accuracy_on_a_case_with_a_known_answer(tiny_chat_model):
                 logp = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
             logps.append(logp[len(row["prompt_ids"]) - 1:].sum().item())
         alone.append(logps[0] - logps[1])
-    batched = train.preference_accuracy(model, dataset)
+    batched = preference_accuracy(model, dataset)
     assert math.isclose(batched["mean_logp_gap"], sum(alone) / 2, rel_tol=1e-4, abs_tol=1e-4)
 
 
@@ -193,6 +194,7 @@ def test_dpo_end_to_end_raises_the_chosen_reward(tiny_chat_model, tmp_path):
                         "--lora_rank", "8", "--loss_type", "sigmoid")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["template"] == "baichuan2" and metrics["loss_type"] == ["sigmoid"]
+    assert (out / "loss.png").stat().st_size > 10_000  # the loss curves beside metrics.json
     assert metrics["train"]["steps"] == 16
     # 16 pairs seen 8 times: the policy learns to prefer their chosen replies (the DPO loss starts at log 2)
     first, last = metrics["train"]["first_logged_loss"], metrics["train"]["last_logged_loss"]
@@ -204,6 +206,13 @@ def test_dpo_end_to_end_raises_the_chosen_reward(tiny_chat_model, tmp_path):
     assert (out / "adapter_config.json").is_file()  # a plain start: the adapter is the result
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_chat_model)
     assert "held-out pairs, chosen more likely" in result.stdout
+    # evaluate.py, run apart, measures the same preference on the held-out pairs as train.py did
+    run_script("baichuan2_dpo/evaluate.py", "--model", out, "--start_model", tiny_chat_model, "--data_dir", data,
+               "--eval_samples", "4", "--out", tmp_path / "evaluation.json")
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    for name in ("start", "tuned"):
+        assert evaluation[name]["pairs"]["n"] == valid[name]["n"]
+        assert abs(evaluation[name]["pairs"]["mean_logp_gap"] - valid[name]["mean_logp_gap"]) < 1e-3
 
 
 def constructed(row: dict) -> bool:

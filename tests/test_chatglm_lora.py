@@ -81,6 +81,7 @@ def test_lora_sft_learns_and_reports(workdir, tuned):
     assert tuned["data"]["train"]["kept_whole"] > 0 and tuned["data"]["packing"] is True
     assert tuned["data"]["train_rows"] < tuned["data"]["train"]["kept_whole"]  # several conversations per row
     assert (out / "adapter_model.safetensors").is_file() and not (out / "sft_template.json").exists()
+    assert (out / "loss.png").stat().st_size > 10_000  # train and valid loss per step
     assert registry_entry_of(AutoTokenizer.from_pretrained(out).chat_template) is get_template("glm4")
     # the GLM role markers were new to this tokenizer: added, and their embeddings trained with the adapter
     assert "<|user|>" in json.loads((out / "tokenizer.json").read_text())["added_tokens"].__repr__()

@@ -139,6 +139,7 @@ def test_prepare_reports_and_writes_disjoint_splits(trained):
 
 def test_training_learns_and_writes_metrics(trained):
     metrics = json.loads((trained["model"] / "metrics.json").read_text())
+    assert (trained["model"] / "loss.png").stat().st_size > 10_000  # the loss curves beside metrics.json
     assert metrics["train"]["loss"] < metrics["train"]["first_logged_loss"] - 0.05
     mlm = metrics["mlm_pretraining"]
     assert mlm["epochs"] == pytest.approx(0.5, abs=0.01)

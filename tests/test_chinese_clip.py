@@ -121,6 +121,7 @@ def trained(tmp_path_factory):
 def test_training_lowers_the_loss_and_writes_metrics(trained):
     out = trained / "model"
     metrics = json.loads((out / "metrics.json").read_text())
+    assert (out / "loss.png").stat().st_size > 10_000  # the loss curves beside metrics.json
     assert metrics["train"]["last_logged_loss"] < metrics["train"]["first_logged_loss"]
     assert metrics["eval_pairs"] == 64
     for name in ("image_to_text_recall@1", "text_to_image_recall@5"):

@@ -107,7 +107,7 @@ def test_prepare_data_names_a_missing_column(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "正常的一行文本"}\n{broken\n')
     result = run_script("chinese_gpt2/prepare_data.py", "--input", bad, "--output_dir", tmp_path / "o", check=False)
-    assert result.returncode == 2 and "bad.jsonl: line 2 is not valid JSON" in result.stderr
+    assert result.returncode == 2 and "bad.jsonl: line 2 (byte 34) is not valid JSON" in result.stderr
 
 
 # ------------------------------------------------------------------ bigram baseline
@@ -211,6 +211,7 @@ def test_prepare_train_resume_on_builtin_data(tmp_path):
     config.write_text(TINY)
     run_script("chinese_gpt2/train.py", config, "--data_dir", data, "--output_dir", out)
     metrics = json.loads((out / "metrics.json").read_text())
+    assert (out / "loss.png").stat().st_size > 10_000  # the loss curves beside metrics.json
     assert metrics["train"]["steps"] == 40
     assert metrics["train"]["last_logged_loss"] < metrics["train"]["first_logged_loss"] - 1.0
     assert metrics["valid_perplexity"] == pytest.approx(np.exp(metrics["valid_loss"]))

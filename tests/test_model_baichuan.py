@@ -452,6 +452,7 @@ def test_sft_on_the_converted_model_with_the_baichuan2_template(tuned, baichuan2
     assert "added the template's markers" not in tuned["stdout"]  # the converted vocabulary has them
     assert metrics["valid"]["loss_after"] < metrics["valid"]["loss_before"] - 0.5
     assert metrics["test"]["base"] is not None and metrics["test"]["tuned"] is not None
+    assert (tuned["adapter"] / "loss.png").stat().st_size > 10_000
     # the adapter carries the template as Jinja that renders the training ids, and its end tokens as eos
     tokenizer = AutoTokenizer.from_pretrained(tuned["adapter"])
     template = get_template("baichuan2")

@@ -8,15 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from common.data import make_units, unit_texts
 from common.errors import UserError
-from common.shards import (
-    MixedTokens,
-    ShardOptions,
-    TokenShards,
-    make_units,
-    unit_texts,
-    write_token_shards,
-)
+from common.shards import MixedTokens, ShardOptions, TokenShards, write_token_shards
 from common.tokenizer import build_chinese_tokenizer
 
 from conftest import REPO, run_script
@@ -196,6 +190,7 @@ def test_prepare_and_train_on_builtin_data(tmp_path):
     run_script("model_clm/train.py", "model_clm/configs/default.yaml", "--data_dir", data / "news", data / "reviews",
                "--output_dir", out, "--max_steps", "40", "--eval_steps", "40", "--save_steps", "40", *TINY)
     metrics = json.loads((out / "metrics.json").read_text())
+    assert (out / "loss.png").stat().st_size > 10_000  # the loss curves beside metrics.json
     for name in ("news", "reviews"):
         assert metrics["valid"][name]["after"]["perplexity"] < 0.5 * metrics["valid"][name]["before"]["perplexity"]
     assert metrics["model_type"] == "llama" and metrics["train"]["steps"] == 40
@@ -211,7 +206,7 @@ def test_clear_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "好的文本内容"}\n{"text": \n', encoding="utf-8")
     result = run_script("model_clm/prepare_data.py", "--input", tmp_path / "bad.jsonl", "--output_dir", tmp_path / "o",
                         check=False)
-    assert result.returncode != 0 and "bad.jsonl: the line at byte 31 is not valid JSON" in result.stderr
+    assert result.returncode != 0 and "bad.jsonl: line 2 (byte 31) is not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
     # two sources whose tokenizers differ cannot be mixed
     for name, texts in (("x", LINES[:3]), ("y", LINES[4:])):

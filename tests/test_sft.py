@@ -343,3 +343,24 @@ def test_every_config_parses_with_its_recipes_arguments(recipe):
             [train.DataArguments, train.ModelArguments, train.SFTTrainingArguments], [str(config), "--use_cpu", "true"])
         assert model_args.finetuning_type in ("lora", "qlora", "full"), config
         assert Path(data_args.data_dir).name == recipe, config
+
+
+def test_loss_plot_draws_both_curves(tmp_path):
+    """plot_losses: the logged train loss and the eval loss, each where the log has it."""
+    import matplotlib.image
+
+    from common.plots import plot_losses
+
+    history = [{"step": 0, "eval_loss": 5.0}, {"step": 10, "loss": 4.0}, {"step": 20, "loss": 3.0},
+               {"step": 20, "eval_loss": 3.2}, {"step": 20, "train_runtime": 1.0}]
+    plot_losses(history, tmp_path / "loss.png", "test")
+    image = matplotlib.image.imread(tmp_path / "loss.png")[..., :3]
+    colours = {tuple(pixel) for pixel in (image * 255).round().astype(int).reshape(-1, 3)[::7]}
+    blue, orange = (31, 119, 180), (255, 127, 14)  # matplotlib's first two line colours
+
+    def drawn(colour):
+        return any(sum(abs(a - b) for a, b in zip(colour, pixel)) < 30 for pixel in colours)
+
+    assert drawn(blue) and drawn(orange)
+    plot_losses([{"step": 5, "loss": 1.0}], tmp_path / "train_only.png")  # no evaluation logged: still a plot
+    assert (tmp_path / "train_only.png").stat().st_size > 5_000

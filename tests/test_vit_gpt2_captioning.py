@@ -51,6 +51,7 @@ def test_prepare_train_predict_and_app_end_to_end(tmp_path):
                         "--per_device_train_batch_size", "32", "--learning_rate", "3e-3", "--logging_steps", "6",
                         "--num_beams", "2", "--disable_tqdm", "true")
     metrics = json.loads((out / "metrics.json").read_text())
+    assert (out / "loss.png").stat().st_size > 10_000  # the loss curves beside metrics.json
     assert metrics["train"]["last_logged_loss"] < metrics["train"]["first_logged_loss"]
     assert metrics["eval_images"] == 48 and 0 <= metrics["model"]["colour_accuracy"] <= 1
     assert "most-common-caption baseline" in result.stdout

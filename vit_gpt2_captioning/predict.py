@@ -17,9 +17,7 @@ import torch
 from transformers import AutoTokenizer, VisionEncoderDecoderModel
 
 from common.errors import UserError, cli_main
-from common.images import check_image, load_square
-
-from train import caption_images
+from common.images import caption_images, check_image, load_square
 
 DEFAULT_MODEL = "outputs/vit_gpt2_captioning"
 

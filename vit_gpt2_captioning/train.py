@@ -40,12 +40,22 @@ from transformers import (
 
 from common.config import parse_args
 from common.errors import UserError, cli_main
-from common.images import COLOURS, CORNERS, COUNT_WORDS, SHAPES, load_prepared_split, normalize
-from common.tokenizer import display_cleaner, load_tokenizer
+from common.images import (
+    COLOURS,
+    CORNERS,
+    COUNT_WORDS,
+    SHAPES,
+    VIT_MEAN,
+    VIT_STD,
+    caption_images,
+    load_prepared_split,
+    normalize,
+)
+from common.plots import plot_losses
+from common.tokenizer import load_tokenizer
 
 logger = logging.getLogger("train")
 # ViT's input normalisation (google/vit-* processors).
-VIT_MEAN, VIT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 IGNORE_INDEX = -100
 
 
@@ -144,22 +154,6 @@ def build_model(args: ModelArguments, tokenizer, image_size: int) -> VisionEncod
 
 
 # -------------------------------------------------------------------- evaluation
-@torch.inference_mode()
-def caption_images(model, tokenizer, pixels: torch.Tensor, num_beams: int = 4, max_new_tokens: int = 16,
-                   batch_size: int = 64, **sampling) -> list[str]:
-    """Captions for uint8 images [N, S, S, 3], without WordPiece spaces."""
-    model.eval()
-    device = next(model.parameters()).device
-    clean = display_cleaner(tokenizer)
-    captions = []
-    for start in range(0, len(pixels), batch_size):
-        batch = normalize(pixels[start:start + batch_size].to(device), VIT_MEAN, VIT_STD)
-        generated = model.generate(pixel_values=batch, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                   early_stopping=num_beams > 1, **sampling)
-        captions += [clean(text) for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
-    return captions
-
-
 _ATTRIBUTE_WORDS = {"shape": SHAPES, "colour": tuple(COLOURS), "position": (*CORNERS, "左边", "右边"),
                     "count": tuple(COUNT_WORDS.values())}
 
@@ -220,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["runtime_s"] = round(time.time() - start, 1)
     out = Path(training_args.output_dir)
     (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    plot_losses(trainer.state.log_history, out / "loss.png", "vit_gpt2_captioning")
     for name, value in metrics["model"].items():
         print(f"{name}: {value:.3f} (most-common-caption baseline {metrics['baseline_most_common_caption'][name]:.3f})")
     for example in metrics["examples"][:4]:
