@@ -373,6 +373,41 @@ def test_user_rewards_are_checked_and_wrapped_for_trl(tmp_path, monkeypatch):
     assert stops(prompts, completions, [[5, 2], [6, 7]], answer=["正面", "正面"]) == [1.0, 0.0]
 
 
+def test_scoring_only_the_replies_on_a_cpu_gives_the_same_log_probs(tiny_chat_model, monkeypatch):
+    """train_grpo.py has TRL score only the reply positions on a CPU too (6x faster steps there): the
+    log-probabilities of the reply tokens and their gradients equal those of scoring every position,
+    and those of the model's own logits."""
+    import torch
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    grpo = load_recipe_module("baichuan2_dpo", "train_grpo")
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # restored after the test
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    torch.manual_seed(0)
+    ids = torch.randint(10, model.config.vocab_size, (3, 14))
+    labels = ids.clone()
+    labels[:, :10] = -100  # prompts of 10 tokens, replies of 4
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits[:, 9:-1].log_softmax(-1).gather(-1, ids[:, 10:, None])[..., 0]
+    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+
+    def reply_log_probs():
+        model.zero_grad()
+        log_probs = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs[:, -4:]
+        log_probs.sum().backward()
+        return log_probs.detach(), model.lm_head.weight.grad.clone(), model.model.layers[0].mlp.up_proj.weight.grad.clone()
+
+    every_position = reply_log_probs()
+    grpo.score_only_replies_on_cpu()
+    assert trl_utils._use_triton(torch.device("cpu"))
+    replies_only = reply_log_probs()
+    torch.testing.assert_close(every_position[0], expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(every_position, replies_only):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def first_token_probs(model_dir, prompts, tokenizer_dir):
     """Mean next-token distribution at a reply's first position over `prompts`, and the cleaned text
     of every token (prompts rendered by `tokenizer_dir`'s chat template, the Jinja of baichuan2)."""
