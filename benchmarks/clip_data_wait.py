@@ -41,7 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from recipe_loader import load_recipe_script  # benchmarks/ is on sys.path when a benchmark runs
+from children import child_row, print_row  # benchmarks/ is on sys.path when a benchmark runs
+from recipe_loader import load_recipe_script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -170,7 +171,7 @@ def main() -> None:
         args.data_dir = args.data_dir.with_name(args.data_dir.name + "_tiny")
         args.warmup_steps, args.synced_steps, args.free_steps = 2, 32, 8
     if args.child:
-        print("ROW " + json.dumps(run_variant(args.child, args)), flush=True)
+        print_row(run_variant(args.child, args))
         return
 
     names = args.variants.split(",")
@@ -180,13 +181,10 @@ def main() -> None:
     prepare(args)
     rows = []
     for name in names:
-        command = [sys.executable, __file__, "--child", name, *sys.argv[1:]]
-        result = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in result.stdout.splitlines() if line.startswith("ROW ")]
-        if result.returncode or not lines:
-            print(result.stdout[-3000:], result.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"variant {name} failed (exit {result.returncode})")
-        rows.append(json.loads(lines[-1][4:]))
+        row = child_row(__file__, name)
+        if "error" in row:
+            raise SystemExit(f"variant {name} failed: {row['error']}")
+        rows.append(row)
         print(f"{name}: done", flush=True)
 
     floors = {row["compile"]: row["free_images_per_s"] for row in rows if row["variant"].startswith("resident")}

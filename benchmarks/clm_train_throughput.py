@@ -39,7 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from recipe_loader import load_recipe_script  # benchmarks/ is on sys.path when a benchmark runs
+from children import child_row, print_row  # benchmarks/ is on sys.path when a benchmark runs
+from recipe_loader import load_recipe_script
+from shapes import write_synthetic_source
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,30 +64,6 @@ VARIANTS = {
     "zero2_1gpu": {"args": ["--deepspeed", ZERO2]},
 }
 SINGLE_GPU = ["baseline", "recipe", "recipe_sdpa_mask", "recipe_no_compile"]
-
-
-def write_synthetic_source(path: Path, train_tokens: int, vocab_size: int, seed: int = 0) -> None:
-    """common/shards.py's layout with uniformly random ids and a BERT-style tokenizer of
-    exactly `vocab_size` tokens."""
-    import numpy as np
-    from transformers import BertTokenizer
-
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"]
-    tokens = special + [chr(c) for c in range(33, 127)]
-    tokens += [chr(0x4E00 + i) for i in range(vocab_size - len(tokens))]
-    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=False,
-                              bos_token="[BOS]", eos_token="[EOS]")
-    assert len(tokenizer) == vocab_size
-    tokenizer.save_pretrained(path / "tokenizer")
-    rng = np.random.default_rng(seed)
-    counts = {}
-    for split, n in (("train", train_tokens), ("valid", 65536)):
-        (path / split).mkdir(parents=True, exist_ok=True)
-        rng.integers(0, vocab_size, size=n, dtype=np.uint16).tofile(path / split / "00000.bin")
-        counts[f"{split}_tokens"] = n
-    index = {"format": 1, "dtype": "uint16", "vocab_size": vocab_size, "eos_token_id": tokenizer.eos_token_id,
-             "tokenizer": "tokenizer", "done": {"0": counts}, "complete": True, "synthetic": "uniform random ids"}
-    (path / "index.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
 def run_variant(name: str, opts) -> dict:
@@ -181,11 +159,10 @@ def main() -> None:
     if opts.child:
         row = run_variant(opts.child, opts)
         if int(os.environ.get("RANK", 0)) == 0:
-            print("ROW " + json.dumps(row), flush=True)
+            print_row(row)
         return
     if not (opts.data_dir / "index.json").is_file():
         write_synthetic_source(opts.data_dir, 8_000_000, VOCAB_SIZE)
-    import subprocess
 
     import torch
     import transformers
@@ -198,14 +175,7 @@ def main() -> None:
         env = dict(os.environ)
         if torch.cuda.device_count() > gpus:  # else the Trainer of a lone process spreads over all (DataParallel)
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(gpus)))
-        result = subprocess.run([*launcher, __file__, "--child", name, *sys.argv[1:]], capture_output=True, text=True,
-                                env=env)
-        lines = [line for line in result.stdout.splitlines() if line.startswith("ROW ")]
-        if result.returncode or not lines:
-            print(result.stdout[-2000:], result.stderr[-4000:], file=sys.stderr)
-            rows.append({"variant": name, "error": result.stderr.strip().splitlines()[-1:]})
-            continue
-        rows.append(json.loads(lines[-1][4:]))
+        rows.append(child_row(__file__, name, launcher=launcher, env=env))
         print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     header = f"{device}, torch {torch.__version__}, transformers {transformers.__version__}, {time.strftime('%Y-%m-%d')}"

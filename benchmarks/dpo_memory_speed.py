@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from shapes import BAICHUAN2_7B
-
+from children import child_row, print_row  # benchmarks/ is on sys.path when a benchmark runs
 from recipe_loader import load_recipe_script  # benchmarks/ is on sys.path when a benchmark runs
+from shapes import BAICHUAN2_7B
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -172,7 +171,7 @@ def main() -> None:
     if opts.tiny:
         opts.prompt_tokens, opts.reply_tokens, opts.warmup_steps, opts.measure_steps = 16, 16, 1, 2
     if opts.child:
-        print("RESULT " + json.dumps(run_variant(opts, opts.child)), flush=True)
+        print_row(run_variant(opts, opts.child))
         return
 
     import torch
@@ -184,17 +183,14 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows = []
     for name in names:
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", name], capture_output=True,
-                              text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        row = json.loads(lines[-1][7:]) if lines else {"variant": name, "failed": proc.stderr[-2000:]}
+        row = child_row(__file__, name)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{device}, {opts.batch} pairs/step of {opts.prompt_tokens} + 2 x {opts.reply_tokens} tokens, "
           f"gradient checkpointing {'on' if opts.gradient_checkpointing else 'off'}")
     print(f"{'variant':<18} {'peak GiB':>9} {'pairs/s':>8} {'step s':>7}  note")
     for row in rows:
-        note = "out of memory" if row.get("oom") else "failed" if "failed" in row else \
+        note = "out of memory" if row.get("oom") else "failed" if "error" in row else \
             f"precompute {row['precompute_pairs_per_s']} pairs/s" if "precompute_s" in row else ""
         print(f"{row['variant']:<18} {row.get('peak_gib') or '-':>9} {row.get('pairs_per_s', '-'):>8} "
               f"{row.get('step_s', '-'):>7}  {note}")

@@ -18,10 +18,10 @@ the other in this one command:
              the end and no progress bar are set on the command line.
   others     ablations: the recipe with one change (see VARIANTS below, or --list).
 
-Data: synthetic, written in prepare_data.py's format (meta.json, train.bin / valid.bin of
-uniformly random uint16 token ids, tokenizer/), with a BERT-style tokenizer of exactly
-21,128 tokens (BERT's 5 special tokens, [BOS], [EOS], [unused1-99], printable ASCII and
-CJK characters from U+4E00). Throughput does not depend on the token values.
+Data: synthetic, written in prepare_data.py's format (the token shards of common/shards.py:
+uniformly random uint16 token ids), with a BERT-style tokenizer of exactly 21,128 tokens
+(BERT's 5 special tokens, [BOS], [EOS], printable ASCII and CJK characters from U+4E00).
+Throughput does not depend on the token values.
 
 Timing: each variant first trains --warmup_tokens (at least 2 optimizer steps; compilation
 and allocator warm-up happen there), then --measure_tokens (the baseline, 10x slower:
@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 
 from recipe_loader import load_recipe_script  # benchmarks/ is on sys.path when a benchmark runs
+from shapes import write_synthetic_source
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "chinese_gpt2" / "configs" / "gpt2_small_gpu.yaml"
@@ -93,35 +94,6 @@ TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 128}
 TINY_YAML = {**TINY_MODEL, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
              "loss_chunk_size": 256, "bf16": False, "tf32": False, "torch_compile": False,
              "dataloader_num_workers": 0, "dataloader_persistent_workers": False}
-
-
-# ---------------------------------------------------------------------- synthetic data
-def write_synthetic_data(data_dir: Path, train_tokens: int, valid_tokens: int, seed: int = 0) -> None:
-    """prepare_data.py's output format, with random token ids and a 21,128-token tokenizer."""
-    import numpy as np
-    from transformers import BertTokenizer
-
-    from common.data import TokenFileWriter
-
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"]
-    tokens = special + [f"[unused{i}]" for i in range(1, 100)] + [chr(c) for c in range(33, 127)]
-    tokens += [chr(0x4E00 + i) for i in range(VOCAB_SIZE - len(tokens))]
-    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=False,
-                              tokenize_chinese_chars=True, bos_token="[BOS]", eos_token="[EOS]")
-    assert len(tokenizer) == VOCAB_SIZE, len(tokenizer)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(data_dir / "tokenizer")
-    rng = np.random.default_rng(seed)
-    counts = {}
-    for split, n in (("train", train_tokens), ("valid", valid_tokens)):
-        with TokenFileWriter(data_dir / f"{split}.bin", VOCAB_SIZE) as writer:
-            writer.write(rng.integers(0, VOCAB_SIZE, size=n))
-        counts[split] = writer.count
-    meta = {"dtype": "uint16", "vocab_size": VOCAB_SIZE, "eos_token_id": tokenizer.eos_token_id,
-            "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
-            "train_tokens": counts["train"], "valid_tokens": counts["valid"], "tokenizer": "tokenizer",
-            "synthetic": "uniform random token ids"}
-    (data_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------- one variant (child)
@@ -204,13 +176,14 @@ def run_variant(name: str, opts: argparse.Namespace) -> dict:
     profile = name in (opts.profile or "").split(",")
 
     if name == "baseline":
-        from common.data import PackedTokenDataset
+        from common.shards import TokenShards
+        from common.tokenizer import load_tokenizer
 
-        meta = json.loads((data_dir / "meta.json").read_text())
+        tokenizer = load_tokenizer(data_dir / "tokenizer")
         block_size = TINY_MODEL["block_size"] if opts.tiny else 1024
         sizes = {k: TINY_MODEL[k] for k in ("n_layer", "n_head", "n_embd")} if opts.tiny else {}
-        config = GPT2Config(vocab_size=meta["vocab_size"], n_positions=block_size, bos_token_id=meta["bos_token_id"],
-                            eos_token_id=meta["eos_token_id"], pad_token_id=meta["pad_token_id"], **sizes)
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=block_size, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes)
         model = GPT2LMHeadModel._from_config(config, attn_implementation="eager")
         batch, accumulation = (4, 1) if opts.tiny else (opts.baseline_batch_size, 1)
         warmup_steps, measured_steps = plan_steps(batch * block_size, opts.warmup_tokens // 4,
@@ -220,7 +193,7 @@ def run_variant(name: str, opts: argparse.Namespace) -> dict:
         args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=batch,
                                  max_steps=max_steps, save_strategy="no", report_to="none", disable_tqdm=True)
         trainer = Trainer(model=model, args=args, data_collator=default_data_collator, callbacks=[timer],
-                          train_dataset=PackedTokenDataset(data_dir / "train.bin", block_size, meta["dtype"]))
+                          train_dataset=TokenShards(data_dir, "train", block_size))
         settings = {"dtype": "fp32", "attention": "eager", "compile": False, "loss": "model (full logits)",
                     "optim": str(args.optim.value if hasattr(args.optim, "value") else args.optim)}
     else:
@@ -379,7 +352,7 @@ def main() -> None:
     train_tokens = opts.warmup_tokens + opts.measure_tokens + 4 * largest_step
     data_dir = Path(opts.data_dir or tempfile.mkdtemp(prefix="gpt2_bench_data_"))
     opts.data_dir = str(data_dir)
-    write_synthetic_data(data_dir, train_tokens, valid_tokens=64 * 1024)
+    write_synthetic_source(data_dir, train_tokens, VOCAB_SIZE, valid_tokens=64 * 1024)
     env = environment()
     print(f"synthetic data: {train_tokens:,} random train tokens, vocabulary {VOCAB_SIZE}, in {data_dir}", flush=True)
     print(f"environment: {json.dumps(env)}", flush=True)

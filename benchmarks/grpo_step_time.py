@@ -39,7 +39,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from shapes import BAICHUAN2_7B  # benchmarks/ is on sys.path when a benchmark runs
+from children import child_row, print_row  # benchmarks/ is on sys.path when a benchmark runs
+from shapes import BAICHUAN2_7B
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -155,7 +156,7 @@ def run_variant(opts, name: str) -> dict:
             if cuda:
                 out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
             out["oom"] = False
-            print("RESULT " + json.dumps(out), flush=True)
+            print_row(out)
             os._exit(0)  # the recipe would now merge, save and score: not what is measured
 
     def with_report(*args, **kwargs):
@@ -198,10 +199,9 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.tiny:
         opts.max_completion_length, opts.measure_steps = 8, 1
-        opts.workdir = os.path.join(opts.workdir, "tiny")
     if opts.child:
         row = run_variant(opts, opts.child)  # returns only when the run failed (out of memory)
-        print("RESULT " + json.dumps(row), flush=True)
+        print_row(row)
         return
 
     import torch
@@ -222,10 +222,7 @@ def main() -> None:
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", name], capture_output=True,
-                              text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        row = json.loads(lines[-1][7:]) if lines else {"variant": name, "error": proc.stderr[-2000:]}
+        row = child_row(__file__, name)
         rows.append(row)
         print(json.dumps(row), flush=True)
         Path(opts.out).write_text(json.dumps({"environment": environment, "rows": rows}, indent=2) + "\n")

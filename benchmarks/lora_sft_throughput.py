@@ -59,15 +59,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from shapes import GLM4_9B
-
+from children import child_row, print_row  # benchmarks/ is on sys.path when a benchmark runs
 from recipe_loader import load_recipe_script  # benchmarks/ is on sys.path when a benchmark runs
+from shapes import GLM4_9B
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -345,7 +344,7 @@ def main() -> None:
         opts.warmup_steps, opts.measure_steps = 1, 2
     if opts.child:
         row = run_check(opts) if opts.child == "check" else run_variant(opts.child, opts)
-        print("ROW " + json.dumps(row), flush=True)
+        print_row(row)
         return
 
     import numpy as np
@@ -370,18 +369,7 @@ def main() -> None:
             rows.append({"variant": name, "error": "not run (time limit)"})
             continue
         t0 = time.time()
-        result = subprocess.run([sys.executable, __file__, "--child", name, *sys.argv[1:]], capture_output=True,
-                                text=True)
-        if opts.log:
-            with open(opts.log, "a") as log:
-                log.write(f"===== {name}: exit {result.returncode}, {time.time() - t0:.0f} s\n{result.stdout}\n"
-                          f"{result.stderr}\n")
-        lines = [line for line in result.stdout.splitlines() if line.startswith("ROW ")]
-        if result.returncode or not lines:
-            print(result.stdout[-2000:], result.stderr[-4000:], file=sys.stderr)
-            rows.append({"variant": name, "error": (result.stderr.strip().splitlines() or ["?"])[-1][:300]})
-        else:
-            rows.append(json.loads(lines[-1][4:]))
+        rows.append(child_row(__file__, name, log=opts.log))
         rows[-1]["child_s"] = round(time.time() - t0, 1)
         print(json.dumps(rows[-1]), flush=True)
         Path(opts.out).parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from shapes import LLAMA2_7B  # benchmarks/ is on sys.path when a benchmark runs
+from children import child_row, print_row  # benchmarks/ is on sys.path when a benchmark runs
+from shapes import LLAMA2_7B
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -125,7 +126,7 @@ def run_pipeline(opts, n: int) -> dict:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(n))), "PYTHONPATH": str(REPO)}
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode:
-        return {"mode": "pipeline", "gpus": n, "failed": proc.stderr[-3000:]}
+        return {"mode": "pipeline", "gpus": n, "error": proc.stderr[-3000:]}
     metrics = json.loads((out / "metrics.json").read_text())
     return {"mode": "pipeline", "gpus": n, "step_s": metrics["step_s"], "tokens_per_s": metrics["tokens_per_s"],
             "peak_memory_gib": metrics["peak_memory_gib"], "layers_per_gpu": metrics["layers_per_stage"],
@@ -145,7 +146,7 @@ def main() -> None:
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.child:
-        print("RESULT " + json.dumps(run_chaining(opts, opts.child)), flush=True)
+        print_row(run_chaining(opts, opts.child))
         return
 
     import torch
@@ -153,10 +154,7 @@ def main() -> None:
     rows = []
     for n in map(int, opts.gpus.split(",")):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(n))), "PYTHONPATH": str(REPO)}
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", str(n)], capture_output=True,
-                              text=True, env=env)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        chain = json.loads(lines[-1][7:]) if lines else {"mode": "chaining", "gpus": n, "failed": proc.stderr[-3000:]}
+        chain = {"mode": "chaining", "gpus": n} | child_row(__file__, str(n), env=env)
         pipe = run_pipeline(opts, n)
         if "step_s" in chain and "step_s" in pipe:
             pipe["speedup_vs_chaining"] = round(pipe["tokens_per_s"] / chain["tokens_per_s"], 3)
@@ -168,7 +166,7 @@ def main() -> None:
     print(f"{'mode':<10} {'GPUs':>4} {'tokens/s':>10} {'speedup':>8} {'step s':>7} {'bubble ideal/measured':>22}  "
           f"peak GiB per GPU")
     for row in rows:
-        if "failed" in row:
+        if "error" in row:
             print(f"{row['mode']:<10} {row['gpus']:>4} failed")
             continue
         bubble = f"{row['bubble_ideal']:.3f} / {row.get('bubble_measured', float('nan')):.3f}" \

@@ -43,14 +43,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
-from shapes import GLM4_9B, LLAMA2_7B  # benchmarks/ is on sys.path when a benchmark runs
+from children import print_row, run_child  # benchmarks/ is on sys.path when a benchmark runs
+from shapes import GLM4_9B, LLAMA2_7B
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -323,33 +323,26 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_child(opts, child: str, known: dict | None = None) -> tuple[list[dict], str, dict, bool]:
+def child_rows(opts, child: str, known: dict | None = None) -> tuple[list[dict], str, dict, bool]:
     """One child process: (its rows, its error, its new attempts, whether it stopped for a fresh one)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json") as known_file:
         json.dump(known or {}, known_file)
         known_file.flush()
         argv = [sys.executable, __file__, *sys.argv[1:], "--child", child, "--deadline", str(opts.deadline),
                 "--known", known_file.name]
-        result = subprocess.run(argv, capture_output=True, text=True)
-    if opts.log:
-        with open(opts.log, "a") as log:
-            log.write(f"===== {child}: exit {result.returncode}\n{result.stdout}\n{result.stderr}\n")
+        result, rows, error = run_child(argv, log=opts.log, label=child)
     lines = result.stdout.splitlines()
     new = {a.pop("key"): a for a in (json.loads(line[8:]) for line in lines if line.startswith("ATTEMPT "))}
     if result.returncode == RESTART:
         return [], "", new, True
-    rows = [json.loads(line[4:]) for line in lines if line.startswith("ROW ")]
-    if result.returncode or not rows:
-        print(result.stdout[-2000:], result.stderr[-4000:], file=sys.stderr)
-        return [], (result.stderr.strip().splitlines() or ["?"])[-1][:300], new, False
-    return rows, "", new, False
+    return ([], error, new, False) if error else (rows, "", new, False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"Comma-separated, from {list(SHAPES)}.")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, from {list(METHODS)}.")
-    parser.add_argument("--seqs", default="1024,2048,4096", help="Packed row lengths in tokens.")
+    parser.add_argument("--seqs", help="Packed row lengths in tokens (default 1024,2048,4096; --tiny: 64,128).")
     parser.add_argument("--checkpointing", default="on,off", help="Gradient checkpointing: on, off or on,off.")
     parser.add_argument("--caps", default="16,24,48", help="Memory caps in GiB (the whole GPU is always last).")
     parser.add_argument("--warmup_steps", type=int, default=1)
@@ -365,8 +358,8 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
     parser.add_argument("--known", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    opts.seqs = opts.seqs or ("64,128" if opts.tiny else "1024,2048,4096")
     if opts.tiny:
-        opts.seqs = "64,128"
         opts.warmup_steps, opts.measure_steps = 1, 2
     opts.seqs = [int(s) for s in opts.seqs.split(",")]
     opts.caps = [float(c) for c in opts.caps.split(",") if c]
@@ -379,7 +372,7 @@ def main() -> None:
         except FreshProcessNeeded:
             sys.exit(RESTART)
         for row in rows:
-            print("ROW " + json.dumps(row), flush=True)
+            print_row(row)
         return
 
     import importlib.util
@@ -394,7 +387,7 @@ def main() -> None:
     have_bnb = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
     rows, bases = [], {}
     for shape in opts.shapes.split(","):
-        made, error, _, _ = run_child(opts, f"base:{shape}")
+        made, error, _, _ = child_rows(opts, f"base:{shape}")
         bases[shape] = made[0] if made else {"error": error}
         print(f"base {shape}: {json.dumps(bases[shape])}", flush=True)
         for method in opts.methods.split(","):
@@ -404,7 +397,7 @@ def main() -> None:
                 new = [{"shape": shape, "method": method, "error": f"no base model: {error}"}]
             else:
                 t0 = time.time()
-                new, child_error = until_done(partial(run_child, opts, f"{method}:{shape}"))
+                new, child_error = until_done(partial(child_rows, opts, f"{method}:{shape}"))
                 new = new or [{"shape": shape, "method": method, "error": child_error}]
                 print(f"{shape} {method}: {time.time() - t0:.0f} s", flush=True)
             rows += new

@@ -8,8 +8,8 @@
 Several GPUs: `torchrun --nproc_per_node 4 chinese_gpt2/train.py chinese_gpt2/configs/gpt2_small_gpu.yaml
 --gradient_accumulation_steps 1` (the same global batch as one GPU with 4).
 
-Reads the packed token files of prepare_data.py as fixed-length blocks through a memory
-map. The model is `GPT2LMHeadModel` with SDPA attention (`sdpa_causal` in the GPU config:
+Reads the token shards of prepare_data.py (common/shards.py) as fixed-length blocks through a
+memory map. The model is `GPT2LMHeadModel` with SDPA attention (`sdpa_causal` in the GPU config:
 is_causal and no mask tensor, see `build_trainer`), built from the sizes below or loaded
 from `--model_name_or_path`. With `--loss_chunk_size N` the training loss is
 computed N positions at a time, so the [tokens, vocabulary] logits are never held whole
@@ -48,9 +48,9 @@ from transformers.modeling_outputs import CausalLMOutput
 from transformers.trainer_utils import get_last_checkpoint
 
 from common.config import parse_args
-from common.data import PackedTokenDataset
 from common.errors import UserError, cli_main
 from common.plots import plot_losses
+from common.shards import TokenShards, read_index
 from common.tokenizer import load_tokenizer
 
 logger = logging.getLogger("train")
@@ -216,15 +216,13 @@ def build_trainer(data_args: DataArguments, model_args: ModelArguments,
 
     # ------------------------------------------------------------------------- data
     data_dir = Path(data_args.data_dir)
-    if not (data_dir / "meta.json").is_file():
-        raise UserError(f"{data_dir}/meta.json not found: run chinese_gpt2/prepare_data.py first")
-    meta = json.loads((data_dir / "meta.json").read_text())
-    train_blocks = PackedTokenDataset(data_dir / "train.bin", data_args.block_size, meta["dtype"])
-    valid_blocks = PackedTokenDataset(data_dir / "valid.bin", data_args.block_size, meta["dtype"])
+    index = read_index(data_dir)  # names prepare_data.py when there is none
+    train_blocks = TokenShards(data_dir, "train", data_args.block_size)
+    valid_blocks = TokenShards(data_dir, "valid", data_args.block_size)
     logger.info("blocks of %d tokens: %d train, %d valid", data_args.block_size, len(train_blocks), len(valid_blocks))
 
     # ------------------------------------------------------------- tokenizer and model
-    tokenizer = load_tokenizer(data_dir / meta["tokenizer"])
+    tokenizer = load_tokenizer(data_dir / index["tokenizer"])
     # Training blocks are never padded, so every attention mask is the plain causal one. Under
     # torch.compile, transformers 5.17 still hands SDPA that mask as a [B, 1, T, T] tensor, and
     # SDPA then computes all T x T scores on a slower kernel (on an H100: attention 29% of the
@@ -313,10 +311,10 @@ def main(argv: list[str] | None = None) -> dict:
         "block_size": data_args.block_size,
     }
     if data_args.bigram_max_tokens:
-        train_tokens = train_blocks.tokens[: data_args.bigram_max_tokens]
-        valid = valid_blocks.tokens[: len(valid_blocks) * data_args.block_size].reshape(-1, data_args.block_size)
+        train_tokens = train_blocks.tokens(data_args.bigram_max_tokens)
+        valid = np.stack([valid_blocks[i]["input_ids"].numpy() for i in range(len(valid_blocks))])
         metrics["bigram_baseline"] = {
-            "valid_perplexity": bigram_perplexity(np.asarray(train_tokens), np.asarray(valid), len(tokenizer)),
+            "valid_perplexity": bigram_perplexity(train_tokens, valid, len(tokenizer)),
             "train_tokens": int(len(train_tokens)),
         }
     metrics["runtime_s"] = round(time.time() - start, 1)

@@ -1,6 +1,6 @@
 """Load the user's CSV / JSON / JSONL files into `datasets` (Arrow, memory-mapped, cached),
-read raw texts from txt / JSONL / CSV files (the one text reader: whole files or byte ranges),
-and write / read packed token files for language-model training.
+and read raw texts from txt / JSONL / CSV files (the one text reader: whole files or byte
+ranges). Tokenised text for language-model training lives in common/shards.py.
 
 Inputs are given as a file, a folder (every data file under it) or a glob. Before the
 files reach `datasets`, each one is checked so that a mistake ends with one clear message
@@ -19,7 +19,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pandas as pd
-import torch
 
 from common.errors import UserError
 
@@ -187,6 +186,7 @@ def unit_texts(unit: dict, column: str | None) -> Iterator[str]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         column = column or "content"
+        check_file(path, [column])  # an empty file or a missing column, named with what the file has
         try:
             for chunk in pd.read_csv(path, usecols=[column], dtype=str, keep_default_na=False,
                                      chunksize=10_000, encoding="utf-8-sig"):
@@ -235,70 +235,9 @@ def file_texts(path: Path, column: str | None = None) -> Iterator[str]:
     yield from unit_texts({"file": str(path), "start": 0, "end": path.stat().st_size}, column)
 
 
-# ------------------------------------------------------------------ packed token files
-# Language-model recipes store their tokenised corpus as one flat file of token ids
-# (uint16 when the vocabulary fits, else uint32) plus a JSON description, read back
-# through a memory map: a corpus far larger than RAM streams with flat memory.
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
+    """How token ids are stored (common/shards.py): uint16 when the vocabulary fits, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
-
-
-class TokenFileWriter:
-    """Append token ids to `path` in chunks; `close()` returns how many were written."""
-
-    def __init__(self, path: str | Path, vocab_size: int):
-        self.path = Path(path)
-        self.dtype = token_dtype(vocab_size)
-        self.vocab_size = vocab_size
-        self.count = 0
-        self._file = self.path.open("wb")
-
-    def write(self, ids: Sequence[int] | np.ndarray) -> None:
-        array = np.asarray(ids)
-        if array.size and (array.min() < 0 or array.max() >= self.vocab_size):
-            raise ValueError(f"token id out of range 0..{self.vocab_size - 1}")
-        self._file.write(array.astype(self.dtype, copy=False).tobytes())
-        self.count += int(array.size)
-
-    def close(self) -> int:
-        self._file.close()
-        return self.count
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._file.close()
-
-
-class PackedTokenDataset(torch.utils.data.Dataset):
-    """Fixed-length blocks of a token file, read through a memory map.
-
-    Block i is tokens [i * block_size, (i + 1) * block_size); a tail shorter than a block
-    is not used. Items are `{"input_ids", "labels"}` (the model shifts labels itself).
-    """
-
-    def __init__(self, path: str | Path, block_size: int, dtype: str | np.dtype):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise UserError(f"{self.path}: token file not found (run the recipe's prepare_data.py)")
-        self.block_size = block_size
-        self.tokens = np.memmap(self.path, dtype=np.dtype(dtype), mode="r")
-        self.num_blocks = len(self.tokens) // block_size
-        if self.num_blocks == 0:
-            raise UserError(f"{self.path}: {len(self.tokens)} tokens, fewer than one block of {block_size}")
-
-    def __len__(self) -> int:
-        return self.num_blocks
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not 0 <= index < self.num_blocks:
-            raise IndexError(index)
-        start = index * self.block_size
-        block = torch.from_numpy(self.tokens[start:start + self.block_size].astype(np.int64))
-        return {"input_ids": block, "labels": block}  # the collator stacks each into its own tensor
 
 
 def corpus_texts(specs: list[str], column: str | None = None) -> Iterator[str]:

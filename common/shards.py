@@ -61,7 +61,9 @@ class ShardOptions:
     batch_size: int = 1000  # documents per tokenizer call
 
 
-def _clean_documents(unit: dict, options: ShardOptions, counts: dict) -> Iterator[str]:
+def clean_documents(unit: dict, options: ShardOptions, counts: dict) -> Iterator[str]:
+    """The kept documents of a unit: full-width spaces to spaces, stripped, empty and short ones
+    dropped (and counted in `counts`)."""
     for raw in unit_texts(unit, options.text_column):
         counts["documents_read"] += 1
         text = raw.replace("\u3000", " ").strip()
@@ -78,6 +80,28 @@ def _hash(text: str, seed: int) -> int:
     return int.from_bytes(digest, "little")
 
 
+def split_of(text: str, options: ShardOptions) -> str:
+    """"valid" for a seeded-hash `valid_ratio` share of the documents, else "train"."""
+    return "valid" if _hash(text, options.seed + 1) < int(options.valid_ratio * 2**64) else "train"
+
+
+def train_documents(inputs: Sequence[str | Path], options: ShardOptions) -> Iterator[str]:
+    """The documents `write_token_shards` would put in the train split (before deduplication):
+    what a tokenizer learns from, so that held-out text stays unseen."""
+    for unit in make_units(resolve_files(inputs, extensions=TEXT_EXTENSIONS), 1 << 62):
+        yield from (text for text in clean_documents(unit, options, _new_counts())
+                    if split_of(text, options) == "train")
+
+
+def source_file(path: Path, texts: Sequence[str]) -> Path:
+    """Built-in texts as a .txt input, one document per line, written once: rewriting it would
+    change its time and void a resumable run."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(text.replace("\n", " ") for text in texts) + "\n", encoding="utf-8")
+    return path
+
+
 def _new_counts() -> dict:
     return dict.fromkeys(("documents_read", "dropped_empty", "dropped_too_short", "dropped_duplicate",
                           "train_documents", "valid_documents", "train_tokens", "valid_tokens"), 0)
@@ -85,7 +109,7 @@ def _new_counts() -> dict:
 
 def _unit_hashes(unit: dict, options: ShardOptions) -> np.ndarray:
     """Pass 1 of deduplication: the hash of every kept document of a unit, in order."""
-    return np.fromiter((_hash(text, options.seed) for text in _clean_documents(unit, options, _new_counts())),
+    return np.fromiter((_hash(text, options.seed) for text in clean_documents(unit, options, _new_counts())),
                        dtype=np.uint64)
 
 
@@ -116,7 +140,6 @@ def _write_unit(out: str, unit_id: int, unit: dict, options: ShardOptions, dtype
                 keep: np.ndarray | None) -> dict:
     """Clean, tokenise and write one unit's train and valid shards; returns its counts."""
     (encode, eos), counts = _TOKENIZER, _new_counts()
-    valid_below = int(options.valid_ratio * 2**64)
     paths = {split: Path(out) / split / f"{unit_id:05d}.bin" for split in ("train", "valid")}
     files = {split: path.with_suffix(".tmp").open("wb") for split, path in paths.items()}
 
@@ -135,12 +158,12 @@ def _write_unit(out: str, unit_id: int, unit: dict, options: ShardOptions, dtype
 
     try:
         batch, splits = [], []
-        for position, text in enumerate(_clean_documents(unit, options, counts)):
+        for position, text in enumerate(clean_documents(unit, options, counts)):
             if keep is not None and not keep[position]:
                 counts["dropped_duplicate"] += 1
                 continue
             batch.append(text)
-            splits.append("valid" if _hash(text, options.seed + 1) < valid_below else "train")
+            splits.append(split_of(text, options))
             if len(batch) == options.batch_size:
                 flush(batch, splits)
                 batch, splits = [], []
@@ -286,6 +309,18 @@ class TokenShards(torch.utils.data.Dataset):
 
     def __getstate__(self):
         return {**self.__dict__, "_maps": {}}
+
+    def tokens(self, limit: int | None = None) -> np.ndarray:
+        """The token ids of the split's shards (those holding a block), one after another, at most
+        `limit`, in memory."""
+        parts, left = [], limit if limit is not None else float("inf")
+        for path, _ in self.shards:
+            if left <= 0:
+                break
+            ids = np.memmap(path, dtype=self.dtype, mode="r")
+            parts.append(np.array(ids[: int(min(left, len(ids)))]))
+            left -= len(parts[-1])
+        return np.concatenate(parts)
 
     def __len__(self) -> int:
         return int(self.ends[-1])

@@ -80,6 +80,16 @@ def load_tokenizer(path: str | Path, add_special_tokens: bool = True) -> PreTrai
     return tokenizer
 
 
+def reuse_or_build(previous: Path, build: Callable[[], PreTrainedTokenizerBase]) -> PreTrainedTokenizerBase:
+    """The tokenizer an earlier run built and saved in `previous`, else `build()`. Building is
+    not deterministic (the WordPiece trainer breaks ties differently run to run), so a rerun
+    that built anew would find its own token shards made with another vocabulary."""
+    if (Path(previous) / "tokenizer.json").is_file():
+        logger.info("reusing the tokenizer built by an earlier run: %s", previous)
+        return load_tokenizer(previous)
+    return build()
+
+
 def add_missing_special_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
     """Give the tokenizer a pad, bos and eos token where it lacks one; returns how many
     new tokens entered the vocabulary."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +34,8 @@ from common.config import parse_args
 from common.corpora import load_peoples_daily, load_reviews
 from common.data import TEXT_EXTENSIONS, make_units, resolve_files, unit_texts
 from common.errors import UserError, cli_main
-from common.shards import ShardOptions, write_token_shards
-from common.tokenizer import build_chinese_tokenizer, load_tokenizer
-
-logger = logging.getLogger("prepare_data")
+from common.shards import ShardOptions, source_file, write_token_shards
+from common.tokenizer import build_chinese_tokenizer, load_tokenizer, reuse_or_build
 
 
 @dataclass
@@ -82,17 +79,6 @@ def sample_texts(inputs: list[str], args: PrepareArguments):
     return itertools.islice(texts, args.tokenizer_documents)
 
 
-def built_tokenizer(previous: Path, build):
-    """The tokenizer an earlier run of this command built and saved in `previous`, else a new
-    one from `build()`. Building is not deterministic (the WordPiece trainer breaks ties
-    differently run to run), so a rerun that built anew would find its own shards made with
-    another vocabulary."""
-    if (previous / "tokenizer.json").is_file():
-        logger.info("reusing the tokenizer built by an earlier run: %s", previous)
-        return load_tokenizer(previous)
-    return build()
-
-
 def prepare_source(inputs: list[str], out: Path, tokenizer, args: PrepareArguments) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out / "tokenizer")
@@ -107,22 +93,17 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_args([PrepareArguments], argv, description=__doc__)
     out = Path(args.output_dir)
     if args.input:
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else built_tokenizer(
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else reuse_or_build(
             out / "tokenizer", lambda: build_chinese_tokenizer(sample_texts(args.input, args), vocab_size=args.vocab_size))
         return prepare_source(args.input, out, tokenizer, args)
 
     # Built-in: two sources with one tokenizer, so training can mix them.
     corpora = {"news": load_peoples_daily(), "reviews": [text for text, _ in load_reviews()]}
-    source_dir = out / "source"
-    source_dir.mkdir(parents=True, exist_ok=True)
-    for name, texts in corpora.items():
-        path = source_dir / f"{name}.txt"
-        if not path.is_file():  # rewriting it would change its time and void a resumable run
-            path.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else built_tokenizer(
+    sources = {name: source_file(out / "source" / f"{name}.txt", texts) for name, texts in corpora.items()}
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else reuse_or_build(
         out / "news" / "tokenizer",
         lambda: build_chinese_tokenizer(itertools.chain(*corpora.values()), vocab_size=args.vocab_size))
-    return {name: prepare_source([str(source_dir / f"{name}.txt")], out / name, tokenizer, args) for name in corpora}
+    return {name: prepare_source([str(path)], out / name, tokenizer, args) for name, path in sources.items()}
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ VARIANTS = {"clip_data_wait": "loader,resident_compile", "gpt2_train_throughput"
             "clm_train_throughput": "baseline,recipe", "lora_sft_throughput": "check,baseline,recipe_sdpa",
             "dpo_memory_speed": "lora_adapter_off,full_precomputed", "grpo_step_time": "g8_p4"}
 OPTIONS = {name: ("--variants", variants) for name, variants in VARIANTS.items()} | {
-    # sft_memory: a process per attempt, so one checkpointing setting (QLoRA and 8-bit states need a GPU)
-    "sft_memory": ("--shapes", "glm4-9b", "--methods", "lora,full", "--checkpointing", "on")}
+    # sft_memory: a process per attempt, so one length and one checkpointing setting (QLoRA and 8-bit
+    # states need a GPU)
+    "sft_memory": ("--shapes", "glm4-9b", "--methods", "lora,full", "--seqs", "64", "--checkpointing", "on")}
 
 
 def records(node):
@@ -57,6 +58,31 @@ def test_tiny_mode_runs_and_measures(name, tmp_path):
     assert not errors, errors
     measured = [x for x in numbers(result) if math.isfinite(x) and x > 0]
     assert len(measured) >= 2  # rates / times / memory, not an empty table
+
+
+def test_child_row_reads_the_last_row_or_names_the_error(tmp_path):
+    """A variant's row comes back from its child process; a failing child gives an error row
+    whose message is the child's last stderr line, and every child's output lands in the log."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from children import child_row
+
+    script = tmp_path / "bench.py"
+    child = """import sys
+sys.path.insert(0, BENCHMARKS)
+from children import print_row
+name = sys.argv[sys.argv.index('--child') + 1]
+if name == 'bad':
+    print_row({'variant': name, 'half': 1})
+    sys.exit('out of memory')
+print('noise')
+print_row({'variant': name, 'step_s': 0.5})
+print_row({'variant': name, 'step_s': 0.25})
+"""
+    script.write_text(child.replace("BENCHMARKS", repr(str(REPO / "benchmarks"))))
+    log = tmp_path / "log.txt"
+    assert child_row(str(script), "good", ["--x", "1"], log=log) == {"variant": "good", "step_s": 0.25}
+    assert child_row(str(script), "bad", [], log=log) == {"variant": "bad", "error": "out of memory"}
+    assert log.read_text().count("=====") == 2 and "noise" in log.read_text()
 
 
 def test_sft_memory_cap_search_finds_what_trying_every_cap_finds():

@@ -1,4 +1,4 @@
-"""chinese_gpt2 data path: cleaning, packed token files and their memory-mapped blocks."""
+"""chinese_gpt2: cleaning into token shards, the bigram baseline, the GPU speed paths on the CPU,\ntraining and resuming end to end, generation."""
 
 import json
 
@@ -6,96 +6,53 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import PackedTokenDataset, TokenFileWriter, token_dtype
 from common.errors import UserError
 from common.serving import load_causal_lm
+from common.shards import ShardOptions, TokenShards, read_index, split_of
 from common.tokenizer import join_chinese, load_tokenizer
 
 from conftest import load_recipe_module, run_script
 
-prepare_data = load_recipe_module("chinese_gpt2", "prepare_data")
-clean_and_split = prepare_data.clean_and_split
 
-
-# ------------------------------------------------------------- packed token files
-def test_token_file_round_trip_and_block_boundaries(tmp_path):
-    ids = np.arange(1, 24)  # 23 tokens
-    with TokenFileWriter(tmp_path / "t.bin", vocab_size=100) as writer:
-        writer.write(ids[:10])
-        writer.write(ids[10:])
-    assert writer.count == 23
-    assert (tmp_path / "t.bin").stat().st_size == 23 * 2  # uint16
-    blocks = PackedTokenDataset(tmp_path / "t.bin", block_size=5, dtype="uint16")
-    assert len(blocks) == 4  # the 3-token tail is not a block
-    assert blocks[0]["input_ids"].tolist() == [1, 2, 3, 4, 5]
-    assert blocks[3]["input_ids"].tolist() == [16, 17, 18, 19, 20]
-    assert blocks[2]["labels"].tolist() == blocks[2]["input_ids"].tolist()
-    assert blocks[1]["input_ids"].dtype == torch.int64
-    with pytest.raises(IndexError):
-        blocks[4]
-
-
-def test_token_dtype_and_range_checks(tmp_path):
-    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
-    writer = TokenFileWriter(tmp_path / "big.bin", vocab_size=70000)
-    writer.write([69999, 0])
-    writer.close()
-    assert np.fromfile(tmp_path / "big.bin", dtype=np.uint32).tolist() == [69999, 0]
-    with pytest.raises(ValueError, match="out of range"):
-        TokenFileWriter(tmp_path / "x.bin", vocab_size=10).write([10])
-    with pytest.raises(UserError, match="fewer than one block"):
-        PackedTokenDataset(tmp_path / "big.bin", block_size=8, dtype="uint32")
-
-
-# ---------------------------------------------------------------------- cleaning
-def test_cleaning_normalises_spaces_and_drops_short_empty_and_duplicates():
-    texts = ["\u3000\u3000人民日报社论。", "人民日报社论。", "", "短", "  ", "新华社北京电，记者报道。", "人民日报社论。"]
-    report = {}
-    kept = list(clean_and_split(texts, min_chars=3, valid_ratio=0.5, seed=0, report=report))
-    assert [text for _, text in kept] == ["人民日报社论。", "新华社北京电，记者报道。"]
-    assert report["texts_read"] == 7
-    assert (report["dropped_empty"], report["dropped_too_short"], report["dropped_duplicate"]) == (2, 1, 2)
-    assert report["train_texts"] + report["valid_texts"] == 2
-
-
+# -------------------------------------------------------------- split and cleaning
 def test_split_is_by_document_and_repeatable():
     texts = [f"第{i}篇文章的内容" for i in range(2000)]
-    first = list(clean_and_split(texts, 3, 0.1, 7, {}))
-    again = list(clean_and_split(texts, 3, 0.1, 7, {}))
-    other_seed = list(clean_and_split(texts, 3, 0.1, 8, {}))
-    assert first == again and first != other_seed
-    valid = {t for s, t in first if s == "valid"}
-    assert 150 < len(valid) < 250
-    assert not valid & {t for s, t in first if s == "train"}
+    options = ShardOptions(valid_ratio=0.1, seed=7)
+    first = [split_of(t, options) for t in texts]
+    assert first == [split_of(t, options) for t in reversed(texts)][::-1]  # the text decides, not its place
+    assert first != [split_of(t, ShardOptions(valid_ratio=0.1, seed=8)) for t in texts]
+    assert 150 < first.count("valid") < 250
 
 
-# ------------------------------------------------------------------- CLI, user files
 def test_prepare_data_on_user_csv_and_jsonl(tmp_path):
     (tmp_path / "csv").mkdir()
-    rows = [f"这是第{i}条新闻，内容各不相同。" for i in range(60)]
+    # each text holds a character of its own, so what the tokenizer learnt from shows in its vocabulary
+    rows = [f"\u3000这是第{i}条新闻{chr(0x5000 + i)}，内容各不相同。" for i in range(60)]
     (tmp_path / "csv" / "a.csv").write_text("id,content\n" + "\n".join(f"{i},{t}" for i, t in enumerate(rows[:40])) + "\n1,短\n")
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in rows[40:] + rows[:5]) + "\n")
     out = tmp_path / "out"
     result = run_script("chinese_gpt2/prepare_data.py", "--input", tmp_path / "csv", tmp_path / "b.jsonl",
-                        "--output_dir", out, "--vocab_size", "300", "--valid_ratio", "0.2")
+                        "--output_dir", out, "--vocab_size", "300", "--valid_ratio", "0.2", "--workers", "2")
     report = json.loads((out / "report.json").read_text())
-    assert report["texts_read"] == 66 and report["dropped_too_short"] == 1 and report["dropped_duplicate"] == 5
-    assert report["train_texts"] + report["valid_texts"] == 60
+    assert report["documents_read"] == 66 and report["dropped_too_short"] == 1 and report["dropped_duplicate"] == 5
+    assert report["train_documents"] + report["valid_documents"] == 60 and report["valid_documents"] > 3
     assert "train_tokens" in result.stdout
 
-    meta = json.loads((out / "meta.json").read_text())
+    index = read_index(out)
     tokenizer = load_tokenizer(out / "tokenizer")
-    assert meta["eos_token_id"] == tokenizer.eos_token_id
-    train = np.fromfile(out / "train.bin", dtype=meta["dtype"])
-    valid = np.fromfile(out / "valid.bin", dtype=meta["dtype"])
-    assert len(train) == meta["train_tokens"] and len(valid) == meta["valid_tokens"]
-    # one eos closes every text, and the files decode back to the texts
-    assert (train == meta["eos_token_id"]).sum() == report["train_texts"]
-    assert (valid == meta["eos_token_id"]).sum() == report["valid_texts"]
-    assert train[-1] == meta["eos_token_id"]
-    decoded = tokenizer.decode(train.tolist()).replace(" ", "").split(tokenizer.eos_token)
-    assert set(d for d in decoded if d) <= set(rows)
-    assert len({d for d in decoded if d}) == report["train_texts"]
+    assert index["eos_token_id"] == tokenizer.eos_token_id
+    kept = [t.strip() for t in rows]  # full-width spaces cleaned away
+    for split in ("train", "valid"):
+        ids = TokenShards(out, split, block_size=1).tokens()
+        assert len(ids) == report[f"{split}_tokens"] and ids[-1] == tokenizer.eos_token_id
+        assert (ids == tokenizer.eos_token_id).sum() == report[f"{split}_documents"]  # one eos closes each text
+        decoded = {d for d in tokenizer.decode(ids.tolist()).replace(" ", "").split(tokenizer.eos_token) if d}
+        expected = {t for t in kept if split_of(t, ShardOptions(valid_ratio=0.2, seed=42)) == split}
+        known = {t for t in expected if not {c for c in t if c not in tokenizer.get_vocab()}}
+        if split == "train":
+            assert decoded == expected == known  # every train character is in the vocabulary
+        else:  # the tokenizer learnt from train texts only: the held-out texts' own characters are unknown
+            assert not known and len(decoded) == report["valid_documents"]
 
 
 def test_prepare_data_names_a_missing_column(tmp_path):
@@ -220,7 +177,7 @@ def test_prepare_train_resume_on_builtin_data(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.eos_token_id == json.loads((data / "meta.json").read_text())["eos_token_id"]
+    assert model.config.eos_token_id == read_index(data)["eos_token_id"]
 
     # resume from the last checkpoint (step 40) and go on to step 60
     resumed = run_script("chinese_gpt2/train.py", config, "--data_dir", data, "--output_dir", out,
