@@ -38,7 +38,7 @@ def run_child(command: list[str], *, env: dict | None = None, log: Path | None =
 
 def child_row(script: str, variant: str, argv: list[str] | None = None, *, launcher: list[str] | None = None,
               env: dict | None = None, log: Path | None = None) -> dict:
-    """`script --child variant` (after this run's own arguments) in a fresh process: its last row, or
+    """`script --child variant` followed by this run's own arguments, in a fresh process: its last row, or
     `{"variant": variant, "error": ...}` when it failed."""
     argv = sys.argv[1:] if argv is None else argv
     command = [*(launcher or [sys.executable]), script, "--child", variant, *argv]

@@ -65,7 +65,7 @@ import time
 from pathlib import Path
 
 from children import child_row, print_row  # benchmarks/ is on sys.path when a benchmark runs
-from recipe_loader import load_recipe_script  # benchmarks/ is on sys.path when a benchmark runs
+from recipe_loader import load_recipe_script
 from shapes import GLM4_9B
 
 REPO = Path(__file__).resolve().parents[1]

@@ -115,6 +115,11 @@ def check_file(path: Path, required_columns: Sequence[str] = ()) -> None:
     if path.stat().st_size == 0:
         raise UserError(f"{path}: empty file")
     check_utf8(path)
+    check_columns(path, required_columns)
+
+
+def check_columns(path: Path, required_columns: Sequence[str]) -> None:
+    """A missing column, named with the columns the file has (reads the header only)."""
     columns = read_columns(path)
     missing = [c for c in required_columns if c not in columns]
     if missing:
@@ -186,7 +191,7 @@ def unit_texts(unit: dict, column: str | None) -> Iterator[str]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         column = column or "content"
-        check_file(path, [column])  # an empty file or a missing column, named with what the file has
+        check_columns(path, [column])  # the header only: each pass over a large corpus reads the file once
         try:
             for chunk in pd.read_csv(path, usecols=[column], dtype=str, keep_default_na=False,
                                      chunksize=10_000, encoding="utf-8-sig"):
