@@ -43,6 +43,7 @@ from trl import GRPOConfig, GRPOTrainer
 from common import rewards as builtin_rewards
 from common.config import parse_args
 from common.errors import UserError, cli_main
+from common.instructions import quick_cpu_sampling
 from common.serving import adapter_base
 from common.sft_train import (
     ScoredDataArguments,
@@ -258,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=[for_trl(fn, tokenizer, stop_ids) for fn in reward_fns],
                           args=args, train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config)
     parameters = count_parameters(trainer.model)
-    result = trainer.train()
+    with quick_cpu_sampling():  # a third of a CPU step was torch's multinomial
+        result = trainer.train()
     tuned = trainer.model.merge_and_unload() if peft_config is not None else trainer.model
     if trainer.is_world_process_zero():
         tuned.save_pretrained(out)  # one plain model (a LoRA run merged), served as it is

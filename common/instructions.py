@@ -15,6 +15,7 @@ import hashlib
 import math
 import random
 import re
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -179,6 +180,34 @@ def score(items: list[dict], replies: list[str]) -> dict:
     return result
 
 
+@contextmanager
+def quick_cpu_sampling():
+    """Within the block, `torch.multinomial` draws one token per row of CPU probabilities by the
+    inverse of their cumulative sum: the same distribution, about 30x faster than torch 2.13's CPU
+    kernel, which draws an exponential variate for every vocabulary entry (7 ms for 64 rows of a
+    5,664-token vocabulary, 0.2 ms this way, 2 cores). transformers' sampling calls it once per new
+    token: a third of a GRPO step of the built-in model went there. Other calls (GPU tensors,
+    several samples, invalid weights, which the original rejects) go to the original."""
+    original = torch.multinomial
+
+    def multinomial(input, num_samples, replacement=False, *, generator=None, out=None):
+        if input.device.type != "cpu" or num_samples != 1 or out is not None or input.dim() not in (1, 2):
+            return original(input, num_samples, replacement, generator=generator, out=out)
+        cdf = input.double().cumsum(-1)
+        total = cdf[..., -1:]
+        if not (torch.isfinite(total).all() and (total > 0).all() and (input >= 0).all()):
+            return original(input, num_samples, replacement, generator=generator, out=out)
+        draw = torch.rand(total.shape, dtype=cdf.dtype, generator=generator) * total
+        # right=True: the first entry whose cumulative sum exceeds the draw, never a zero-weight one
+        return torch.searchsorted(cdf, draw, right=True).clamp_(max=input.shape[-1] - 1)
+
+    torch.multinomial = multinomial
+    try:
+        yield
+    finally:
+        torch.multinomial = original
+
+
 @torch.inference_mode()
 def generate_replies(model, tokenizer, template: ChatTemplate, conversations: list[list[dict]],
                      max_new_tokens: int = 64, batch_size: int = 32, desc: str = "generating",
@@ -203,8 +232,9 @@ def generate_replies(model, tokenizer, template: ChatTemplate, conversations: li
             mask[row, longest - len(prompts[i]):] = 1
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
             {"do_sample": False}
-        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **sampling,
-                             max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad)
+        with quick_cpu_sampling():
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **sampling,
+                                 max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad)
         for row, i in enumerate(batch):
             new = out[row, longest:].tolist()
             cut = next((k for k, t in enumerate(new) if t in stop_ids), len(new))

@@ -158,3 +158,27 @@ def test_read_lines_skips_blank_lines_and_names_bad_files(tmp_path):
     bad.write_bytes("好\n".encode() + "很好".encode("gbk"))
     with pytest.raises(UserError, match="bad.txt: line 2 is not valid UTF-8"):
         read_lines(bad)
+
+
+def test_quick_cpu_sampling_draws_from_the_same_distribution_and_only_where_it_may():
+    import torch
+
+    from common.instructions import quick_cpu_sampling
+
+    original = torch.multinomial
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3], [0.5, 0.0, 0.0, 0.0, 0.5]])
+    generator = torch.Generator().manual_seed(0)
+    with quick_cpu_sampling():
+        assert torch.multinomial is not original
+        draws = torch.cat([torch.multinomial(probs, 1, generator=generator) for _ in range(20000)], dim=1)
+        one_row = torch.multinomial(probs[0] * 7, 1)  # unnormalised weights, one distribution
+        with pytest.raises(RuntimeError):  # invalid weights go to torch's own checks
+            torch.multinomial(torch.tensor([[0.5, -0.1]]), 1)
+        several = torch.multinomial(probs, 2)  # not one draw per row: torch's own kernel
+    assert torch.multinomial is original
+    assert draws.shape == (2, 20000) and one_row.shape == (1,) and several.shape == (2, 2)
+    for row, p in enumerate(probs):
+        frequency = torch.bincount(draws[row], minlength=5).float() / draws.shape[1]
+        assert frequency[p == 0].sum() == 0  # zero-weight tokens never come out
+        assert torch.allclose(frequency, p, atol=0.015), (frequency, p)
+    assert int(one_row) in (1, 3, 4)
