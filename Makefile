@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # checked), downloaded once into .cache/ (ignored), only its vocabularies and templates extracted.
 REAL_ARTEFACTS := .cache/real_artefacts/validation.json
 
-.PHONY: setup real-artefacts gpu-wheels browser demo demo-classifier demo-clm demo-sft demo-baichuan demo-dpo demo-grpo demo-pipeline demo-modify test lint clean
+.PHONY: setup real-artefacts gpu-wheels browser demo demo-classifier demo-clm demo-sft demo-baichuan demo-dpo demo-grpo demo-pipeline demo-modify test check-results check-results-all lint clean
 
 setup: $(STAMP)
 
@@ -131,6 +131,15 @@ $(REAL_ARTEFACTS): tests/real_artefacts.py | $(STAMP)
 
 test: setup browser real-artefacts
 	$(PY) -m pytest -q
+
+# Do the README commands still give the README numbers? The quick recipes' defaults rerun and compared with
+# the bands in benchmarks/check_results.py (about 20 minutes on 2 CPU cores; CI runs it after the tests);
+# check-results-all: every recipe with a band.
+check-results: setup
+	$(PY) benchmarks/check_results.py
+
+check-results-all: setup
+	$(PY) benchmarks/check_results.py --all
 
 lint: setup
 	$(VENV)/bin/ruff check .

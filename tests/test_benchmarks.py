@@ -149,3 +149,37 @@ def test_pipeline_vs_chaining_tiny_needs_two_gpus(tmp_path):
     out = tmp_path / "pipeline_vs_chaining.json"
     run_script("benchmarks/pipeline_vs_chaining.py", "--gpus", "2", "--tiny", "--out", out, timeout=900)
     assert not [r for r in records(json.loads(out.read_text())) if r.get("error")]
+
+
+def test_check_results_runs_the_commands_and_fails_outside_a_band(tmp_path, monkeypatch, capsys):
+    """benchmarks/check_results.py on a stand-in recipe (a script that writes metrics.json): inside
+    the band passes; a value outside it, a missing key or a failing command each fail, by name."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import check_results
+
+    (tmp_path / "recipe.py").write_text(
+        "import json, sys, pathlib\n"
+        "if sys.argv[1] == 'fail': sys.exit(3)\n"
+        "pathlib.Path('out').mkdir(exist_ok=True)\n"
+        "pathlib.Path('out/metrics.json').write_text(json.dumps({'test': {'accuracy': float(sys.argv[1])}}))\n")
+    monkeypatch.setattr(check_results, "ROOT", tmp_path)
+    monkeypatch.setattr(check_results, "OUT", tmp_path / "checks")
+
+    def check(*argv, bands=(("test.accuracy", (0.7, 0.8)),), skip_run=False):
+        recipe = check_results.Check(commands=[["recipe.py", *argv]], metrics="out/metrics.json",
+                                     bands=dict(bands), minutes=0, measured="here")
+        monkeypatch.setattr(check_results, "RECIPES", {"stand_in": recipe})
+        status = check_results.main(["stand_in", *(["--skip_run"] if skip_run else [])])
+        rows = json.loads((tmp_path / "checks" / "results.json").read_text())
+        return status, {row["metric"]: row for row in rows}
+
+    status, rows = check("0.75")
+    assert status == 0 and rows["test.accuracy"]["ok"] and rows["test.accuracy"]["value"] == 0.75
+    status, rows = check(bands=(("test.accuracy", (0.7, 0.8)), ("test.missing", (0, 1))), skip_run=True)
+    assert status == 1 and rows["test.accuracy"]["ok"]  # the metrics.json of the last run, not rerun
+    assert not rows["test.missing"]["ok"] and "no test.missing" in rows["test.missing"]["why"]
+    status, rows = check("0.9")
+    assert status == 1 and rows["test.accuracy"]["why"] == "outside"
+    status, rows = check("fail")
+    assert status == 1 and "exited 3" in rows["test.accuracy"]["why"]
+    assert "exit 3" in (tmp_path / "checks" / "stand_in.log").read_text()
