@@ -133,7 +133,7 @@ test: setup browser real-artefacts
 	$(PY) -m pytest -q
 
 # Do the README commands still give the README numbers? The quick recipes' defaults rerun and compared with
-# the bands in benchmarks/check_results.py (about 20 minutes on 2 CPU cores; CI runs it after the tests);
+# the bands in benchmarks/check_results.py (21 minutes on 2 CPU cores, 2026-12-03; CI runs it after the tests);
 # check-results-all: every recipe with a band.
 check-results: setup
 	$(PY) benchmarks/check_results.py
