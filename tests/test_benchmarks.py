@@ -151,7 +151,7 @@ def test_pipeline_vs_chaining_tiny_needs_two_gpus(tmp_path):
     assert not [r for r in records(json.loads(out.read_text())) if r.get("error")]
 
 
-def test_check_results_runs_the_commands_and_fails_outside_a_band(tmp_path, monkeypatch, capsys):
+def test_check_results_runs_the_commands_and_fails_outside_a_band(tmp_path, monkeypatch):
     """benchmarks/check_results.py on a stand-in recipe (a script that writes metrics.json): inside
     the band passes; a value outside it, a missing key or a failing command each fail, by name."""
     sys.path.insert(0, str(REPO / "benchmarks"))
