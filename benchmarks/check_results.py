@@ -44,6 +44,9 @@ class Check:
     ci: bool = False  # checked by `make check-results` (CI); the others by --all
 
 
+# the base model_baichuan tunes (and baichuan2_dpo / baichuan2_grpo after it) is model_clm's default
+MODEL_CLM = [["model_clm/prepare_data.py", "--dedup", "true"], ["model_clm/train.py", "model_clm/configs/default.yaml"]]
+
 RECIPES: dict[str, Check] = {
     "chinese_clip": Check(
         commands=[["chinese_clip/prepare_data.py"], ["chinese_clip/train.py", "chinese_clip/configs/default.yaml"]],
@@ -74,8 +77,7 @@ RECIPES: dict[str, Check] = {
         ci=True,
     ),
     "model_clm": Check(
-        commands=[["model_clm/prepare_data.py", "--dedup", "true"],
-                  ["model_clm/train.py", "model_clm/configs/default.yaml"]],
+        commands=MODEL_CLM,
         metrics="outputs/model_clm/metrics.json",
         bands={"valid.news.after.perplexity": (170, 260), "valid.reviews.after.perplexity": (90, 140)},
         minutes=5.5,
@@ -91,9 +93,7 @@ RECIPES: dict[str, Check] = {
         measured="0.8296 and 0.829-0.830 in reruns (README, 2026-11-22); TF-IDF baseline 0.844",
     ),
     "model_baichuan": Check(  # the SFT model that baichuan2_dpo and baichuan2_grpo start from
-        commands=[["model_clm/prepare_data.py", "--dedup", "true"],
-                  ["model_clm/train.py", "model_clm/configs/default.yaml"],
-                  ["model_baichuan/prepare_data.py"],
+        commands=[*MODEL_CLM, ["model_baichuan/prepare_data.py"],
                   ["model_baichuan/train.py", "model_baichuan/configs/default.yaml"]],
         metrics="outputs/model_baichuan/metrics.json",
         bands={"test.tuned.sentiment.accuracy": (0.6, 0.8), "test.tuned.segmentation.f1": (0.25, 0.38)},

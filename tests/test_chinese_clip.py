@@ -53,6 +53,24 @@ def test_collator_pads_text_to_a_multiple_of_8_and_keeps_images_uint8():
     assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"][:, 0, 0, 0].tolist() == [0, 1]
 
 
+def test_padding_to_a_multiple_of_8_changes_no_text_feature():
+    """The padding the collator adds (for compiled GPU kernels) is masked out: a caption's features
+    are the same padded to its own length or further (README: why the CPU default's result moved)."""
+    torch.manual_seed(0)
+    model = train_module.build_model(train_module.ModelArguments(hidden_size=32, num_heads=4), vocab_size=40,
+                                     image_size=16, pad_token_id=0).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    features = []
+    for pad in (0, 3, 11):
+        padded = torch.cat([ids, torch.zeros(1, pad, dtype=torch.long)], dim=1)
+        with torch.no_grad():
+            out = model.get_text_features(input_ids=padded, attention_mask=(padded != 0).long())
+        features.append(getattr(out, "pooler_output", out))
+    assert all(torch.allclose(features[0], f, atol=1e-5) for f in features[1:])
+    unmasked = model.get_text_features(input_ids=torch.cat([ids, torch.zeros(1, 11, dtype=torch.long)], dim=1))
+    assert not torch.allclose(features[0], getattr(unmasked, "pooler_output", unmasked), atol=1e-3)  # mask matters
+
+
 def test_prepare_drops_a_broken_image_from_a_user_csv(tmp_path):
     # the user's CSV layout, with a broken image among good ones
     user = tmp_path / "user"
