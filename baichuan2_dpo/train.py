@@ -45,7 +45,7 @@ from common.config import parse_args
 from common.errors import UserError, cli_main
 from common.plots import plot_losses
 from common.preference import preference_accuracy, tokenize_pairs
-from common.serving import adapter_base
+from common.serving.loading import adapter_base
 from common.sft_train import (
     ScoredDataArguments,
     StartModelArguments,

@@ -44,7 +44,7 @@ from common import rewards as builtin_rewards
 from common.config import parse_args
 from common.errors import UserError, cli_main
 from common.instructions import quick_cpu_sampling
-from common.serving import adapter_base
+from common.serving.loading import adapter_base
 from common.sft_train import (
     ScoredDataArguments,
     StartModelArguments,

@@ -45,7 +45,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.serving import Engine, SamplingParams, ServerSettings, create_app  # noqa: E402
+from common.serving.api import ServerSettings, create_app  # noqa: E402
+from common.serving.engine import Engine  # noqa: E402
+from common.serving.sampling import SamplingParams  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, heads, vocab
     "llama2-7b": (4096, 11008, 32, 32, 32000),

@@ -1,4 +1,4 @@
-"""Token-by-token decoding speed of common/serving.py, with SDPA's cuDNN backend on and off.
+"""Token-by-token decoding speed of common/serving/, with SDPA's cuDNN backend on and off.
 
     python benchmarks/gpt2_decode_speed.py                      # GPT-2 small, random weights, one GPU
     python benchmarks/gpt2_decode_speed.py --tiny               # CPU smoke test
@@ -35,7 +35,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.serving import Engine, SamplingParams  # noqa: E402
+from common.serving.engine import Engine  # noqa: E402
+from common.serving.sampling import SamplingParams  # noqa: E402
 from common.tokenizer import build_chinese_tokenizer  # noqa: E402
 
 TEXT = "新华社北京电，记者报道。人民日报社论：迈向充满希望的新世纪。今年以来，我国经济平稳发展。"
@@ -106,7 +107,7 @@ def main() -> None:
         for run in (1, 2):
             rows.append({"path": f"Engine.stream, request {run}", "cudnn_sdpa": cudnn,
                          "tokens_per_s": tokens_per_second(stream, tokens)})
-    # the server as shipped (cuDNN SDPA off, set by load_causal_lm in its own process)
+    # the server as shipped (cuDNN SDPA off, set when its Engine starts: common/serving/runtime.py)
     if args.port is None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from common.errors import cli_main
 from common.instructions import SEGMENT_PROMPT, SENTIMENT_PROMPT
-from common.serving import SamplingParams, run_chatbot
+from common.serving.cli import run_chatbot
+from common.serving.sampling import SamplingParams
 
 DEFAULT_MODEL = "outputs/chatglm_lora"
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from common.data import read_lines
 from common.errors import UserError, cli_main
-from common.serving import Engine, SamplingParams
+from common.serving.engine import Engine
+from common.serving.sampling import SamplingParams
 
 DEFAULT_MODEL = "outputs/chatglm_lora"
 

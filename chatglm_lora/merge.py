@@ -32,7 +32,7 @@ import torch
 from transformers import AutoTokenizer
 
 from common.errors import UserError, cli_main
-from common.serving import adapter_base, adapter_finetuning_type, load_adapter
+from common.serving.loading import adapter_base, adapter_finetuning_type, load_adapter
 from common.sft_train import nf4_config
 from common.templates import encode_chat, get_template, resolve_template, save_chat_template
 

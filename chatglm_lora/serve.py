@@ -11,13 +11,13 @@ checkpoint), bound to 127.0.0.1 by default.
 
 Chat requests are rendered with the template the model was tuned with (the Jinja chat template it carries,
 or --template), token for token as in training; the template's stop tokens end a reply. An
-adapter is merged into its base at load. Endpoints and limits: see common/serving.py.
+adapter is merged into its base at load. Endpoints and limits: see common/serving/api.py.
 """
 
 from __future__ import annotations
 
 from common.errors import cli_main
-from common.serving import run_server
+from common.serving.cli import run_server
 
 DEFAULT_MODEL = "outputs/chatglm_lora"
 

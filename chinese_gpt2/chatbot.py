@@ -11,7 +11,8 @@ following instructions: treat the reply as a continuation of your message.
 from __future__ import annotations
 
 from common.errors import cli_main
-from common.serving import SamplingParams, run_chatbot
+from common.serving.cli import run_chatbot
+from common.serving.sampling import SamplingParams
 
 DEFAULT_MODEL = "outputs/chinese_gpt2"
 

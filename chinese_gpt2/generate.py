@@ -19,7 +19,8 @@ from transformers import set_seed
 
 from common.data import read_lines
 from common.errors import UserError, cli_main
-from common.serving import load_causal_lm
+from common.serving.loading import load_causal_lm
+from common.serving.runtime import apply_serving_settings
 from common.tokenizer import display_cleaner
 
 DEFAULT_MODEL = "outputs/chinese_gpt2"
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     settings = generation_settings(args.strategy, args.max_new_tokens, args.temperature, args.top_k,
                                    args.top_p, args.repetition_penalty, args.num_beams)
     model, tokenizer = load_causal_lm(args.model, args.device)
+    apply_serving_settings(model.device, compile_decode=False)
     set_seed(args.seed)
     texts = generate(model, tokenizer, prompts, settings)
     for text in texts:

@@ -20,7 +20,7 @@ repetition_penalty and ignore_eos. A base GPT-2 knows no chat format: chat reque
 from __future__ import annotations
 
 from common.errors import cli_main
-from common.serving import run_server
+from common.serving.cli import run_server
 
 DEFAULT_MODEL = "outputs/chinese_gpt2"
 

@@ -403,10 +403,7 @@ def read_jsonl(path: Path, prepare_hint: str) -> list[dict]:
 def load_start_model(path: str, dtype: torch.dtype):
     """The model preference / reward training starts from, plain: an SFT adapter directory is
     merged into its base first. Returns (model, tokenizer)."""
-    from common.serving import (  # the server's module: not imported by SFT itself
-        adapter_base,
-        load_adapter,
-    )
+    from common.serving.loading import adapter_base, load_adapter
 
     if not Path(path, "config.json").is_file() and not Path(path, "adapter_config.json").is_file():
         raise UserError(f"no model in {path}: train one first (model_baichuan/train.py or chatglm_lora/train.py) "

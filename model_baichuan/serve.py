@@ -14,13 +14,14 @@ Chat requests are rendered with the baichuan2 template (`<reserved_106>` user,
 (temperature 0.3, top_k 5, top_p 0.85, repetition_penalty 1.05). Concurrent requests are
 decoded together (continuous batching, up to --max_concurrent); on a GPU the decode step
 runs as CUDA graphs (the first request at each batch size compiles for about a minute).
-Endpoints and limits: see common/serving.py; speed: benchmarks/RESULTS.md.
+Endpoints and limits: see common/serving/api.py; speed: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 from common.errors import cli_main
-from common.serving import SamplingParams, run_server
+from common.serving.cli import run_server
+from common.serving.sampling import SamplingParams
 
 DEFAULT_MODEL = "outputs/model_baichuan"
 # Baichuan2-Chat's generation_config.json

@@ -19,7 +19,8 @@ from transformers import (
 
 from common.corpora import load_peoples_daily, load_reviews
 from common.errors import UserError
-from common.serving import Engine, SamplingParams
+from common.serving.engine import Engine
+from common.serving.sampling import SamplingParams
 from common.sft_train import lora_target_modules
 from common.templates import encode_chat, get_template, registry_entry_of
 from common.tokenizer import build_chinese_tokenizer

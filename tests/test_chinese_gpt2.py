@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.errors import UserError
-from common.serving import load_causal_lm
+from common.serving.loading import load_causal_lm
 from common.shards import ShardOptions, TokenShards, read_index, split_of
 from common.tokenizer import join_chinese, load_tokenizer
 

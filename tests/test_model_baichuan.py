@@ -470,7 +470,8 @@ def test_sft_on_the_converted_model_with_the_baichuan2_template(tuned, baichuan2
 
 
 def test_served_chat_equals_generate_on_the_merged_model(tuned):
-    from common.serving import Engine, SamplingParams
+    from common.serving.engine import Engine
+    from common.serving.sampling import SamplingParams
 
     engine = Engine.from_pretrained(tuned["adapter"], device="cpu")  # adapter merged at load; template from the file
     try:
@@ -493,7 +494,8 @@ def test_served_chat_equals_generate_on_the_merged_model(tuned):
 def test_server_applies_baichuan2_sampling_defaults(tuned):
     from fastapi.testclient import TestClient
 
-    from common.serving import Engine, ServerSettings, create_app
+    from common.serving.api import ServerSettings, create_app
+    from common.serving.engine import Engine
 
     serve = load_recipe_module("model_baichuan", "serve")
     defaults = serve.BAICHUAN2_SAMPLING

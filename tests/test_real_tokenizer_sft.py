@@ -15,7 +15,8 @@ import real_artefacts
 import torch
 from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-from common.serving import Engine, SamplingParams
+from common.serving.engine import Engine
+from common.serving.sampling import SamplingParams
 from common.templates import IGNORE_INDEX, JinjaTemplate, encode_chat, resolve_template
 
 from conftest import REPO, free_port, run_script, wait_until_up

@@ -1,4 +1,4 @@
-"""common/serving.py and chinese_gpt2's serve.py / chatbot.py: streamed generation, the
+"""common/serving/ and chinese_gpt2's serve.py / chatbot.py: streamed generation, the
 OpenAI-compatible server over a real uvicorn (driven by the official `openai` client), its
 limits, and the gradio chatbot in a real headless Chromium."""
 
@@ -18,14 +18,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from common.corpora import load_peoples_daily
 from common.errors import UserError
-from common.serving import (
-    ApiError,
-    Engine,
-    Limiter,
-    SamplingParams,
-    _partial_stop_length,
-    fit_conversation,
-)
+from common.serving.api import ApiError, Limiter
+from common.serving.engine import Engine
+from common.serving.sampling import SamplingParams
+from common.serving.text import _partial_stop_length
+from common.serving.ui import fit_conversation
 from common.templates import get_template
 from common.tokenizer import build_chinese_tokenizer, display_cleaner, join_chinese
 

@@ -1,0 +1,427 @@
+"""The batching engine: every running request decoded together, one token each per step.
+
+A `Batcher` (one per Engine, a background thread) runs continuous batching over a static
+`SlotCache`; on CUDA the step runs as CUDA graphs and greedy steps are pipelined. Works for any
+model whose attention writes through the transformers Cache interface and takes position_ids
+(Llama, Qwen2, Mistral, GLM, GPT-2, ...).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+import threading
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from common.errors import UserError
+from common.serving.sampling import SamplingParams, _logit_processors
+
+logger = logging.getLogger(__name__)
+
+PREFILL_TOKENS = 16384  # prompts that join together are prefilled in one forward up to this many (padded) tokens
+
+
+class SlotCache:
+    """Key/value cache of `rows` generations decoded together, `length` slots per row.
+
+    The model writes into it through `update`, the transformers Cache call its attention
+    layers make. All rows advance in lock step: a decode step writes every row's new token at
+    slot `position`. A request joining a running batch is prefilled into its row at the slots
+    just before `position`, so its positions (always passed as position_ids) differ from its
+    slots; the attention mask, built from each row's first slot, hides every other slot.
+    Attention reads only the first `span` slots, a bucket of the length in use, so a step
+    costs what the conversations' length costs, not what the whole cache would.
+    """
+
+    is_compileable = True
+
+    def __init__(self, rows: int, length: int, device: torch.device):
+        self.rows, self.length = rows, length
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.span = length
+        self.prefill_at: tuple[torch.Tensor, int] | None = None  # (rows, first slot) while prompts are written
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx == len(self.keys):  # first write: the layer's own head count, head size and dtype
+            for store, states in ((self.keys, key_states), (self.values, value_states)):
+                shape = (self.rows, states.shape[1], self.length, states.shape[3])
+                store.append(torch.zeros(shape, dtype=states.dtype, device=states.device))
+                torch._dynamo.mark_static_address(store[-1])  # updated in place under CUDA graphs
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.prefill_at is None:
+            keys.index_copy_(2, self.position, key_states)
+            values.index_copy_(2, self.position, value_states)
+            return keys[:, :, :self.span], values[:, :, :self.span]
+        rows, first = self.prefill_at
+        end = first + key_states.shape[2]
+        keys[rows, :, first:end] = key_states
+        values[rows, :, first:end] = value_states
+        return keys[rows, :, :self.span], values[rows, :, :self.span]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # never needed: positions and the mask are always given
+
+    def move_rows(self, target: SlotCache, rows: list[int], used: int) -> None:
+        """Copy the first `used` slots of `rows` into rows 0, 1, ... of `target`."""
+        for store, target_store in ((self.keys, target.keys), (self.values, target.values)):
+            for layer, tensor in enumerate(store):
+                target_store[layer][:len(rows), :, :used] = tensor[rows, :, :used]
+
+
+def span_bucket(used: int, length: int) -> int:
+    """Slots attention reads: 256, 512, 1024, ... (few shapes to compile), at most the cache."""
+    span = 256
+    while span < used:
+        span *= 2
+    return min(span, length)
+
+
+@dataclass(eq=False)
+class _Generation:
+    """One request inside the batcher; its stream reads `queue`."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    deliver: Callable[[object], None]  # hands token lists, an error, then _END to the stream (any thread)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    ids: list[int] = field(default_factory=list)  # prompt + generated: the repetition penalty's history
+    first_slot: int = 0
+    length: int = 0  # tokens in the cache (prompt + fed generated tokens)
+    fed: int = 0  # decode steps launched for it
+    generated: int = 0
+
+    def finish(self, error: Exception | None = None) -> None:
+        if not self.done.is_set():
+            if error is not None:
+                self.deliver(error)
+            self.deliver(_END)
+            self.done.set()
+
+
+_END = object()
+
+
+@dataclass(eq=False)
+class _Step:
+    """A launched decode step: which generation each row fed, and its results."""
+
+    rows: list[_Generation | None]
+    logits: torch.Tensor | None  # kept when some row samples
+    next_ids: torch.Tensor | None  # the greedy tokens on the device, to feed the next step
+    greedy: torch.Tensor  # the greedy tokens on the host, once `ready`
+    ready: torch.cuda.Event | None = None
+
+
+
+
+class Batcher:
+    """Decodes every running request of an Engine together, one token per request per step,
+    in a background thread (continuous batching: a request joins the running batch as soon as
+    its prompt fits before the current slot, else when the batch has drained; FIFO, so no
+    request is passed over).
+
+    Rows live in a SlotCache of 1 row while one request runs (the fastest shape for a single
+    user) and of `max_batch` rows when more do; rows move between the two when the count
+    changes. On CUDA the decode step is compiled with CUDA graphs (torch.compile
+    "reduce-overhead"): a 7B model's step launches hundreds of small kernels, and launching
+    them from Python costs more than the step itself. Prompts that arrive together are
+    prefilled in one padded forward, not compiled (their lengths vary; they are compute-bound).
+    """
+
+    def __init__(self, model, stop_token_ids: list[int], max_batch: int, cache_length: int,
+                 compile_decode: bool, on_tokens=None):
+        self.model = model
+        self.device = model.device
+        self.stop_token_ids = set(stop_token_ids)
+        self.max_batch = max_batch
+        self.cache_length = cache_length
+        self.on_tokens = on_tokens or (lambda n: None)
+        self.widths = sorted({1, max_batch})
+        forward = inspect.signature(model.forward).parameters
+        if "position_ids" not in forward:  # rows' positions differ from their cache slots
+            raise UserError(f"{type(model).__name__} takes no position_ids (ALiBi models such as BLOOM): "
+                            "the batching engine cannot serve it")
+        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
+        try:
+            self.caches = {w: SlotCache(w, cache_length, self.device) for w in self.widths}
+            for cache in self.caches.values():  # allocate the cache now: a too-large one fails here
+                self._prefill(cache, [0], [[0]], 1)
+        except torch.OutOfMemoryError:
+            raise UserError(f"no room on {self.device} for the KV cache of {max_batch} requests x {cache_length} "
+                            "tokens: lower --max_concurrent or --max_cache_len") from None
+        dtype = next(model.parameters()).dtype
+        step = partial(_decode_step, model, dtype)
+        if compile_decode:
+            # one compiled function per cache: each sees one set of cache tensors (no guard churn)
+            self.decode = {w: torch.compile(step, mode="reduce-overhead") for w in self.widths}
+        else:
+            self.decode = dict.fromkeys(self.widths, step)
+        self.compiled = compile_decode
+        self.width = 1
+        self.rows: list[_Generation | None] = [None]
+        self.position = 0  # the slot the next decode step writes
+        self.in_flight: _Step | None = None  # a launched step whose tokens are not handed out yet
+        self.waiting: deque[_Generation] = deque()
+        self.condition = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------ the public side
+    def submit(self, prompt_ids: list[int], params: SamplingParams, deliver: Callable[[object], None]) -> _Generation:
+        generator = torch.Generator(self.device)
+        generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        generation = _Generation(list(prompt_ids), params, generator, deliver)
+        with self.condition:
+            if self.closed:
+                raise UserError("the engine is closed")
+            self.waiting.append(generation)
+            self.condition.notify()
+        return generation
+
+    def wake(self) -> None:
+        with self.condition:
+            self.condition.notify()
+
+    def close(self) -> None:
+        with self.condition:
+            self.closed = True
+            self.condition.notify()
+        self.thread.join()
+
+    # ------------------------------------------------------------- the loop
+    @torch.inference_mode()
+    def _run(self) -> None:
+        if self.compiled:
+            _cudagraph_state_for_this_thread()
+        while True:
+            with self.condition:
+                while not self.closed and not self.waiting and not any(self.rows):
+                    self.condition.wait()  # (nothing is in flight: it belongs to a row)
+                if self.closed:
+                    for generation in [*self.waiting, *filter(None, self.rows)]:
+                        generation.finish(UserError("the engine was closed"))
+                    return
+                joining = self._take_joining()
+            try:
+                self._admit(joining)
+                if any(self.rows):
+                    self._step()
+            except Exception as err:  # handed to every reader, which raises it in its request
+                logger.exception("generation failed")
+                for generation in [*joining, *filter(None, self.rows)]:
+                    generation.finish(err)
+                self.rows = [None] * self.width
+                self.in_flight = None
+
+    def _take_joining(self) -> list[_Generation]:
+        """Requests from the head of the queue that can start now (the caller holds the lock)."""
+        active = [g for g in self.rows if g is not None]
+        joining: list[_Generation] = []
+        while self.waiting and len(active) + len(joining) < self.max_batch:
+            head = self.waiting[0]
+            if head.cancelled.is_set():
+                self.waiting.popleft().finish()
+                continue
+            if active:  # the running batch's slots before `position` must hold the prompt
+                fits = len(head.prompt_ids) <= self.position and \
+                    self.position + head.params.max_new_tokens <= self.cache_length
+            else:  # a new batch: every prompt ends at the longest one's end
+                start = max(len(g.prompt_ids) for g in [*joining, head])
+                fits = all(start + g.params.max_new_tokens <= self.cache_length for g in [*joining, head])
+            if not fits:
+                break
+            joining.append(self.waiting.popleft())
+        return joining
+
+    def _admit(self, joining: list[_Generation]) -> None:
+        active = [g for g in self.rows if g is not None]
+        if joining or any(g.cancelled.is_set() for g in active) or \
+                self.width != next(w for w in self.widths if w >= len(active)):
+            self._collect_in_flight()  # rows are about to change: settle the step they were fed to
+        for row, generation in enumerate(self.rows):
+            if generation is not None and generation.cancelled.is_set():
+                generation.finish()
+                self.rows[row] = None
+        active = [g for g in self.rows if g is not None]
+        if not active and joining:
+            self.position = max(len(g.prompt_ids) for g in joining)
+        self._resize(len(active) + len(joining))
+        group: list[tuple[int, _Generation]] = []
+        for generation in joining:
+            row = self.rows.index(None)
+            generation.first_slot = self.position - len(generation.prompt_ids)
+            generation.length = len(generation.prompt_ids)
+            generation.ids = list(generation.prompt_ids)
+            self.rows[row] = generation
+            longest = max(len(g.prompt_ids) for _, g in [*group, (row, generation)])
+            if group and longest * (len(group) + 1) > PREFILL_TOKENS:
+                self._prefill_group(group)
+                group = []
+            group.append((row, generation))
+        if group:
+            self._prefill_group(group)
+
+    def _prefill_group(self, group: list[tuple[int, _Generation]]) -> None:
+        logits = self._prefill(self.caches[self.width], [row for row, _ in group],
+                               [g.prompt_ids for _, g in group], self.position)
+        for i, (row, generation) in enumerate(group):
+            self._emit(row, self._choose(generation, logits[i], None))
+
+    def _resize(self, needed: int) -> None:
+        """Use the smallest cache that holds `needed` rows, moving the running rows into it."""
+        width = next(w for w in self.widths if w >= needed)
+        if width == self.width:
+            return
+        rows = [r for r, g in enumerate(self.rows) if g is not None]
+        self.caches[self.width].move_rows(self.caches[width], rows, self.position)
+        self.rows = [self.rows[r] for r in rows] + [None] * (width - len(rows))
+        self.width = width
+
+    @torch.inference_mode()
+    def _prefill(self, cache: SlotCache, rows: list[int], prompts: list[list[int]], end: int) -> torch.Tensor:
+        """Write the prompts' keys/values into their rows, each ending at slot `end`, in one
+        forward (shorter prompts padded on the left), and return the logits of each last
+        position."""
+        n = max(map(len, prompts))
+        pads = torch.tensor([n - len(p) for p in prompts], device=self.device)[:, None]
+        columns = torch.arange(n, device=self.device)[None]
+        first_slot = end - n
+        cache.span = span_bucket(end, cache.length)
+        slots = torch.arange(cache.span, device=self.device)
+        column_slots = first_slot + columns[..., None]  # [1, n, 1]: the slot each column writes
+        # a prompt token sees its prompt up to itself; a padding column sees only its own slot
+        visible = (slots <= column_slots) & (slots >= first_slot + pads[..., None])
+        visible |= (slots == column_slots) & (columns < pads)[..., None]
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill_(~visible, torch.finfo(dtype).min)
+        input_ids = torch.tensor([[0] * (n - len(p)) + p for p in prompts], device=self.device)
+        cache.prefill_at = (torch.tensor(rows, device=self.device), first_slot)
+        try:
+            out = self.model(input_ids=input_ids, position_ids=(columns - pads).clamp(min=0),
+                             attention_mask=mask[:, None], past_key_values=cache, use_cache=True, **self.keep_last)
+        finally:
+            cache.prefill_at = None
+        return out.logits[:, -1]
+
+    def _step(self) -> None:
+        """Launch one decode step; collect the previous one while the GPU runs this one.
+
+        While every row decodes greedily the step's tokens stay on the device and feed the
+        next step directly, so the host reads step k's tokens (and streams them) while step
+        k+1 runs: the GPU never waits for Python. A row that stops at step k (end of text)
+        has had one token too many computed in step k+1, which is dropped. Rows that sample
+        need their logits on the host, so then each step is collected before the next."""
+        previous = self.in_flight
+        rows = [g if g is not None and g.fed + 1 < g.params.max_new_tokens else None for g in self.rows]
+        if not any(rows):  # the running rows wait only for their last tokens
+            self._collect_in_flight()
+            return
+        pipelined = all(g.params.plain_greedy for g in rows if g is not None)
+        on_device = [previous is not None and g is not None and previous.rows[r] is g for r, g in enumerate(rows)]
+        cache = self.caches[self.width]
+        # one host-to-device copy for the step's inputs: token (unless the device has it), position,
+        # first visible slot (an empty row sees only its own slot: attention over nothing gives NaN)
+        # (from pinned memory, asynchronously: a plain copy would wait for the step in flight)
+        inputs = torch.tensor([[g.ids[-1] if g is not None and not dev else 0 for g, dev in zip(rows, on_device)],
+                               [g.length if g is not None else 0 for g in rows],
+                               [g.first_slot if g is not None else self.position for g in rows],
+                               on_device], pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+        input_ids = inputs[0] if not any(on_device) else torch.where(inputs[3].bool(), previous.next_ids, inputs[0])
+        cache.position.fill_(self.position)
+        cache.span = span_bucket(self.position + 1, cache.length)
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits, greedy = self.decode[self.width](cache, input_ids[:, None], inputs[1, :, None], inputs[2])
+        step = _Step(rows, None if pipelined else logits, greedy.clone() if pipelined else None,
+                     torch.empty(greedy.shape, dtype=greedy.dtype, pin_memory=self.device.type == "cuda"))
+        step.greedy.copy_(greedy, non_blocking=True)
+        if self.device.type == "cuda":
+            step.ready = torch.cuda.Event()
+            step.ready.record()
+        self.position += 1
+        for generation in rows:
+            if generation is not None:
+                generation.length += 1
+                generation.fed += 1
+        self.in_flight = None
+        if previous is not None:
+            self._collect(previous)
+        if pipelined:
+            self.in_flight = step
+        else:
+            self._collect(step)
+
+    def _collect_in_flight(self) -> None:
+        if self.in_flight is not None:
+            step, self.in_flight = self.in_flight, None
+            self._collect(step)
+
+    def _collect(self, step: _Step) -> None:
+        """Hand a finished step's tokens to its rows' streams."""
+        if step.ready is not None:
+            step.ready.synchronize()  # without holding the GIL: readers and the server run meanwhile
+        greedy = step.greedy.tolist()
+        for row, generation in enumerate(step.rows):
+            if generation is not None and self.rows[row] is generation:  # not finished since
+                logits = None if step.logits is None else step.logits[row]
+                self._emit(row, self._choose(generation, logits, greedy[row]))
+
+    def _choose(self, generation: _Generation, logits: torch.Tensor | None, greedy: int | None) -> int:
+        params = generation.params
+        if params.plain_greedy and greedy is not None:
+            return greedy
+        scores = logits[None].float()
+        history = torch.tensor([generation.ids], device=self.device)
+        for processor in _logit_processors(params):
+            scores = processor(history, scores)
+        if params.temperature == 0:
+            return int(scores.argmax())
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs[0], 1, generator=generation.generator))
+
+    def _emit(self, row: int, token: int) -> None:
+        generation = self.rows[row]
+        generation.ids.append(token)
+        generation.generated += 1
+        generation.deliver([token])
+        self.on_tokens(1)
+        stopped = token in self.stop_token_ids and not generation.params.ignore_eos
+        if stopped or generation.generated >= generation.params.max_new_tokens or generation.cancelled.is_set():
+            generation.finish()
+            self.rows[row] = None
+
+
+def _cudagraph_state_for_this_thread() -> None:
+    """torch.compile's CUDA-graph trees keep their state in thread-local storage, set up in the
+    thread that imported them: when that was another thread (a `generate` with a static cache
+    in the main thread, say), replaying graphs here would fail an assertion."""
+    from torch._inductor import cudagraph_trees
+
+    local = cudagraph_trees.local
+    if not hasattr(local, "tree_manager_containers"):  # what the module does for its importing thread
+        local.tree_manager_containers = {}
+        local.tree_manager_locks = defaultdict(threading.Lock)
+        torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
+        torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
+
+
+def _decode_step(model, dtype: torch.dtype, cache: SlotCache, input_ids, position_ids, first_slot):
+    """One token for every row: logits and their argmax. The mask lets row r see slots
+    first_slot[r] .. position (its prompt and what it generated)."""
+    slots = torch.arange(cache.span, device=input_ids.device)
+    visible = (slots >= first_slot[:, None]) & (slots <= cache.position)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=input_ids.device).masked_fill_(~visible, torch.finfo(dtype).min)
+    logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[:, None, None, :],
+                   past_key_values=cache, use_cache=True).logits[:, -1]
+    return logits, logits.argmax(-1)

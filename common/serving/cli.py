@@ -1,0 +1,105 @@
+"""The command lines every generative recipe's `serve.py` and `chatbot.py` call."""
+
+from __future__ import annotations
+
+import argparse
+
+from common.errors import UserError
+from common.serving.api import ServerSettings, create_app
+from common.serving.engine import DEFAULT_CACHE_LEN, Engine
+from common.serving.sampling import SamplingParams
+from common.serving.ui import build_chat_ui
+
+
+def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
+    parser.add_argument("--model", "--model_name_or_path", default=default_model, help="Local model directory (config.json, weights, tokenizer).")
+    parser.add_argument("--template", default=None,
+                        help="Chat template from common/templates.py; default: the one the model was tuned with, "
+                             "else the tokenizer's own, else 'plain'.")
+    parser.add_argument("--base_model", default=None,
+                        help="Base model of a LoRA adapter given as --model (default: the one the adapter names).")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if present).")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 = this machine only; 0.0.0.0 = everyone.")
+    parser.add_argument("--max_cache_len", type=int, default=None,
+                        help=f"Tokens (prompt + reply) one request may span; the KV cache holds this many per "
+                             f"request decoded together. Default: the model's context, at most {DEFAULT_CACHE_LEN}.")
+    parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                        help="CUDA graphs for the decode step (auto: on CUDA). The first request at each batch "
+                             "size then takes a minute to compile; later ones run several times faster.")
+
+
+def _engine_options(args: argparse.Namespace, max_batch: int) -> dict:
+    return {"max_batch": max_batch, "max_cache_len": args.max_cache_len,
+            "compile": None if args.compile == "auto" else args.compile == "true"}
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser, defaults: SamplingParams, title: str) -> None:
+    group = parser.add_argument_group(title)
+    group.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
+    group.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy.")
+    group.add_argument("--top_p", type=float, default=defaults.top_p)
+    group.add_argument("--top_k", type=int, default=defaults.top_k, help="0 = off.")
+    group.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty)
+
+
+def _sampling_defaults(args: argparse.Namespace) -> SamplingParams:
+    defaults = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    defaults.check()
+    return defaults
+
+
+def run_server(argv: list[str] | None, default_model: str, description: str,
+               defaults: SamplingParams | None = None) -> None:
+    """The `serve.py` of a generative recipe. `defaults`: sampling settings for what a
+    request leaves out (OpenAI's defaults, temperature 1, when None)."""
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arguments(parser, default_model)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served_model_name", default=None, help="Name in /v1/models (default: the folder name).")
+    limits = ServerSettings()
+    parser.add_argument("--max_concurrent", type=int, default=limits.max_concurrent,
+                        help="Generations decoded together in one batch.")
+    parser.add_argument("--max_waiting", type=int, default=limits.max_waiting,
+                        help="Requests queued beyond those; more are answered 429.")
+    parser.add_argument("--queue_timeout", type=float, default=limits.queue_timeout,
+                        help="Seconds a queued request waits for a slot before 503.")
+    parser.add_argument("--max_request_bytes", type=int, default=limits.max_request_bytes)
+    parser.add_argument("--default_max_tokens", type=int, default=limits.default_max_tokens,
+                        help="max_tokens of a request that gives none.")
+    parser.add_argument("--cors", nargs="*", default=[], help="Origins allowed to call from a browser.")
+    _sampling_arguments(parser, defaults or SamplingParams(),
+                        "sampling defaults (for what a request leaves out; --max_new_tokens is not used)")
+    args = parser.parse_args(argv)
+    if args.max_concurrent < 1 or args.max_waiting < 0 or args.queue_timeout <= 0:
+        raise UserError("need --max_concurrent >= 1, --max_waiting >= 0 and --queue_timeout > 0")
+    engine = Engine.from_pretrained(args.model, args.served_model_name, args.template, args.device, args.dtype,
+                                    args.base_model, **_engine_options(args, args.max_concurrent))
+    settings = ServerSettings(args.max_concurrent, args.max_waiting, args.queue_timeout, args.max_request_bytes,
+                              args.default_max_tokens, args.cors, _sampling_defaults(args))
+    print(f"serving '{engine.name}' at http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
+    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
+
+
+def run_chatbot(argv: list[str] | None, default_model: str, description: str, title: str,
+                defaults: SamplingParams | None = None, examples: list[str] | None = None) -> None:
+    """The `chatbot.py` of a generative recipe."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arguments(parser, default_model)
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--system_prompt", default="", help="Initial system prompt (editable in the UI).")
+    parser.add_argument("--max_concurrent", type=int, default=4, help="Chats answered at once (decoded together).")
+    _sampling_arguments(parser, defaults or SamplingParams(), "initial generation settings (the UI's sliders change them)")
+    args = parser.parse_args(argv)
+    defaults = _sampling_defaults(args)
+    engine = Engine.from_pretrained(args.model, None, args.template, args.device, args.dtype, args.base_model,
+                                    **_engine_options(args, args.max_concurrent))
+    url = f"http://{args.host}:{args.port}"
+    # the docstring's first paragraph names the default address: the page shows the real one
+    summary = description.split("\n\n")[0].replace("http://127.0.0.1:7860", url)
+    demo = build_chat_ui(engine, title, summary, defaults, args.system_prompt, examples)
+    print(f"chatbot for '{engine.name}' at {url}", flush=True)
+    demo.queue(default_concurrency_limit=args.max_concurrent).launch(server_name=args.host, server_port=args.port,
+                                                   share=False, show_error=True)

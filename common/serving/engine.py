@@ -1,0 +1,135 @@
+"""`Engine`: a model, its tokenizer, how to prompt it, and the batcher that runs its generations."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+from common.errors import UserError
+from common.serving.batcher import Batcher
+from common.serving.loading import context_length, load_causal_lm
+from common.serving.runtime import apply_serving_settings
+from common.serving.sampling import SamplingParams
+from common.serving.text import GenerationStream
+from common.templates import (
+    JinjaTemplate,
+    check_messages,
+    encode_chat,
+    get_template,
+    registry_entry_of,
+    saved_template_name,
+    stop_criteria,
+)
+from common.tokenizer import display_cleaner
+
+DEFAULT_CACHE_LEN = 4096  # tokens per request held in the KV cache unless max_cache_len says otherwise
+
+
+class Engine:
+    """A model, its tokenizer and how to prompt it.
+
+    `template` names an entry of common/templates.py; without one, the entry a tuned model's
+    chat_template was generated from, else the tokenizer's own Jinja chat template, else
+    "plain". Registry templates build prompts with `encode_chat`, the code training uses, so a
+    tuned model is prompted token for token as it was trained; their stop markers that are
+    single tokens end generation by id. With the tokenizer's own template, the special tokens
+    it writes after a reply and generation_config.json's eos ids end generation.
+    """
+
+    def __init__(self, model, tokenizer, name: str, template: str | None = None, max_batch: int = 8,
+                 max_cache_len: int | None = None, compile: bool | None = None):
+        """`max_batch`: requests decoded together (more wait in the batcher's queue).
+        `max_cache_len`: tokens (prompt + reply) a request may span, the KV cache's length;
+        default the model's context, at most DEFAULT_CACHE_LEN. `compile`: CUDA graphs for
+        the decode step; default on CUDA."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        if template in ("auto", "official"):  # the training recipes' words for "the model's own"
+            template = None
+        entry = registry_entry_of(getattr(tokenizer, "chat_template", None)) if template is None else None
+        own = template is None and entry is None and bool(getattr(tokenizer, "chat_template", None))
+        self.template = None if own else entry or get_template(template or "plain")
+        stops_of = self.template
+        if own:
+            try:
+                stops_of = JinjaTemplate(tokenizer)
+            except UserError:  # a template we could not train on still renders prompts; eos ends them
+                stops_of = None
+        self.stop_token_ids, self.template_stops = stop_criteria(tokenizer, stops_of)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids + ([eos] if isinstance(eos, int) else
+                                                                        list(eos or []))))
+        if max_batch < 1 or (max_cache_len is not None and max_cache_len < 2):
+            raise UserError("need max_batch >= 1 and max_cache_len >= 2")
+        self.context_length = min(context_length(model), max_cache_len or DEFAULT_CACHE_LEN)
+        self.clean = display_cleaner(tokenizer)
+        self.max_batch = max_batch
+        self.compile = model.device.type == "cuda" if compile is None else compile
+        apply_serving_settings(model.device, self.compile)
+        self.tokens_generated = 0  # by every generation since start, cancelled ones too
+        self._batcher: Batcher | None = None
+        self._lock = threading.Lock()
+
+    def count_tokens(self, n: int) -> None:
+        with self._lock:
+            self.tokens_generated += n
+
+    @property
+    def batcher(self) -> Batcher:
+        """Started at the first generation (it allocates the KV cache)."""
+        with self._lock:
+            if self._batcher is None:
+                self._batcher = Batcher(self.model, self.stop_token_ids, self.max_batch, self.context_length,
+                                        self.compile, self.count_tokens)
+            return self._batcher
+
+    def close(self) -> None:
+        """Stop the batcher thread (running generations end with an error)."""
+        if self._batcher is not None:
+            self._batcher.close()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, name: str | None = None, template: str | None = None,
+                        device: str | None = None, dtype: str = "auto", base_model: str | None = None,
+                        **engine_options) -> Engine:
+        """`template` default: the one the model was tuned with (its chat template, or an older
+        output's sft_template.json), if any.
+        `engine_options`: max_batch, max_cache_len, compile (see __init__)."""
+        model, tokenizer = load_causal_lm(model_dir, device, dtype, base_model)
+        return cls(model, tokenizer, name or Path(model_dir).resolve().name, template or saved_template_name(model_dir),
+                   **engine_options)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def chat_ids(self, messages: list[dict]) -> tuple[list[int], tuple[str, ...]]:
+        """Prompt ids of a conversation (ending with a user turn) and the template's text stops."""
+        if self.template is None:
+            check_messages(messages)
+            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.encode(prompt), ()
+        return encode_chat(self.tokenizer, self.template, messages, add_generation_prompt=True).input_ids, \
+            self.template_stops
+
+    def room(self, prompt_ids: list[int]) -> int:
+        """How many tokens may still be generated after this prompt."""
+        return self.context_length - len(prompt_ids)
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams,
+               loop: asyncio.AbstractEventLoop | None = None) -> GenerationStream:
+        """A generation of `prompt_ids`; `loop`: read it with `async for` in that event loop."""
+        params.check()
+        if not prompt_ids:
+            raise UserError("the prompt is empty")
+        if params.max_new_tokens > self.room(prompt_ids):
+            raise UserError(
+                f"the prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_new_tokens}: "
+                f"together over the {self.context_length} tokens a request may span "
+                "(the model's context, or the server's --max_cache_len)"
+            )
+        return GenerationStream(self, prompt_ids, params, loop)
+
+    def complete(self, prompt: str, params: SamplingParams) -> str:
+        return "".join(self.stream(self.encode(prompt), params))

@@ -1,0 +1,86 @@
+"""Loading a local causal LM (or a LoRA adapter over its base) for serving: never downloads."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def adapter_base(adapter_dir: str | Path, base_model: str | Path | None = None) -> Path | None:
+    """The base model of a LoRA adapter directory (`base_model`, else the one the adapter
+    names); None when `adapter_dir` holds no adapter."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = Path(base_model or json.loads(config.read_text())["base_model_name_or_path"])
+    if not (base / "config.json").is_file():
+        raise UserError(f"{adapter_dir} is a LoRA adapter of {base}, which is not a local model: "
+                        "give its base with --base_model")
+    return base
+
+
+def adapter_finetuning_type(adapter_dir: str | Path) -> str | None:
+    """finetuning_type (lora / qlora) of the run that wrote an adapter: its metrics.json, or that
+    of the run a checkpoint-N folder belongs to; None when unknown."""
+    for folder in (Path(adapter_dir), Path(adapter_dir).parent):
+        if (folder / "metrics.json").is_file():
+            return json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("finetuning_type")
+    return None
+
+
+def load_adapter(adapter_dir: str | Path, base: Path, tokenizer, dtype: torch.dtype, **load_kwargs):
+    """A PeftModel: `base` (embeddings grown to the tokenizer when training added markers)
+    with the adapter of `adapter_dir` over it, unmerged. `load_kwargs` go to the base's
+    from_pretrained (merge.py: the NF4 quantisation a QLoRA adapter was trained over)."""
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=False, **load_kwargs)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return PeftModel.from_pretrained(model, adapter_dir)
+
+
+def load_causal_lm(model_dir: str | Path, device: str | None = None, dtype: str = "auto",
+                   base_model: str | Path | None = None):
+    """A local causal LM and its tokenizer, in eval mode on `device` (default: cuda if
+    present). dtype "auto" is bfloat16 on a GPU that supports it, float32 elsewhere.
+
+    A LoRA adapter directory (adapter_config.json) is loaded over its base model (the one
+    recorded in the adapter, or `base_model`) and merged into it: generation then costs
+    what the base model's does."""
+    model_dir = Path(model_dir)
+    base = adapter_base(model_dir, base_model)
+    if base is None and not (model_dir / "config.json").is_file():
+        raise UserError(f"no model in {model_dir} (no config.json): train one first or give --model")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    if base is not None:
+        if adapter_finetuning_type(model_dir) == "qlora":
+            logger.warning("%s is a QLoRA adapter, served here over the unquantised base (not the NF4 weights it "
+                           "was trained over): merge it first (chatglm_lora/merge.py) to serve the trained model",
+                           model_dir)
+        model = load_adapter(model_dir, base, tokenizer, getattr(torch, dtype)).merge_and_unload()
+        logger.info("loaded the adapter %s over %s and merged it", model_dir, base)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), trust_remote_code=False)
+    model.config.use_cache = True  # a checkpoint saved by training may carry use_cache=False
+    return model.to(device).eval(), tokenizer
+
+
+def context_length(model) -> int:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise UserError(f"cannot tell the context length of {type(model).__name__}")
