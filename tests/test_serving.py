@@ -151,7 +151,7 @@ def test_served_greedy_equals_generate_alone_batched_and_joining_midway(which, e
     expected = [_reference_greedy(served.model, p, n) for p in prompts]
     greedy = SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
     alone = [_read_all([served.stream(p, greedy)])[0] for p in prompts]
-    with served.batcher.condition:  # the batcher takes all four at once: one padded prefill
+    with served.decoder.condition:  # the batcher takes all four at once: one padded prefill
         streams = [served.stream(p, greedy) for p in prompts]
     together = _read_all(streams)
     # one long generation running; the others join it after a few of its tokens (their prompts
@@ -167,7 +167,7 @@ def test_served_greedy_equals_generate_alone_batched_and_joining_midway(which, e
     assert alone == expected and together == expected
     assert joined[:3] == expected[:3] and first.token_ids[:n] == expected[3]
     assert len(joined[3]) == 8
-    assert served.batcher.width == 1  # back to the one-row cache once the batch drained
+    assert served.decoder.width == 1  # back to the one-row cache once the batch drained
 
 
 def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(engine):
@@ -317,6 +317,12 @@ def test_the_event_stream_ends_with_done(server):
     ({"max_tokens": 5}, 400, "prompt"),
     ({"prompt": "人民日报" * 300}, 400, "context"),
     ({"prompt": "今" * 8000}, 413, "bytes"),
+    ({"prompt": "今天", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "今天", "logprobs": -1}, 400, "logprobs"),
+    ({"prompt": "今天", "logprobs": 1, "stream": True}, 400, "logprobs"),
+    ({"prompt": "今天", "echo": True, "stream": True}, 400, "echo"),
+    ({"prompt": [[5, 10 ** 6]]}, 400, "token ids"),
+    ({"prompt": "今天", "max_tokens": -1, "echo": True}, 400, "max_tokens"),
 ])
 def test_bad_requests_get_4xx(server, body, status, message):
     response = httpx.post(f"{server}/v1/completions", json=body, timeout=30)
@@ -505,3 +511,169 @@ def test_chatbot_streams_a_reply_in_headless_chromium(model_dir, tmp_path):
         process.wait(timeout=20)
         log.seek(0)
         print(log.read()[-3000:])
+
+
+# ------------------------------------------------------- the sequential decoder
+@pytest.fixture(scope="module")
+def bloom_engine(engine):
+    """A tiny BLOOM (ALiBi, no position_ids) on the GPT-2 fixture's tokenizer."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(vocab_size=engine.vocab_size, hidden_size=64, n_layer=2, n_head=4,
+                                         bos_token_id=1, eos_token_id=engine.tokenizer.eos_token_id)).eval()
+    served = Engine(model, engine.tokenizer, "bloom")
+    yield served
+    served.close()
+
+
+def test_bloom_is_served_by_the_sequential_decoder_equal_to_generate(bloom_engine):
+    assert not bloom_engine.batched
+    with pytest.raises(UserError, match="position_ids"):
+        Engine(bloom_engine.model, bloom_engine.tokenizer, "bloom", decoder="batch")
+    prompts = [bloom_engine.encode(text) for text in ("新华社北京电", "今天", "人民日报社论指出")]
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    streams = [bloom_engine.stream(p, params) for p in prompts]  # queued together, decoded in turn
+    assert _read_all(streams) == [_reference_greedy(bloom_engine.model, p, 12) for p in prompts]
+    seeded = SamplingParams(max_new_tokens=12, temperature=0.9, seed=3, ignore_eos=True)
+    first, second = (bloom_engine.stream(prompts[0], seeded) for _ in range(2))
+    assert _read_all([first]) == _read_all([second])
+    long = bloom_engine.stream(prompts[1], SamplingParams(max_new_tokens=500, temperature=0, ignore_eos=True))
+    for _ in zip(range(2), long):
+        pass
+    long.close()  # leaving the loop cancels: the decoder moves on to the next request
+    assert len(long.token_ids) < 500
+    assert _read_all([bloom_engine.stream(prompts[2], params)]) == [_reference_greedy(bloom_engine.model, prompts[2], 12)]
+
+
+def test_the_sequential_decoder_equals_the_batcher_on_a_batchable_model(engine):
+    sequential = Engine(engine.model, engine.tokenizer, "tiny", decoder="sequential")
+    try:
+        prompt = engine.encode("新华社北京电")
+        params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True, logprobs=2)
+        batched_stream, sequential_stream = engine.stream(prompt, params), sequential.stream(prompt, params)
+        assert _read_all([batched_stream]) == _read_all([sequential_stream])
+        for (value, top), (other, other_top) in zip(batched_stream.logprobs, sequential_stream.logprobs):
+            assert value == pytest.approx(other, abs=1e-4) and [t for t, _ in top] == [t for t, _ in other_top]
+    finally:
+        sequential.close()
+
+
+# ------------------------------------------------------------- log-probabilities
+def _reference_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log_softmax of one plain forward over `ids`: row i predicts token i + 1."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_logprobs_of_generated_and_prompt_tokens_are_the_models_own(engine):
+    prompt = engine.encode("新华社北京电")
+    stream = engine.stream(prompt, SamplingParams(max_new_tokens=8, temperature=0.7, seed=1, ignore_eos=True,
+                                                  logprobs=3))
+    generated = _read_all([stream])[0]
+    reference = _reference_logprobs(engine.model, prompt + generated)
+    assert len(stream.logprobs) == 8
+    for i, (token, (value, top)) in enumerate(zip(generated, stream.logprobs)):
+        row = reference[len(prompt) - 1 + i]  # not the temperature's distribution: the model's
+        assert value == pytest.approx(row[token].item(), abs=1e-4)
+        assert [t for t, _ in top] == row.topk(3).indices.tolist()
+        assert [v for _, v in top] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+    scored = engine.prompt_logprobs(prompt, 1)
+    assert [v for v, _ in scored] == pytest.approx(
+        [reference[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)], abs=1e-4)
+    with pytest.raises(UserError, match="logprobs"):
+        SamplingParams(logprobs=21).check()
+
+
+def test_completions_report_logprobs_and_echo_as_openais_legacy_api(client, engine):
+    prompt = "新华社北京电"
+    ids = engine.encode(prompt)
+    done = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0, logprobs=2,
+                                     echo=True, extra_body={"ignore_eos": True})
+    choice = done.choices[0]
+    logprobs = choice.logprobs
+    assert choice.text.startswith(prompt) and "".join(logprobs.tokens) == choice.text
+    assert len(logprobs.tokens) == len(ids) + 4 and logprobs.token_logprobs[0] is None
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
+    generated = engine.encode(choice.text[len(prompt):])
+    reference = _reference_logprobs(engine.model, ids + generated)  # the server's model, in this process
+    expected = [reference[i - 1, token].item() for i, token in enumerate(ids + generated) if i]
+    assert logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    for i, top in enumerate(logprobs.top_logprobs[1:], start=1):
+        assert max(top.values()) == pytest.approx(reference[i - 1].max().item(), abs=1e-4)
+        assert logprobs.tokens[i] in top and 2 <= len(top) <= 3  # the two likeliest and the token itself
+    for value, top in zip(logprobs.token_logprobs[len(ids):], logprobs.top_logprobs[len(ids):]):
+        assert value == max(top.values())  # greedy: each generated token is exactly the likeliest
+
+    # the prompt as token ids, nothing generated (max_tokens 0): the same numbers for the prompt
+    scored = httpx.post(f"{client.base_url}completions", json={"prompt": [ids], "max_tokens": 0, "echo": True,
+                                                                "logprobs": 2}, timeout=30)
+    assert scored.status_code == 200, scored.text
+    scored = scored.json()
+    assert scored["usage"]["completion_tokens"] == 0 and scored["choices"][0]["text"] == prompt
+    assert scored["choices"][0]["logprobs"]["token_logprobs"] == logprobs.token_logprobs[:len(ids)]
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0, logprobs=0,
+                                      extra_body={"ignore_eos": True})
+    assert plain.choices[0].logprobs.token_logprobs == logprobs.token_logprobs[len(ids):]
+
+
+def test_chat_reports_logprobs_of_each_reply_token(client):
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "你好"}],
+                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert "".join(t.token for t in content).startswith(chat.choices[0].message.content)
+    for token in content:
+        assert len(token.top_logprobs) == 2 and token.logprob == token.top_logprobs[0].logprob <= 0
+        assert token.bytes == list(token.token.encode())
+
+
+def test_lm_evaluation_harness_scores_the_same_through_the_server_as_on_the_model(server, model_dir, tmp_path,
+                                                                               monkeypatch):
+    """lm-evaluation-harness's `local-completions` model runs a multiple-choice task (built-in
+    reviews: positive or negative?) against serve.py; its `hf` model runs the same task on the
+    same weights. Every choice's log-likelihood and greedy flag, and so the accuracy, agree."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from common.corpora import load_reviews
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reviews = load_reviews()[::1000][:16]
+    (tmp_path / "reviews.jsonl").write_text("".join(
+        json.dumps({"text": text[:40], "label": label}, ensure_ascii=False) + "\n" for text, label in reviews),
+        encoding="utf-8")
+    (tmp_path / "review_sentiment.yaml").write_text(f"""task: review_sentiment_zh
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / "reviews.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "评论：{{{{text}}}}\\n情感："
+doc_to_choice: ["负面", "正面"]
+doc_to_target: label
+metric_list:
+  - metric: acc
+""", encoding="utf-8")
+    tasks = TaskManager(include_path=str(tmp_path))
+
+    def run(model: str, model_args: str) -> dict:
+        return simple_evaluate(model=model, model_args=model_args, tasks=["review_sentiment_zh"], task_manager=tasks,
+                               log_samples=True, batch_size=1, bootstrap_iters=0)
+
+    served = run("local-completions", f"model=tiny,base_url={server}/v1/completions,tokenizer={model_dir},"
+                                      "tokenizer_backend=huggingface,num_concurrent=1,max_retries=1")
+    # add_bos_token=False: as local-completions encodes (else this WordPiece tokenizer adds [CLS] ... [SEP])
+    direct = run("hf", f"pretrained={model_dir},dtype=float32,device=cpu,add_bos_token=False")
+
+    def likelihoods(result: dict) -> list[tuple[float, bool]]:
+        samples = sorted(result["samples"]["review_sentiment_zh"], key=lambda s: s["doc_id"])
+        return [tuple(resp[0]) for sample in samples for resp in sample["resps"]]
+
+    assert len(likelihoods(served)) == 2 * len(reviews)
+    for (served_ll, served_greedy), (direct_ll, direct_greedy) in zip(likelihoods(served), likelihoods(direct)):
+        assert served_ll == pytest.approx(direct_ll, abs=1e-3) and served_greedy == direct_greedy
+    accuracy = served["results"]["review_sentiment_zh"]["acc,none"]
+    assert accuracy == direct["results"]["review_sentiment_zh"]["acc,none"]

@@ -1,7 +1,11 @@
 """The OpenAI-compatible HTTP API over an Engine (FastAPI).
 
 `POST /v1/completions`, `POST /v1/chat/completions` (`stream: true` gives server-sent events in
-OpenAI's chunk format, ending with `data: [DONE]`), `GET /v1/models`, `GET /health`. Requests
+OpenAI's chunk format, ending with `data: [DONE]`), `GET /v1/models`, `GET /health`.
+`/v1/completions` takes a prompt as text or token ids and reports `logprobs` (each token's
+log-probability and its top alternatives) and `echo` (the prompt's tokens and theirs too) as
+OpenAI's legacy API and vLLM do, so evaluation tools (lm-evaluation-harness's
+`local-completions`) can score continuations; the chat API reports `logprobs` / `top_logprobs`. Requests
 are validated (4xx with an OpenAI-style error body); at most `max_concurrent` generations run
 (decoded together) with at most `max_waiting` queued; beyond that the answer is 429, and a
 request that waited longer than `queue_timeout` gets 503. Nothing hangs.
@@ -25,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from common.errors import UserError
 from common.serving.engine import Engine
-from common.serving.sampling import SamplingParams
+from common.serving.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 from common.serving.text import GenerationStream
 
 logger = logging.getLogger(__name__)
@@ -113,7 +117,6 @@ class _Common(BaseModel):
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: bool | int | None = None
     # Extensions that vLLM and others accept too.
     top_k: int | None = None
     repetition_penalty: float | None = None
@@ -121,8 +124,9 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids; one prompt per request
     echo: bool = False
+    logprobs: int | None = None
 
 
 class ChatMessage(BaseModel):
@@ -132,6 +136,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
 
 def _message_text(message: ChatMessage, i: int) -> str:
@@ -187,7 +193,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
              "max_model_len": engine.context_length},
         ]}
 
-    def sampling_params(body: _Common, prompt_ids: list[int], extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+    def sampling_params(body: _Common, prompt_ids: list[int], extra_stop: tuple[str, ...] = (),
+                        logprobs: int | None = None, min_tokens: int = 1) -> SamplingParams:
         if body.model not in (None, engine.name):
             raise ApiError(404, f"model '{body.model}' not found; this server has '{engine.name}'",
                            kind="not_found_error", param="model")
@@ -196,20 +203,22 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         if body.presence_penalty or body.frequency_penalty:
             raise ApiError(400, "presence_penalty and frequency_penalty are not supported; "
                                 "use repetition_penalty", param="presence_penalty")
-        if body.logprobs:
-            raise ApiError(400, "logprobs are not supported", param="logprobs")
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise ApiError(400, f"logprobs must be in [0, {MAX_LOGPROBS}]", param="logprobs")
+        if logprobs is not None and body.stream:
+            raise ApiError(400, "logprobs are reported without stream only", param="logprobs")
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
         room = engine.room(prompt_ids)
         if room < 1:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens, the model's context is "
                                 f"{engine.context_length}", param="prompt")
-        max_tokens = body.max_completion_tokens or body.max_tokens
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:
             max_tokens = min(settings.default_max_tokens, room)
-        elif not 1 <= max_tokens <= room:
-            raise ApiError(400, f"max_tokens must be in [1, {room}]: the prompt has {len(prompt_ids)} tokens "
-                                f"of the model's context of {engine.context_length}", param="max_tokens")
+        elif not min_tokens <= max_tokens <= room:
+            raise ApiError(400, f"max_tokens must be in [{min_tokens}, {room}]: the prompt has {len(prompt_ids)} "
+                                f"tokens of the model's context of {engine.context_length}", param="max_tokens")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4:
             raise ApiError(400, "at most 4 stop sequences", param="stop")
@@ -218,10 +227,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         def given(value, default):
             return default if value is None else value
 
-        params = SamplingParams(max_tokens, given(body.temperature, defaults.temperature),
+        # (max_tokens 0, scoring an echoed prompt: nothing is generated, the other settings are still checked)
+        params = SamplingParams(max(max_tokens, 1), given(body.temperature, defaults.temperature),
                                 given(body.top_p, defaults.top_p), given(body.top_k, defaults.top_k),
                                 given(body.repetition_penalty, defaults.repetition_penalty),
-                                tuple(stop) + extra_stop, body.seed, body.ignore_eos)
+                                tuple(stop) + extra_stop, body.seed, body.ignore_eos, logprobs)
         try:
             params.check()
         except UserError as err:
@@ -260,9 +270,9 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             try:
                 generation = engine.stream(prompt_ids, params, asyncio.get_running_loop())
                 text = "".join([delta async for delta in deltas(generation)])
+                answer = await final_body(text, generation)  # in the slot: it may score the prompt
             finally:
                 limiter.release()
-            answer = final_body(text, generation.finish_reason)
             return JSONResponse({"id": request_id, "created": created, "model": engine.name, **answer,
                                  "usage": _usage(generation)})
 
@@ -286,23 +296,73 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
         return _SlotStreamingResponse(events(), limiter)
 
+    def completion_logprobs(entries: list[tuple[int, TokenLogprob | None]]) -> dict:
+        """OpenAI's legacy logprobs object; text_offset counts characters of the returned text."""
+        tokens, values, tops, offsets = [], [], [], []
+        offset = 0
+        for token, scored in entries:
+            text = engine.token_text(token)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+            if scored is None:  # the first prompt token: nothing before it to predict it from
+                values.append(None)
+                tops.append(None)
+                continue
+            value, top = scored
+            values.append(value)
+            alternatives = {engine.token_text(t): v for t, v in top}
+            alternatives.setdefault(text, value)  # the token itself is always listed, as vLLM does
+            tops.append(alternatives)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    async def echoed_prompt(prompt_ids: list[int], top: int | None) -> list[tuple[int, TokenLogprob | None]]:
+        if top is None:
+            return []
+        scored = await anyio.to_thread.run_sync(engine.prompt_logprobs, prompt_ids, top) if len(prompt_ids) > 1 else []
+        return [(prompt_ids[0], None), *zip(prompt_ids[1:], scored)]
+
     # ------------------------------------------------------------- /v1/completions
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = [body.prompt] if isinstance(body.prompt, str) or \
+            (body.prompt and isinstance(body.prompt[0], int)) else body.prompt
         if len(prompts) != 1:
             raise ApiError(400, "give one prompt per request", param="prompt")
         prompt = prompts[0]
-        if not prompt.strip():
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        prompt_ids = engine.encode(prompt)
-        params = sampling_params(body, prompt_ids)
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ApiError(400, "the prompt is empty", param="prompt")
+            prompt_ids = engine.encode(prompt)
+        else:
+            prompt_ids = list(prompt)
+            if any(not 0 <= token < engine.vocab_size for token in prompt_ids):
+                raise ApiError(400, f"prompt token ids must be in [0, {engine.vocab_size})", param="prompt")
+            prompt = engine.clean(engine.tokenizer.decode(prompt_ids))
+        if body.echo and body.stream:
+            raise ApiError(400, "echo is answered without stream only", param="echo")
+        scoring_only = body.echo and (body.max_tokens == 0 or body.max_completion_tokens == 0)
+        params = sampling_params(body, prompt_ids, logprobs=body.logprobs, min_tokens=0 if body.echo else 1)
+        top = body.logprobs if body.echo else None
 
-        def final_body(text: str, finish_reason: str) -> dict:
+        async def final_body(text: str, generation: GenerationStream | None) -> dict:
+            logprobs = None
+            if body.logprobs is not None:
+                generated = [] if generation is None else list(zip(generation.reported_ids, generation.logprobs))
+                logprobs = completion_logprobs(await echoed_prompt(prompt_ids, top) + generated)
             return {"object": "text_completion", "choices": [
-                {"index": 0, "text": (prompt if body.echo else "") + text, "logprobs": None,
-                 "finish_reason": finish_reason}]}
+                {"index": 0, "text": (prompt if body.echo else "") + text, "logprobs": logprobs,
+                 "finish_reason": "length" if generation is None else generation.finish_reason}]}
 
+        if scoring_only:  # nothing to generate: the prompt's log-probabilities, in a slot like any request
+            await limiter.acquire()
+            try:
+                answer = await final_body("", None)
+            finally:
+                limiter.release()
+            return JSONResponse({"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name,
+                                 **answer, "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": 0,
+                                                     "total_tokens": len(prompt_ids)}})
         return await respond(request, body, prompt_ids, params, chat=False, final_body=final_body)
 
     # -------------------------------------------------------- /v1/chat/completions
@@ -312,12 +372,24 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         if not any(m["role"] == "user" and m["content"].strip() for m in messages):
             raise ApiError(400, "messages need at least one non-empty user message", param="messages")
         prompt_ids, template_stop = engine.chat_ids(messages)
-        params = sampling_params(body, prompt_ids, template_stop)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        params = sampling_params(body, prompt_ids, template_stop, logprobs=(body.top_logprobs or 0) if body.logprobs
+                                 else None)
 
-        def final_body(text: str, finish_reason: str) -> dict:
+        def chat_token(token: int, value: float) -> dict:
+            text = engine.token_text(token)
+            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+        async def final_body(text: str, generation: GenerationStream) -> dict:
+            logprobs = None
+            if body.logprobs:
+                logprobs = {"content": [
+                    {**chat_token(token, value), "top_logprobs": [chat_token(t, v) for t, v in top]}
+                    for token, (value, top) in zip(generation.reported_ids, generation.logprobs)]}
             return {"object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                 "finish_reason": finish_reason}]}
+                {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                 "finish_reason": generation.finish_reason}]}
 
         return await respond(request, body, prompt_ids, params, chat=True, final_body=final_body)
 

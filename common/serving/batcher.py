@@ -1,9 +1,13 @@
-"""The batching engine: every running request decoded together, one token each per step.
+"""The decoders: background threads that turn queued requests into tokens.
 
-A `Batcher` (one per Engine, a background thread) runs continuous batching over a static
-`SlotCache`; on CUDA the step runs as CUDA graphs and greedy steps are pipelined. Works for any
-model whose attention writes through the transformers Cache interface and takes position_ids
-(Llama, Qwen2, Mistral, GLM, GPT-2, ...).
+`Batcher` (the fast one) runs continuous batching over a static `SlotCache`: every running
+request decoded together, one token each per step; on CUDA the step runs as CUDA graphs and
+greedy steps are pipelined. It drives any model whose attention writes through the
+transformers Cache interface and takes position_ids (Llama, Qwen2, Mistral, GLM, GPT-2, ...).
+`SequentialDecoder` (the fallback) runs one request at a time through the model's own cache:
+BLOOM (ALiBi, no position_ids) and models with caches of their own. Both take the same
+requests, sample the same way, report log-probabilities and run jobs (prompt scoring) between
+steps, so the Engine and the server above them do not care which one runs.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ import random
 import threading
 from collections import defaultdict, deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 
 from common.errors import UserError
-from common.serving.sampling import SamplingParams, _logit_processors
+from common.serving.sampling import SamplingParams, TokenLogprob, _logit_processors, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +104,7 @@ class _Generation:
     length: int = 0  # tokens in the cache (prompt + fed generated tokens)
     fed: int = 0  # decode steps launched for it
     generated: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when params.logprobs is set
 
     def finish(self, error: Exception | None = None) -> None:
         if not self.done.is_set():
@@ -116,7 +122,7 @@ class _Step:
     """A launched decode step: which generation each row fed, and its results."""
 
     rows: list[_Generation | None]
-    logits: torch.Tensor | None  # kept when some row samples
+    logits: torch.Tensor | None  # kept when some row samples or reports log-probabilities
     next_ids: torch.Tensor | None  # the greedy tokens on the device, to feed the next step
     greedy: torch.Tensor  # the greedy tokens on the host, once `ready`
     ready: torch.cuda.Event | None = None
@@ -124,57 +130,39 @@ class _Step:
 
 
 
-class Batcher:
-    """Decodes every running request of an Engine together, one token per request per step,
-    in a background thread (continuous batching: a request joins the running batch as soon as
-    its prompt fits before the current slot, else when the batch has drained; FIFO, so no
-    request is passed over).
+def batcher_refusal(model) -> str | None:
+    """Why the Batcher cannot drive `model` (None when it can)."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:  # rows' positions differ from their slots
+        return f"{type(model).__name__} takes no position_ids (ALiBi models such as BLOOM)"
+    return None
 
-    Rows live in a SlotCache of 1 row while one request runs (the fastest shape for a single
-    user) and of `max_batch` rows when more do; rows move between the two when the count
-    changes. On CUDA the decode step is compiled with CUDA graphs (torch.compile
-    "reduce-overhead"): a 7B model's step launches hundreds of small kernels, and launching
-    them from Python costs more than the step itself. Prompts that arrive together are
-    prefilled in one padded forward, not compiled (their lengths vary; they are compute-bound).
-    """
 
-    def __init__(self, model, stop_token_ids: list[int], max_batch: int, cache_length: int,
-                 compile_decode: bool, on_tokens=None):
+def _cache_argument(model) -> str:
+    """The forward argument that takes the KV cache: `cache` from transformers 5.24 on, else past_key_values."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class _Decoder:
+    """What both decoders share: the request queue, the background thread, jobs run between
+    steps, and choosing and handing out each token."""
+
+    thread_name = "decoder"
+
+    def __init__(self, model, stop_token_ids: list[int], on_tokens=None):
         self.model = model
         self.device = model.device
         self.stop_token_ids = set(stop_token_ids)
-        self.max_batch = max_batch
-        self.cache_length = cache_length
         self.on_tokens = on_tokens or (lambda n: None)
-        self.widths = sorted({1, max_batch})
         forward = inspect.signature(model.forward).parameters
-        if "position_ids" not in forward:  # rows' positions differ from their cache slots
-            raise UserError(f"{type(model).__name__} takes no position_ids (ALiBi models such as BLOOM): "
-                            "the batching engine cannot serve it")
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
-        try:
-            self.caches = {w: SlotCache(w, cache_length, self.device) for w in self.widths}
-            for cache in self.caches.values():  # allocate the cache now: a too-large one fails here
-                self._prefill(cache, [0], [[0]], 1)
-        except torch.OutOfMemoryError:
-            raise UserError(f"no room on {self.device} for the KV cache of {max_batch} requests x {cache_length} "
-                            "tokens: lower --max_concurrent or --max_cache_len") from None
-        dtype = next(model.parameters()).dtype
-        step = partial(_decode_step, model, dtype)
-        if compile_decode:
-            # one compiled function per cache: each sees one set of cache tensors (no guard churn)
-            self.decode = {w: torch.compile(step, mode="reduce-overhead") for w in self.widths}
-        else:
-            self.decode = dict.fromkeys(self.widths, step)
-        self.compiled = compile_decode
-        self.width = 1
-        self.rows: list[_Generation | None] = [None]
-        self.position = 0  # the slot the next decode step writes
-        self.in_flight: _Step | None = None  # a launched step whose tokens are not handed out yet
+        self.cache_argument = _cache_argument(model)
         self.waiting: deque[_Generation] = deque()
+        self.jobs: deque[tuple[Callable[[], object], Future]] = deque()
         self.condition = threading.Condition()
         self.closed = False
-        self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+
+    def _start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self.thread.start()
 
     # ------------------------------------------------------------ the public side
@@ -189,6 +177,17 @@ class Batcher:
             self.condition.notify()
         return generation
 
+    def call(self, function: Callable[[], object]):
+        """`function()` run in the decoder's thread between two steps, its result returned here
+        (blocking): work on the model, such as scoring a prompt, then never runs beside a step."""
+        future: Future = Future()
+        with self.condition:
+            if self.closed:
+                raise UserError("the engine is closed")
+            self.jobs.append((function, future))
+            self.condition.notify()
+        return future.result()
+
     def wake(self) -> None:
         with self.condition:
             self.condition.notify()
@@ -199,6 +198,146 @@ class Batcher:
             self.condition.notify()
         self.thread.join()
 
+    # ------------------------------------------------------------- the loop's pieces
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _take_jobs(self) -> list[tuple[Callable[[], object], Future]]:
+        jobs = list(self.jobs)  # (the caller holds the lock)
+        self.jobs.clear()
+        return jobs
+
+    @staticmethod
+    def _run_jobs(jobs: list[tuple[Callable[[], object], Future]]) -> None:
+        for function, future in jobs:
+            try:
+                future.set_result(function())
+            except Exception as err:  # raised in the caller's thread
+                future.set_exception(err)
+
+    def _choose(self, generation: _Generation, logits: torch.Tensor | None, greedy: int | None) -> int:
+        params = generation.params
+        if not params.needs_logits and greedy is not None:
+            return greedy
+        scores = logits[None].float()
+        history = torch.tensor([generation.ids], device=self.device)
+        for processor in _logit_processors(params):
+            scores = processor(history, scores)
+        if params.temperature == 0:
+            token = int(scores.argmax())
+        else:
+            probs = torch.softmax(scores, dim=-1)
+            token = int(torch.multinomial(probs[0], 1, generator=generation.generator))
+        if params.logprobs is not None:
+            generation.logprobs += token_logprobs(logits[None], torch.tensor([token], device=logits.device),
+                                                  params.logprobs)
+        return token
+
+    def _hand_out(self, generation: _Generation, token: int) -> bool:
+        """Give `token` to its stream; True when the generation has ended with it."""
+        generation.ids.append(token)
+        generation.generated += 1
+        generation.deliver([token])
+        self.on_tokens(1)
+        stopped = token in self.stop_token_ids and not generation.params.ignore_eos
+        if stopped or generation.generated >= generation.params.max_new_tokens or generation.cancelled.is_set():
+            generation.finish()
+            return True
+        return False
+
+
+class SequentialDecoder(_Decoder):
+    """The fallback decoder: one request at a time (FIFO), token by token through the model's
+    own cache (whatever kind its forward returns), no position_ids or custom masks needed. So
+    BLOOM's ALiBi and models with caches of their own are served correctly, with the same
+    sampling, stops, cancellation and log-probabilities as the Batcher, but not fast:
+    concurrent requests wait their turn."""
+
+    thread_name = "sequential-decoder"
+
+    def __init__(self, model, stop_token_ids: list[int], on_tokens=None):
+        super().__init__(model, stop_token_ids, on_tokens)
+        self._start()
+
+    @torch.inference_mode()
+    def _run(self) -> None:
+        while True:
+            with self.condition:
+                while not self.closed and not self.waiting and not self.jobs:
+                    self.condition.wait()
+                if self.closed:
+                    for generation in self.waiting:
+                        generation.finish(UserError("the engine was closed"))
+                    return
+                jobs = self._take_jobs()
+                generation = self.waiting.popleft() if self.waiting else None
+            self._run_jobs(jobs)
+            if generation is not None:
+                try:
+                    self._generate(generation)
+                except Exception as err:  # handed to the reader, which raises it in its request
+                    logger.exception("generation failed")
+                    generation.finish(err)
+
+    def _generate(self, generation: _Generation) -> None:
+        generation.ids = list(generation.prompt_ids)
+        input_ids = torch.tensor([generation.prompt_ids], device=self.device)
+        cache = None
+        while not generation.cancelled.is_set():
+            out = self.model(input_ids=input_ids, use_cache=True, **{self.cache_argument: cache}, **self.keep_last)
+            cache = out["cache"] if "cache" in out else out["past_key_values"]
+            if self._hand_out(generation, self._choose(generation, out.logits[0, -1], None)):
+                return
+            input_ids = torch.tensor([[generation.ids[-1]]], device=self.device)
+        generation.finish()
+
+
+class Batcher(_Decoder):
+    """Decodes every running request of an Engine together, one token per request per step,
+    in a background thread (continuous batching: a request joins the running batch as soon as
+    its prompt fits before the current slot, else when the batch has drained; FIFO, so no
+    request is passed over).
+
+    Rows live in a SlotCache of 1 row while one request runs (the fastest shape for a single
+    user) and of `max_batch` rows when more do; rows move between the two when the count
+    changes. On CUDA the decode step is compiled with CUDA graphs (torch.compile
+    "reduce-overhead"): a 7B model's step launches hundreds of small kernels, and launching
+    them from Python costs more than the step itself. Prompts that arrive together are
+    prefilled in one padded forward, not compiled (their lengths vary; they are compute-bound).
+    """
+
+    thread_name = "batcher"
+
+    def __init__(self, model, stop_token_ids: list[int], max_batch: int, cache_length: int,
+                 compile_decode: bool, on_tokens=None):
+        super().__init__(model, stop_token_ids, on_tokens)
+        refusal = batcher_refusal(model)
+        if refusal:
+            raise UserError(f"{refusal}: the batching engine cannot serve it (SequentialDecoder can)")
+        self.max_batch = max_batch
+        self.cache_length = cache_length
+        self.widths = sorted({1, max_batch})
+        try:
+            self.caches = {w: SlotCache(w, cache_length, self.device) for w in self.widths}
+            for cache in self.caches.values():  # allocate the cache now: a too-large one fails here
+                self._prefill(cache, [0], [[0]], 1)
+        except torch.OutOfMemoryError:
+            raise UserError(f"no room on {self.device} for the KV cache of {max_batch} requests x {cache_length} "
+                            "tokens: lower --max_concurrent or --max_cache_len") from None
+        dtype = next(model.parameters()).dtype
+        step = partial(_decode_step, model, dtype, self.cache_argument)
+        if compile_decode:
+            # one compiled function per cache: each sees one set of cache tensors (no guard churn)
+            self.decode = {w: torch.compile(step, mode="reduce-overhead") for w in self.widths}
+        else:
+            self.decode = dict.fromkeys(self.widths, step)
+        self.compiled = compile_decode
+        self.width = 1
+        self.rows: list[_Generation | None] = [None]
+        self.position = 0  # the slot the next decode step writes
+        self.in_flight: _Step | None = None  # a launched step whose tokens are not handed out yet
+        self._start()
+
     # ------------------------------------------------------------- the loop
     @torch.inference_mode()
     def _run(self) -> None:
@@ -206,13 +345,15 @@ class Batcher:
             _cudagraph_state_for_this_thread()
         while True:
             with self.condition:
-                while not self.closed and not self.waiting and not any(self.rows):
+                while not self.closed and not self.waiting and not self.jobs and not any(self.rows):
                     self.condition.wait()  # (nothing is in flight: it belongs to a row)
                 if self.closed:
                     for generation in [*self.waiting, *filter(None, self.rows)]:
                         generation.finish(UserError("the engine was closed"))
                     return
+                jobs = self._take_jobs()
                 joining = self._take_joining()
+            self._run_jobs(jobs)
             try:
                 self._admit(joining)
                 if any(self.rows):
@@ -309,7 +450,7 @@ class Batcher:
         cache.prefill_at = (torch.tensor(rows, device=self.device), first_slot)
         try:
             out = self.model(input_ids=input_ids, position_ids=(columns - pads).clamp(min=0),
-                             attention_mask=mask[:, None], past_key_values=cache, use_cache=True, **self.keep_last)
+                             attention_mask=mask[:, None], use_cache=True, **{self.cache_argument: cache}, **self.keep_last)
         finally:
             cache.prefill_at = None
         return out.logits[:, -1]
@@ -327,7 +468,7 @@ class Batcher:
         if not any(rows):  # the running rows wait only for their last tokens
             self._collect_in_flight()
             return
-        pipelined = all(g.params.plain_greedy for g in rows if g is not None)
+        pipelined = all(not g.params.needs_logits for g in rows if g is not None)
         on_device = [previous is not None and g is not None and previous.rows[r] is g for r, g in enumerate(rows)]
         cache = self.caches[self.width]
         # one host-to-device copy for the step's inputs: token (unless the device has it), position,
@@ -377,28 +518,8 @@ class Batcher:
                 logits = None if step.logits is None else step.logits[row]
                 self._emit(row, self._choose(generation, logits, greedy[row]))
 
-    def _choose(self, generation: _Generation, logits: torch.Tensor | None, greedy: int | None) -> int:
-        params = generation.params
-        if params.plain_greedy and greedy is not None:
-            return greedy
-        scores = logits[None].float()
-        history = torch.tensor([generation.ids], device=self.device)
-        for processor in _logit_processors(params):
-            scores = processor(history, scores)
-        if params.temperature == 0:
-            return int(scores.argmax())
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs[0], 1, generator=generation.generator))
-
     def _emit(self, row: int, token: int) -> None:
-        generation = self.rows[row]
-        generation.ids.append(token)
-        generation.generated += 1
-        generation.deliver([token])
-        self.on_tokens(1)
-        stopped = token in self.stop_token_ids and not generation.params.ignore_eos
-        if stopped or generation.generated >= generation.params.max_new_tokens or generation.cancelled.is_set():
-            generation.finish()
+        if self._hand_out(self.rows[row], token):
             self.rows[row] = None
 
 
@@ -416,12 +537,12 @@ def _cudagraph_state_for_this_thread() -> None:
         torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
 
 
-def _decode_step(model, dtype: torch.dtype, cache: SlotCache, input_ids, position_ids, first_slot):
+def _decode_step(model, dtype: torch.dtype, cache_argument: str, cache: SlotCache, input_ids, position_ids, first_slot):
     """One token for every row: logits and their argmax. The mask lets row r see slots
     first_slot[r] .. position (its prompt and what it generated)."""
     slots = torch.arange(cache.span, device=input_ids.device)
     visible = (slots >= first_slot[:, None]) & (slots <= cache.position)
     mask = torch.zeros(visible.shape, dtype=dtype, device=input_ids.device).masked_fill_(~visible, torch.finfo(dtype).min)
     logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[:, None, None, :],
-                   past_key_values=cache, use_cache=True).logits[:, -1]
+                   use_cache=True, **{cache_argument: cache}).logits[:, -1]
     return logits, logits.argmax(-1)

@@ -27,11 +27,15 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                         help="CUDA graphs for the decode step (auto: on CUDA). The first request at each batch "
                              "size then takes a minute to compile; later ones run several times faster.")
+    parser.add_argument("--decoder", default="auto", choices=["auto", "batch", "sequential"],
+                        help="auto: requests decoded together (continuous batching) where the model allows it, else "
+                             "one at a time (BLOOM's ALiBi); sequential: always one at a time (a model whose own "
+                             "KV cache the batcher cannot replace).")
 
 
 def _engine_options(args: argparse.Namespace, max_batch: int) -> dict:
     return {"max_batch": max_batch, "max_cache_len": args.max_cache_len,
-            "compile": None if args.compile == "auto" else args.compile == "true"}
+            "compile": None if args.compile == "auto" else args.compile == "true", "decoder": args.decoder}
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser, defaults: SamplingParams, title: str) -> None:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from pathlib import Path
+from typing import Literal
+
+import torch
 
 from common.errors import UserError
-from common.serving.batcher import Batcher
+from common.serving.batcher import Batcher, SequentialDecoder, batcher_refusal
 from common.serving.loading import context_length, load_causal_lm
 from common.serving.runtime import apply_serving_settings
-from common.serving.sampling import SamplingParams
+from common.serving.sampling import SamplingParams, TokenLogprob, token_logprobs
 from common.serving.text import GenerationStream
 from common.templates import (
     JinjaTemplate,
@@ -24,6 +28,7 @@ from common.templates import (
 from common.tokenizer import display_cleaner
 
 DEFAULT_CACHE_LEN = 4096  # tokens per request held in the KV cache unless max_cache_len says otherwise
+logger = logging.getLogger(__name__)
 
 
 class Engine:
@@ -35,14 +40,20 @@ class Engine:
     tuned model is prompted token for token as it was trained; their stop markers that are
     single tokens end generation by id. With the tokenizer's own template, the special tokens
     it writes after a reply and generation_config.json's eos ids end generation.
+
+    Generations run in a decoder thread: the Batcher where the model allows it, else the
+    SequentialDecoder (see common/serving/batcher.py), with the same interface.
     """
 
     def __init__(self, model, tokenizer, name: str, template: str | None = None, max_batch: int = 8,
-                 max_cache_len: int | None = None, compile: bool | None = None):
+                 max_cache_len: int | None = None, compile: bool | None = None,
+                 decoder: Literal["auto", "batch", "sequential"] = "auto"):
         """`max_batch`: requests decoded together (more wait in the batcher's queue).
         `max_cache_len`: tokens (prompt + reply) a request may span, the KV cache's length;
         default the model's context, at most DEFAULT_CACHE_LEN. `compile`: CUDA graphs for
-        the decode step; default on CUDA."""
+        the decode step; default on CUDA. `decoder`: "auto" batches every model the Batcher
+        can drive and decodes the others one request at a time; "sequential" forces that
+        (a model whose own cache the Batcher's SlotCache cannot stand in for)."""
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -63,13 +74,20 @@ class Engine:
                                                                         list(eos or []))))
         if max_batch < 1 or (max_cache_len is not None and max_cache_len < 2):
             raise UserError("need max_batch >= 1 and max_cache_len >= 2")
-        self.context_length = min(context_length(model), max_cache_len or DEFAULT_CACHE_LEN)
+        positions = context_length(model)  # None: no position table (ALiBi)
+        self.context_length = min(positions or max_cache_len or DEFAULT_CACHE_LEN, max_cache_len or DEFAULT_CACHE_LEN)
         self.clean = display_cleaner(tokenizer)
         self.max_batch = max_batch
         self.compile = model.device.type == "cuda" if compile is None else compile
         apply_serving_settings(model.device, self.compile)
+        refusal = batcher_refusal(model)
+        if decoder == "batch" and refusal:
+            raise UserError(f"{refusal}: the batching decoder cannot serve it; use the sequential one")
+        if decoder == "auto" and refusal:
+            logger.warning("%s: served one request at a time (the sequential decoder)", refusal)
+        self.batched = decoder == "batch" or (decoder == "auto" and refusal is None)
         self.tokens_generated = 0  # by every generation since start, cancelled ones too
-        self._batcher: Batcher | None = None
+        self._decoder: Batcher | SequentialDecoder | None = None
         self._lock = threading.Lock()
 
     def count_tokens(self, n: int) -> None:
@@ -77,18 +95,21 @@ class Engine:
             self.tokens_generated += n
 
     @property
-    def batcher(self) -> Batcher:
-        """Started at the first generation (it allocates the KV cache)."""
+    def decoder(self) -> Batcher | SequentialDecoder:
+        """Started at the first generation (the Batcher allocates the KV cache)."""
         with self._lock:
-            if self._batcher is None:
-                self._batcher = Batcher(self.model, self.stop_token_ids, self.max_batch, self.context_length,
-                                        self.compile, self.count_tokens)
-            return self._batcher
+            if self._decoder is None:
+                if self.batched:
+                    self._decoder = Batcher(self.model, self.stop_token_ids, self.max_batch, self.context_length,
+                                            self.compile, self.count_tokens)
+                else:
+                    self._decoder = SequentialDecoder(self.model, self.stop_token_ids, self.count_tokens)
+            return self._decoder
 
     def close(self) -> None:
-        """Stop the batcher thread (running generations end with an error)."""
-        if self._batcher is not None:
-            self._batcher.close()
+        """Stop the decoder thread (running generations end with an error)."""
+        if self._decoder is not None:
+            self._decoder.close()
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, name: str | None = None, template: str | None = None,
@@ -103,6 +124,15 @@ class Engine:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model takes: its embedding rows."""
+        return self.model.get_input_embeddings().num_embeddings
+
+    def token_text(self, token: int) -> str:
+        """One token as text, as logprobs report it (half a character shows as U+FFFD)."""
+        return self.clean(self.tokenizer.decode([token]))
 
     def chat_ids(self, messages: list[dict]) -> tuple[list[int], tuple[str, ...]]:
         """Prompt ids of a conversation (ending with a user turn) and the template's text stops."""
@@ -133,3 +163,18 @@ class Engine:
 
     def complete(self, prompt: str, params: SamplingParams) -> str:
         return "".join(self.stream(self.encode(prompt), params))
+
+    def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[TokenLogprob]:
+        """Log-probability of each prompt token after the first given the ones before it, with
+        the `top` likeliest alternatives (what `echo` with `logprobs` reports): one forward in
+        the decoder's thread, between its steps. Blocks; call it off the event loop."""
+        if not 2 <= len(prompt_ids) <= self.context_length:
+            raise UserError(f"scoring a prompt needs 2 to {self.context_length} tokens, not {len(prompt_ids)}")
+
+        @torch.inference_mode()
+        def score() -> list[TokenLogprob]:
+            ids = torch.tensor([prompt_ids], device=self.model.device)
+            logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1]
+            return token_logprobs(logits, ids[0, 1:], top)
+
+        return self.decoder.call(score)

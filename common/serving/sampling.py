@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from common.errors import UserError
+
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's default limit)
 
 
 @dataclass
@@ -19,6 +23,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest alternatives
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -33,10 +38,34 @@ class SamplingParams:
             raise UserError("repetition_penalty must be in (0, 10]")
         if any(not s for s in self.stop):
             raise UserError("stop strings must not be empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise UserError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
 
     @property
     def plain_greedy(self) -> bool:
         return self.temperature == 0 and self.repetition_penalty == 1
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether choosing (or reporting) a token needs its logits on the host, not only the argmax."""
+        return not self.plain_greedy or self.logprobs is not None
+
+
+TokenLogprob = tuple[float, list[tuple[int, float]]]  # the token's log-probability, the top alternatives'
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Log-probabilities of `tokens` [n] under `logits` [n, vocab] (the model's own distribution,
+    before temperature or penalties, as OpenAI and vLLM report it), each with the `top` likeliest
+    tokens. Both come from one float32 tensor, so a token that is the argmax has exactly the top
+    alternative's value (what evaluation tools compare to call a continuation greedy)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
+    if top == 0:
+        return [(value, []) for value in chosen]
+    values, ids = logprobs.topk(top, dim=-1)
+    return [(value, list(zip(row_ids, row_values)))
+            for value, row_ids, row_values in zip(chosen, ids.tolist(), values.tolist())]
 
 
 def _logit_processors(params: SamplingParams) -> list:

@@ -35,6 +35,7 @@ class GenerationStream:
         self._ids: list[int] = []
         self._emitted = ""
         self._ended = False
+        self._stop_cut: int | None = None  # where a stop string cut the text
         if loop is None:
             self._queue: queue.Queue | asyncio.Queue = queue.Queue()
             deliver = self._queue.put
@@ -44,11 +45,11 @@ class GenerationStream:
             def deliver(item, put=self._queue.put_nowait):
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody reads any more
                     loop.call_soon_threadsafe(put, item)
-        self._generation = engine.batcher.submit(prompt_ids, params, deliver)
+        self._generation = engine.decoder.submit(prompt_ids, params, deliver)
 
     def cancel(self) -> None:
         self._generation.cancelled.set()
-        self.engine.batcher.wake()
+        self.engine.decoder.wake()
 
     def close(self) -> None:
         """Cancel and wait until the batcher has let the generation go."""
@@ -58,6 +59,24 @@ class GenerationStream:
     @property
     def token_ids(self) -> list[int]:
         return self._generation.ids[self.prompt_tokens:]
+
+    @property
+    def reported_ids(self) -> list[int]:
+        """The generated tokens the returned text is made of: after a stop string, those up to the
+        first whose text reaches it (the stop string's own tokens left out, as OpenAI does);
+        else all read, the end-of-text token included. Read after the stream ended."""
+        if self._stop_cut is None:
+            return list(self._ids)
+        for n in range(len(self._ids) + 1):
+            if len(self.engine.clean(self.engine.tokenizer.decode(self._ids[:n], skip_special_tokens=True))) \
+                    >= self._stop_cut:
+                return self._ids[:n]
+        return list(self._ids)
+
+    @property
+    def logprobs(self):
+        """(log-probability, top alternatives) of each of `reported_ids`, when params.logprobs was set."""
+        return self._generation.logprobs[:len(self.reported_ids)]
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -97,7 +116,7 @@ class GenerationStream:
             if not text.endswith("\ufffd") and text.startswith(emitted):
                 cut = _find_stop(text, stop, start=max(0, len(emitted) - max(map(len, stop), default=0)))
                 if cut is not None:
-                    self.finish_reason, self._ended = "stop", True
+                    self.finish_reason, self._ended, self._stop_cut = "stop", True, cut
                     self.cancel()
                     if cut > len(emitted):
                         yield text[len(emitted):cut]
