@@ -170,6 +170,56 @@ def test_served_greedy_equals_generate_alone_batched_and_joining_midway(which, e
     assert served.decoder.width == 1  # back to the one-row cache once the batch drained
 
 
+def test_a_request_joins_at_the_next_step_whatever_its_prompt_length(llama_engine):
+    """The running rows' cache slots move: right when a joining prompt is longer than the batch's
+    current slot, left when the cache lacks room after it. Either way the newcomer starts at
+    once and every row still decodes exactly what it would alone."""
+    served = Engine(llama_engine.model, llama_engine.tokenizer, "llama", max_batch=4, max_cache_len=64)
+    try:
+        def greedy(n):
+            return SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
+
+        shifts, move = [], served.decoder._move_batch
+
+        def recording_move(position):
+            shifts.append(position - served.decoder.position if any(served.decoder.rows) else 0)
+            move(position)
+
+        served.decoder._move_batch = recording_move
+
+        short, long = served.encode("记者"), served.encode("人民日报社论：迈向充满希望的新世纪。")
+        assert len(short) < 4 < len(long) < 30
+        # right: a long prompt joins a batch whose current slot is earlier than its length
+        first = served.stream(short, greedy(50))
+        pieces = iter(first)
+        next(pieces)
+        joined = _read_all([served.stream(long, greedy(8))])[0]
+        assert len(first.token_ids) < 50  # it joined the running request instead of waiting for it to end
+        for _ in pieces:
+            pass
+        assert first.token_ids == _reference_greedy(served.model, short, 50)
+        assert joined == _reference_greedy(served.model, long, 8)
+        # left: B's slots sit after A's long prompt; once A is done, C needs them moved to slot 0 to fit
+        with served.decoder.condition:  # A and B start together, B's prompt ending at A's end
+            a, b = served.stream(long, greedy(4)), served.stream(short, greedy(40))
+        b_pieces = iter(b)
+        _read_all([a])
+        next(b_pieces)
+        while served.decoder.rows.count(None) < len(served.decoder.rows) - 1:
+            time.sleep(0.001)  # A has left the batch
+        c = served.stream(short, greedy(44))  # 44 more tokens do not fit after B's current slot
+        c_tokens = _read_all([c])[0]
+        for _ in b_pieces:
+            pass
+        assert b.token_ids == _reference_greedy(served.model, short, 40)
+        assert c_tokens == _reference_greedy(served.model, short, 44)
+        moved = [shift for shift in shifts if shift]
+        # right, then left (B's slots to slot 0), each while rows ran: nobody waited for a batch to end
+        assert len(moved) == 2 and moved[0] > 0 and moved[1] == -(len(long) - len(short))
+    finally:
+        served.close()
+
+
 def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(engine):
     prompt = engine.encode("今天")
     params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=40, repetition_penalty=1.2,

@@ -294,9 +294,14 @@ class SequentialDecoder(_Decoder):
 
 class Batcher(_Decoder):
     """Decodes every running request of an Engine together, one token per request per step,
-    in a background thread (continuous batching: a request joins the running batch as soon as
-    its prompt fits before the current slot, else when the batch has drained; FIFO, so no
-    request is passed over).
+    in a background thread (continuous batching: a request joins the running batch at the next
+    step, whatever its prompt's length, while the cache has room for it; FIFO, so no request
+    is passed over).
+
+    All rows write their next token at one slot, `position`. A joining prompt is written into
+    the slots just before it; when the prompt is longer than `position`, or the cache lacks
+    room after it, the running rows' slots are first moved along the cache (`_move_batch`:
+    one copy of the used slots, then the step goes on; their positions do not change).
 
     Rows live in a SlotCache of 1 row while one request runs (the fastest shape for a single
     user) and of `max_batch` rows when more do; rows move between the two when the count
@@ -374,16 +379,41 @@ class Batcher(_Decoder):
             if head.cancelled.is_set():
                 self.waiting.popleft().finish()
                 continue
-            if active:  # the running batch's slots before `position` must hold the prompt
-                fits = len(head.prompt_ids) <= self.position and \
-                    self.position + head.params.max_new_tokens <= self.cache_length
-            else:  # a new batch: every prompt ends at the longest one's end
-                start = max(len(g.prompt_ids) for g in [*joining, head])
-                fits = all(start + g.params.max_new_tokens <= self.cache_length for g in [*joining, head])
-            if not fits:
-                break
+            if self._join_position(active, [*joining, head]) is None:
+                break  # no room in the cache until running rows finish
             joining.append(self.waiting.popleft())
         return joining
+
+    def _join_position(self, active: list[_Generation], joining: list[_Generation]) -> int | None:
+        """The slot the next step writes once `joining` has joined the running rows `active`:
+        the current one when every joining prompt fits before it and every row has room after
+        it, else the nearest that does (running rows moved left as far as they go or right to
+        make room for the longest prompt); None when the cache is too short for that."""
+        longest = max(len(g.prompt_ids) for g in joining)
+
+        def fits(position: int) -> bool:
+            return position >= longest and \
+                all(position + g.params.max_new_tokens - g.fed <= self.cache_length for g in active) and \
+                all(position + g.params.max_new_tokens <= self.cache_length for g in joining)
+
+        if active and fits(self.position):
+            return self.position
+        earliest = min((g.first_slot for g in active), default=self.position)
+        position = max(longest, self.position - earliest)  # the running rows' slots then start at slot 0 or later
+        return position if fits(position) else None
+
+    def _move_batch(self, position: int) -> None:
+        """Move the running rows' cache slots so that the next step writes slot `position`."""
+        shift = position - self.position
+        active = [g for g in self.rows if g is not None]
+        if shift and active:
+            start = min(g.first_slot for g in active)
+            cache = self.caches[self.width]
+            for tensor in [*cache.keys, *cache.values]:
+                tensor[:, :, start + shift:self.position + shift] = tensor[:, :, start:self.position].clone()
+            for generation in active:
+                generation.first_slot += shift
+        self.position = position
 
     def _admit(self, joining: list[_Generation]) -> None:
         active = [g for g in self.rows if g is not None]
@@ -395,8 +425,8 @@ class Batcher(_Decoder):
                 generation.finish()
                 self.rows[row] = None
         active = [g for g in self.rows if g is not None]
-        if not active and joining:
-            self.position = max(len(g.prompt_ids) for g in joining)
+        if joining:  # (rows only left since _take_joining chose them: the room is still there)
+            self._move_batch(self._join_position(active, joining))
         self._resize(len(active) + len(joining))
         group: list[tuple[int, _Generation]] = []
         for generation in joining:
