@@ -108,6 +108,44 @@ def test_streamed_text_equals_the_full_text_and_stop_strings_cut_it(engine):
     assert "".join(whole) == full and whole.finish_reason == "length" and whole.completion_tokens == 40
 
 
+@pytest.mark.parametrize("vocab", ["wordpiece", "qwen2", "llama-spm"])
+def test_incremental_text_equals_decoding_everything(engine, vocab):
+    """WordPiece (the built-in tokenizers), byte-level BPE (Qwen2's real one: Chinese characters
+    split over byte tokens) and SentencePiece (Llama-2's real one: a word's leading space)."""
+    import random as stdlib_random
+
+    import real_artefacts
+    from transformers import AutoTokenizer
+
+    from common.serving.text import IncrementalText
+
+    if vocab == "wordpiece":
+        tokenizer = engine.tokenizer
+    else:
+        if not (real_artefacts.TOKENIZERS / vocab).is_dir():
+            pytest.fail(f"the real {vocab} tokenizer is missing: run `make real-artefacts`")
+        tokenizer = AutoTokenizer.from_pretrained(real_artefacts.TOKENIZERS / vocab)
+    clean = display_cleaner(tokenizer)
+
+    def decode(ids):
+        return clean(tokenizer.decode(ids, skip_special_tokens=True))
+
+    text = "新华社北京一月一日电 Hello world, 我爱 Python 3.12！今年以来，经济平稳发展😀。" * 3
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    chunks = stdlib_random.Random(0)
+    for sizes in ([1] * len(ids), [chunks.randint(1, 4) for _ in ids]):
+        incremental, position = IncrementalText(decode), 0
+        for size in sizes:
+            if position >= len(ids):
+                break
+            shown = incremental.extend(ids[position:position + size])
+            position += size
+            full = decode(ids[:position])
+            if not full.endswith("\ufffd"):
+                assert shown == full
+        assert shown == decode(ids)
+
+
 def _reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,

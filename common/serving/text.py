@@ -15,6 +15,37 @@ if TYPE_CHECKING:
     from common.serving.engine import Engine
 
 
+class IncrementalText:
+    """The text of a growing list of token ids, where each new token costs the decode of a few
+    tokens, not of all (a stream of n tokens would otherwise decode n^2 / 2 tokens in all: with
+    many clients, more host time per step than the GPU's step itself). The text up to a settled
+    token is kept; what later tokens add is the decode of a short window ending at them minus
+    the decode of the same window without them, so a tokenizer's context effects (a
+    SentencePiece word's leading space, WordPiece's joining, a character split over byte
+    tokens) come out as in a decode of everything."""
+
+    WINDOW = 8  # tokens of context before the settled point
+
+    def __init__(self, decode):
+        self.decode = decode  # token ids -> display text
+        self.ids: list[int] = []
+        self.settled = 0  # tokens whose text is final
+        self.settled_text = ""
+
+    def extend(self, new: list[int]) -> str:
+        self.ids.extend(new)
+        start = max(0, self.settled - self.WINDOW)
+        before = self.decode(self.ids[start:self.settled])
+        after = self.decode(self.ids[start:])
+        if after.startswith(before):
+            text = self.settled_text + after[len(before):]
+        else:  # the new tokens changed the window's earlier text: decode everything once
+            text = self.decode(self.ids)
+        if not text.endswith("\ufffd"):  # (half a character may still complete)
+            self.settled, self.settled_text = len(self.ids), text
+        return text
+
+
 class GenerationStream:
     """Text deltas of one generation, which the engine's Batcher runs: iterate it (`for`, in
     a thread that may block) or, in an event loop, `async for` over `stream.deltas()` (what
@@ -32,7 +63,10 @@ class GenerationStream:
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
-        self._ids: list[int] = []
+        self._detokenizer = IncrementalText(
+            lambda ids: engine.clean(engine.tokenizer.decode(ids, skip_special_tokens=True)))
+        self._ids = self._detokenizer.ids  # the tokens read so far
+        self._text_so_far = ""
         self._emitted = ""
         self._ended = False
         self._stop_cut: int | None = None  # where a stop string cut the text
@@ -68,7 +102,7 @@ class GenerationStream:
         if self._stop_cut is None:
             return list(self._ids)
         for n in range(len(self._ids) + 1):
-            if len(self.engine.clean(self.engine.tokenizer.decode(self._ids[:n], skip_special_tokens=True))) \
+            if len(self._detokenizer.decode(self._ids[:n])) \
                     >= self._stop_cut:
                 return self._ids[:n]
         return list(self._ids)
@@ -108,10 +142,9 @@ class GenerationStream:
         new = [token for item in items if item is not _END for token in item]
         stop = self.params.stop
         if new:
-            ids, emitted = self._ids, self._emitted
-            ids.extend(new)
-            self.completion_tokens = len(ids)
-            text = self.engine.clean(self.engine.tokenizer.decode(ids, skip_special_tokens=True))
+            emitted = self._emitted
+            text = self._text_so_far = self._detokenizer.extend(new)
+            self.completion_tokens = len(self._ids)
             # half a multi-byte character, or a decode still settling: wait for more
             if not text.endswith("\ufffd") and text.startswith(emitted):
                 cut = _find_stop(text, stop, start=max(0, len(emitted) - max(map(len, stop), default=0)))
@@ -130,10 +163,9 @@ class GenerationStream:
             ids = self._ids
             ended_by_eos = bool(ids) and ids[-1] in self.engine.stop_token_ids and not self.params.ignore_eos
             self.finish_reason = "stop" if ended_by_eos else "length"
-            if ids:
-                text = self.engine.clean(self.engine.tokenizer.decode(ids, skip_special_tokens=True))
-                if text.startswith(self._emitted) and len(text) > len(self._emitted):
-                    yield text[len(self._emitted):]
+            text = self._text_so_far
+            if text.startswith(self._emitted) and len(text) > len(self._emitted):
+                yield text[len(self._emitted):]
 
 
 def _find_stop(text: str, stop: tuple[str, ...], start: int) -> int | None:
