@@ -104,14 +104,22 @@ demo-pipeline: setup
 # machine). QLORA=1 adds bitsandbytes (43 MB of the 64 MiB a call may carry).
 GPU_WHEELS := datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 trl==1.16.0 liger-kernel==0.8.5 \
 	fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
-	annotated-doc==0.0.4 typing-inspection==0.4.5 opentelemetry-api==1.45.2 uvicorn==0.54.0 \
+	annotated-doc==0.0.4 typing-inspection==0.4.5 opentelemetry-api==1.45.2 uvicorn==0.54.0 torchao==0.18.0 \
 	$(if $(QLORA),bitsandbytes==0.50.2)
+# transformers' continuous batching for decode_throughput.py's comparison rows (`make gpu-wheels CB=1`:
+# into .whl-cb, installed apart from the image's transformers 5.17 for that run only)
+CB_WHEELS := transformers==5.25.0 huggingface-hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 hf-xet==1.8.0 \
+	tokenizers==0.23.3 safetensors==0.8.0 regex==2026.11.19 kernels==0.19.1 typer==0.29.2 click==8.5.1 \
+	shellingham==1.5.4 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0 tomlkit==0.15.3 \
+	truststore==0.10.5
 GPU_PLATFORMS := $(foreach n,2_28 2_27 2_24 2_17,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64
 gpu-wheels:
 	mkdir -p .whl
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
-	@du -sh .whl
+	$(if $(CB),$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl-cb $(CB_WHEELS))
+	@du -sh .whl $(if $(CB),.whl-cb)
 
 # The chatbot test drives Debian's chromium headless, with a CJK font so that Chinese text renders
 # (without one the page shows empty boxes); install what is missing (needs root or sudo).

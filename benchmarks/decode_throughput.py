@@ -1,35 +1,40 @@
-"""Decoding throughput of a 7B-class model: HF `generate` vs the serving engine, batch 1 and
-16 concurrent streaming clients, in one run.
+"""Decoding throughput of a 7B-class model: HF `generate`, the serving engine and its HTTP
+server at 1 / 16 / 32 / 64 concurrent streaming clients, bf16 and quantised weights, and
+transformers' own continuous batching (`generate_batch`) beside them, in one run.
 
-    python benchmarks/decode_throughput.py                     # Llama-2-7B shape, bf16, one GPU
-    python benchmarks/decode_throughput.py --shape baichuan2-7b
-    python benchmarks/decode_throughput.py --tiny              # CPU smoke test (2 x 64 model)
+    python benchmarks/decode_throughput.py                          # Llama-2-7B shape, one GPU
+    python benchmarks/decode_throughput.py --quantize none,int8     # + torchao int8 weights
+    python benchmarks/decode_throughput.py --tiny                   # CPU smoke test (2 x 64 model)
 
 Random weights (only speed is measured); a word-level tokenizer with one token per id so that
 every generated id decodes. Every row: greedy, end of text ignored, `--tokens` new tokens
-after a `--prompt_tokens` prompt.
+after a `--prompt_tokens` prompt; different prompts per client.
 
   generate                  `model.generate`, dynamic cache (what a user writes first)
   generate, static cache    `generate(cache_implementation="static")` (compiles the forward)
   engine, batch 1           `Engine.stream`: the server's generation path, one request
-  server, 1 client          the OpenAI-compatible server (in this process), streamed over HTTP to a
-                            client in another process
-  server, N clients         N streaming clients at once, different prompts: aggregate tokens/s
+  server, N clients         N streaming clients at once over HTTP (the clients in a process of
+                            their own): aggregate and per-client tokens/s, first-token latency
+                            p50 / p95 (from the moment all N were sent)
+  transformers CB, N        `model.generate_batch` of N prompts (paged KV cache), after its warm-up
 
-Each engine/server row is measured after a warm-up of the same shape (the CUDA graphs are
-compiled then). The memory-bandwidth bound is the weights' bytes read once per token at the
-copy bandwidth measured here. Correctness of the concurrent streams: each client's tokens are
-compared with the same prompt decoded alone (bf16 batched and unbatched matmuls round
-differently, so a near-tie may flip and the streams part; the CPU tests check exact equality
-in float32), and checked against one plain forward over prompt + stream: every streamed token
-should be that forward's argmax or within rounding of it (`their_max_logit_gap`).
-Prints a table and writes JSON to --out.
+Each engine is warmed up first (`Engine.warm_up`, what serve.py does before it opens its port:
+every batch width x attention span compiled). The memory-bandwidth bound is the weights' bytes
+read once per token at the copy bandwidth measured here. Quantised rows add their weight
+bytes, greedy agreement with bf16 (common prefix of the first 8 clients' streams, decoded
+alone) and the perplexity of one held-out random token sequence under each (random weights:
+that number only says how far quantisation moves the distribution). Correctness of the
+concurrent streams: each streamed token is checked against one plain forward over prompt +
+stream (`their_max_logit_gap`: bf16 rounding flips only near-ties), and the first 8 clients'
+streams against the same prompt decoded alone. Prints a table and writes JSON to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import multiprocessing
 import socket
 import sys
@@ -39,6 +44,7 @@ from pathlib import Path
 
 import httpx
 import torch
+import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -47,6 +53,7 @@ sys.path.insert(0, str(REPO))
 
 from common.serving.api import ServerSettings, create_app  # noqa: E402
 from common.serving.engine import Engine  # noqa: E402
+from common.serving.loading import quantize_weights, weight_bytes  # noqa: E402
 from common.serving.sampling import SamplingParams  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, heads, vocab
@@ -179,37 +186,71 @@ def teacher_forced_gaps(model, prompt_ids: list[int], text: str) -> list[float]:
     return gaps[gaps > 0].tolist()
 
 
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def perplexity(model, ids: list[int]) -> float:
+    with torch.inference_mode():
+        tokens = torch.tensor([ids], device=model.device)
+        logits = model(tokens).logits[0, :-1].float()
+        return math.exp(torch.nn.functional.cross_entropy(logits, tokens[0, 1:]).item())
+
+
+def transformers_continuous_batching(model, prompt_ids: list[list[int]], tokens: int) -> float:
+    """Seconds of one `generate_batch` over the prompts (after a warm-up call of the same shape)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+    with torch.inference_mode():
+        model.generate_batch(inputs=prompt_ids, generation_config=config)  # warm-up (and CUDA graphs)
+        return timed(lambda: model.generate_batch(inputs=prompt_ids, generation_config=config))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama2-7b", choices=[s for s in SHAPES if s != "tiny"])
-    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=224)
     parser.add_argument("--prompt_tokens", type=int, default=32)
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--clients", default="1,16,32,64", help="Concurrent streaming clients, comma-separated.")
+    parser.add_argument("--quantize", default="none", help="Weights to serve: none (bf16), int8, fp8, fp8_dynamic, "
+                                                           "int4; comma-separated for several.")
     parser.add_argument("--skip_static_generate", action="store_true")
+    parser.add_argument("--skip_transformers_cb", action="store_true")
+    parser.add_argument("--only_transformers_cb", action="store_true",
+                        help="Only the transformers CB rows (run with a newer transformers than the rest, say).")
     parser.add_argument("--tiny", action="store_true", help="2 x 64 model on the CPU, 16 tokens: a smoke test.")
     parser.add_argument("--port", type=int, default=None, help="Port of the in-process server (default: a free one).")
     parser.add_argument("--out", default="outputs/benchmarks/decode_throughput.json")
     args = parser.parse_args()
     shape = "tiny" if args.tiny else args.shape
     tokens = 16 if args.tiny else args.tokens
+    clients_list = [int(c) for c in args.clients.split(",")]
+    kinds = args.quantize.split(",")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)  # as load_causal_lm does
+        torch.backends.cuda.enable_cudnn_sdp(False)  # as the Engine does (common/serving/runtime.py)
 
     model = build_model(shape, device)
     vocab = model.config.vocab_size
     tokenizer = word_tokenizer(vocab)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bf16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     generator = torch.Generator().manual_seed(1)
-    prompt_ids = [torch.randint(3, vocab, (args.prompt_tokens,), generator=generator).tolist()
-                  for _ in range(args.clients)]
+    most = max(clients_list)
+    prompt_ids = [torch.randint(3, vocab, (args.prompt_tokens,), generator=generator).tolist() for _ in range(most)]
     prompts = [" ".join(map(word, ids)) for ids in prompt_ids]
+    held_out = torch.randint(3, vocab, (512,), generator=generator).tolist()
+    checked = min(8, most)  # clients whose streams are compared with the same prompt decoded alone
     rows: list[dict] = []
 
-    def add(path: str, batch: int, seconds: float, generated: int, **extra) -> None:
-        rows.append({"path": path, "batch": batch, "tokens": generated, "seconds": round(seconds, 3),
-                     "tokens_per_s": round(generated / seconds, 1), **extra})
+    def add(path: str, batch: int, seconds: float, generated: int, **extra) -> dict:
+        row = {"path": path, "batch": batch, "tokens": generated, "seconds": round(seconds, 3),
+               "tokens_per_s": round(generated / seconds, 1), **extra}
+        rows.append(row)
         print(f"  {path}: {generated / seconds:.1f} tokens/s", flush=True)
+        return row
 
     # ------------------------------------------------------------ HF generate
     ids = torch.tensor([prompt_ids[0]], device=device)
@@ -219,79 +260,116 @@ def main() -> None:
             return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                                   min_new_tokens=tokens, do_sample=False, pad_token_id=0, **kwargs)
 
-    generate()  # warm-up
-    add("generate", 1, timed(generate), tokens)
-    if not args.skip_static_generate and device.type == "cuda":
+    if not args.only_transformers_cb:
+        generate()  # warm-up
+        add("generate", 1, timed(generate), tokens)
+    if not args.skip_static_generate and not args.only_transformers_cb and device.type == "cuda":
         generate(cache_implementation="static")  # compiles
         add("generate, static cache", 1, timed(lambda: generate(cache_implementation="static")), tokens)
-
-    # ----------------------------------------------------------- the engine
-    engine = Engine(model, tokenizer, "bench", max_batch=args.clients)
-    greedy = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
-
-    def engine_one(i: int = 0) -> list[int]:
-        stream = engine.stream(prompt_ids[i], greedy)
-        for _ in stream:
-            pass
-        return stream.token_ids
-
-    start = time.perf_counter()
-    engine_one()  # compiles the 1-row decode step
-    rows.append({"path": "engine warm-up (compile), batch 1", "seconds": round(time.perf_counter() - start, 1)})
-    add("engine, batch 1", 1, timed(engine_one), tokens)
-    alone = [engine_one(i) for i in range(args.clients)]  # references for the concurrent streams
 
     if args.port is None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             args.port = probe.getsockname()[1]
-    server, thread = serve_in_thread(engine, args.port, args.clients)
     # the clients run in a process of their own, as they would in use: not sharing the server's GIL
     clients = multiprocessing.get_context("spawn").Pool(1)
+    greedy = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
+    quality: dict[str, dict] = {}
+    alone_bf16: list[list[int]] = []
     try:
-        seconds, results = clients.apply(concurrent_clients, (args.port, prompts[:1], tokens))
-        add("server, 1 client", 1, seconds, results[0]["tokens"])
-        start = time.perf_counter()
-        clients.apply(concurrent_clients, (args.port, prompts, tokens))  # compiles the N-row decode step
-        rows.append({"path": f"server warm-up (compile), {args.clients} clients",
-                     "seconds": round(time.perf_counter() - start, 1)})
-        seconds, results = clients.apply(concurrent_clients, (args.port, prompts, tokens))
-        generated = sum(r["tokens"] for r in results)
-        words = [list(map(word, ids)) for ids in alone]
-        prefixes = [common_prefix(r["text"].split(), w) for r, w in zip(results, words)]
-        gaps = [g for r, ids in zip(results, prompt_ids) for g in teacher_forced_gaps(model, ids, r["text"])]
-        add(f"server, {args.clients} clients", args.clients, seconds, generated,
-            per_client_tokens_per_s=round(tokens / seconds, 1),
-            first_token_s_max=round(max(r["first_token_s"] for r in results), 3),
-            identical_to_alone=sum(p == len(w) for p, w in zip(prefixes, words)),
-            mean_common_prefix=round(sum(prefixes) / len(prefixes), 1),
-            tokens_not_argmax_of_a_plain_forward=len(gaps), their_max_logit_gap=round(max(gaps, default=0), 4),
-            every_client_got_its_tokens=all(r["tokens"] == tokens for r in results))
+        for kind in kinds if not args.only_transformers_cb else ():
+            served = model if kind == "none" else quantize_weights(copy.deepcopy(model), kind)
+            label = "bf16" if kind == "none" else kind
+            weights = weight_bytes(served)
+            # the cache spans what a request needs, in the 256-slot buckets attention reads
+            engine = Engine(served, tokenizer, "bench", max_batch=most,
+                            max_cache_len=max(512, 2 * (args.prompt_tokens + tokens)))
+            rows.append({"path": f"{label}: engine warm-up (compile every width x span)",
+                         "seconds": round(engine.warm_up(), 1)})
+
+            def engine_one(i: int = 0, engine=engine) -> list[int]:
+                stream = engine.stream(prompt_ids[i], greedy)
+                for _ in stream:
+                    pass
+                return stream.token_ids
+
+            add(f"{label}: engine, batch 1", 1, timed(engine_one), tokens)
+            alone = [engine_one(i) for i in range(checked)]
+            if kind == "none":
+                alone_bf16 = alone
+            quality[label] = {"weight_GB": round(weights / 1e9, 2),
+                              "held_out_perplexity": round(perplexity(served, held_out), 2),
+                              "greedy_common_prefix_with_bf16": round(sum(
+                                  common_prefix(a, b) for a, b in zip(alone, alone_bf16)) / checked, 1)
+                              if alone_bf16 else None}
+            server, thread = serve_in_thread(engine, args.port, most)
+            try:
+                for n in clients_list:
+                    seconds, results = clients.apply(concurrent_clients, (args.port, prompts[:n], tokens))
+                    first = [r["first_token_s"] for r in results]
+                    words = [list(map(word, a)) for a in alone]
+                    prefixes = [common_prefix(r["text"].split(), w) for r, w in zip(results, words)]
+                    gaps = [g for r, p in zip(results, prompt_ids) for g in teacher_forced_gaps(served, p, r["text"])]
+                    add(f"{label}: server, {n} client{'s' if n > 1 else ''}", n, seconds,
+                        sum(r["tokens"] for r in results), per_client_tokens_per_s=round(tokens / seconds, 1),
+                        first_token_p50_s=round(percentile(first, 0.5), 3),
+                        first_token_p95_s=round(percentile(first, 0.95), 3),
+                        every_client_got_its_tokens=all(r["tokens"] == tokens for r in results),
+                        identical_to_alone=f"{sum(p == len(w) for p, w in zip(prefixes, words))}/{len(prefixes)}",
+                        tokens_not_argmax_of_a_plain_forward=len(gaps),
+                        their_max_logit_gap=round(max(gaps, default=0), 4), weight_bytes=weights)
+            finally:
+                server.should_exit = True
+                thread.join(timeout=30)
+                engine.close()
+            if served is not model:
+                del served
+                torch.cuda.empty_cache() if device.type == "cuda" else None
     finally:
         clients.close()
-        server.should_exit = True
-        thread.join(timeout=30)
-        engine.close()
+
+    if not args.skip_transformers_cb and device.type == "cuda":
+        for n in clients_list:
+            try:
+                add(f"transformers CB, {n} request{'s' if n > 1 else ''}", n,
+                    transformers_continuous_batching(model, prompt_ids[:n], tokens), n * tokens)
+            except Exception as err:  # an older transformers without generate_batch, say
+                rows.append({"path": f"transformers CB, {n}", "error": f"{type(err).__name__}: {err}"[:300]})
+                break
 
     bandwidth = copy_bandwidth(device)
-    bound = bandwidth / weights if bandwidth else None
-    batch1 = next(r for r in rows if r["path"] == "server, 1 client")["tokens_per_s"]
-    many = rows[-1]["tokens_per_s"]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    header = (f"{device_name}, torch {torch.__version__}, {shape} ({weights / 1e9:.2f} GB of weights, "
-              f"{next(model.parameters()).dtype}), greedy, {args.prompt_tokens}-token prompts, {tokens} new tokens")
-    print("\n" + header)
-    print(f"{'path':40s} {'batch':>5s} {'tokens/s':>9s}")
+    header = (f"{device_name}, torch {torch.__version__}, transformers {transformers.__version__}, {shape} "
+              f"({bf16_bytes / 1e9:.2f} GB of bf16 weights), greedy, {args.prompt_tokens}-token prompts, "
+              f"{tokens} new tokens")
+    one = {}
     for row in rows:
-        if "tokens_per_s" in row:
-            print(f"{row['path']:40s} {row['batch']:5d} {row['tokens_per_s']:9.1f}")
+        if "weight_bytes" in row and row["batch"] == 1:
+            one[row["path"].split(":")[0]] = row
+    for row in rows:
+        if "weight_bytes" in row:
+            label = row["path"].split(":")[0]
+            base = one.get(label)
+            row["x_one_client"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2) if base else None
+            if bandwidth and row["batch"] == 1:
+                row["share_of_bound"] = round(row["tokens_per_s"] / (bandwidth / row.pop("weight_bytes")), 3)
+            else:
+                row.pop("weight_bytes")
+    print("\n" + header)
+    print(f"{'path':44s} {'batch':>5s} {'tokens/s':>9s} {'/client':>8s} {'x 1':>6s} {'ttft p50':>8s} {'p95':>7s}")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['path']:44s} failed: {row['error']}")
+        elif "tokens_per_s" in row:
+            print(f"{row['path']:44s} {row['batch']:5d} {row['tokens_per_s']:9.1f} "
+                  f"{row.get('per_client_tokens_per_s', row['tokens_per_s'] / row['batch']):8.1f} "
+                  f"{row.get('x_one_client') or 0:6.2f} {row.get('first_token_p50_s', 0):8.3f} "
+                  f"{row.get('first_token_p95_s', 0):7.3f}")
         else:
-            print(f"{row['path']:40s} {'':5s} {row['seconds']:8.1f}s")
-    summary = {"batch1_server_tokens_per_s": batch1, "concurrent_aggregate_tokens_per_s": many,
-               "concurrent_over_batch1": round(many / batch1, 2),
-               "copy_bandwidth_GB_per_s": round(bandwidth / 1e9) if bandwidth else None,
-               "bandwidth_bound_tokens_per_s": round(bound, 1) if bound else None,
-               "batch1_fraction_of_bound": round(batch1 / bound, 3) if bound else None}
+            print(f"{row['path']:44s} {'':5s} {row['seconds']:8.1f}s")
+    summary = {"copy_bandwidth_GB_per_s": round(bandwidth / 1e9) if bandwidth else None,
+               "bf16_bandwidth_bound_tokens_per_s": round(bandwidth / bf16_bytes, 1) if bandwidth else None,
+               "quality": quality}
     print(json.dumps(summary, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"setup": header, "rows": rows, "summary": summary}, indent=2) + "\n")

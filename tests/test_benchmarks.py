@@ -12,8 +12,8 @@ import pytest
 from conftest import REPO, run_script
 
 BENCHMARKS = ["clip_data_wait", "clm_train_throughput", "decode_throughput", "dpo_memory_speed", "gpt2_decode_speed",
-              "gpt2_train_throughput", "grpo_step_time", "image_pipeline", "lora_sft_throughput", "reply_loss_speed", "sft_memory",
-              "tokenize_throughput"]
+              "gpt2_train_throughput", "grpo_step_time", "image_pipeline", "lora_sft_throughput", "quantized_matvec",
+              "reply_loss_speed", "sft_memory", "tokenize_throughput"]
 # Variants run one child process each (about 10 s of imports apiece): where a benchmark has many,
 # the test runs one per code path (baseline, the recipe's way, torch.compile, DPO's references).
 VARIANTS = {"clip_data_wait": "loader,resident_compile", "gpt2_train_throughput": "baseline,recipe",
@@ -22,7 +22,10 @@ VARIANTS = {"clip_data_wait": "loader,resident_compile", "gpt2_train_throughput"
 OPTIONS = {name: ("--variants", variants) for name, variants in VARIANTS.items()} | {
     # sft_memory: a process per attempt, so one length and one checkpointing setting (QLoRA and 8-bit
     # states need a GPU)
-    "sft_memory": ("--shapes", "glm4-9b", "--methods", "lora,full", "--seqs", "64", "--checkpointing", "on")}
+    "sft_memory": ("--shapes", "glm4-9b", "--methods", "lora,full", "--seqs", "64", "--checkpointing", "on"),
+    # the CPU has no FP8 and no int4 kernel: those rows are GPU-only
+    "quantized_matvec": ("--variants", "none,int8,fp8,int8+decompose"),
+    "decode_throughput": ("--clients", "1,4", "--quantize", "none,int8")}
 
 
 def records(node):

@@ -3,6 +3,7 @@ OpenAI-compatible server over a real uvicorn (driven by the official `openai` cl
 limits, and the gradio chatbot in a real headless Chromium."""
 
 import asyncio
+import copy
 import json
 import shutil
 import subprocess
@@ -254,6 +255,24 @@ def test_a_request_joins_at_the_next_step_whatever_its_prompt_length(llama_engin
         moved = [shift for shift in shifts if shift]
         # right, then left (B's slots to slot 0), each while rows ran: nobody waited for a batch to end
         assert len(moved) == 2 and moved[0] > 0 and moved[1] == -(len(long) - len(short))
+    finally:
+        served.close()
+
+
+def test_warm_up_runs_every_width_and_attention_span_once(model_dir):
+    """What the server compiles before it opens its port: each cache width x span bucket."""
+    served = Engine.from_pretrained(model_dir, name="tiny", device="cpu", max_batch=4)
+    try:
+        seen = []
+        decoder = served.decoder
+        for width, step in list(decoder.decode.items()):
+            def recording(cache, *args, width=width, step=step):
+                seen.append((width, cache.span))
+                return step(cache, *args)
+            decoder.decode[width] = recording
+        assert served.warm_up() > 0
+        assert sorted(set(seen)) == [(w, s) for w in (1, 4) for s in (256, 512, 1024)]
+        assert len(seen) == 6 and served.tokens_generated == 3 * (2 + 4)  # one step each, nothing left running
     finally:
         served.close()
 
@@ -765,3 +784,45 @@ metric_list:
         assert served_ll == pytest.approx(direct_ll, abs=1e-3) and served_greedy == direct_greedy
     accuracy = served["results"]["review_sentiment_zh"]["acc,none"]
     assert accuracy == direct["results"]["review_sentiment_zh"]["acc,none"]
+
+
+# ------------------------------------------------------------------ quantised weights
+def test_a_quantised_adapter_model_is_served_close_to_the_unquantised_one(llama_engine, tmp_path):
+    """serve.py --quantize int8 over a LoRA adapter: merged first, then every linear layer's
+    weight stored as int8 with a scale per row (torchao)."""
+    from peft import LoraConfig, get_peft_model
+
+    from common.serving.loading import weight_bytes
+
+    base = tmp_path / "base"
+    llama_engine.model.save_pretrained(base)
+    llama_engine.tokenizer.save_pretrained(base)
+    torch.manual_seed(2)
+    adapted = get_peft_model(copy.deepcopy(llama_engine.model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                           init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "adapter")
+    llama_engine.tokenizer.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(UserError, match="names no base model"):
+        Engine.from_pretrained(tmp_path / "adapter", device="cpu")
+    plain = Engine.from_pretrained(tmp_path / "adapter", device="cpu", base_model=base, max_batch=2)
+    int8 = Engine.from_pretrained(tmp_path / "adapter", device="cpu", base_model=base, max_batch=2, quantize="int8")
+    try:
+        linear = sum(m.weight.numel() for m in plain.model.modules() if isinstance(m, torch.nn.Linear))
+        saved = weight_bytes(plain.model) - weight_bytes(int8.model)
+        assert saved >= 0.7 * linear * 3  # 4-byte floats -> 1 byte (+ a scale per row)
+        prompt = plain.encode("新华社北京电")
+        with torch.no_grad():
+            ids = torch.tensor([prompt])
+            exact, quantised = plain.model(ids).logits, int8.model(ids).logits
+            without_adapter = llama_engine.model(ids).logits
+        assert (quantised - exact).norm() / exact.norm() < 0.02
+        assert not torch.allclose(exact, without_adapter, atol=1e-3)  # the adapter was merged into what is served
+        greedy = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+        # the batcher decodes the quantised model as generate does (random weights: greedy text itself is
+        # at the mercy of near-ties, so the closeness is the logits' above)
+        assert _read_all([int8.stream(prompt, greedy)])[0] == _reference_greedy(int8.model, prompt, 12)
+    finally:
+        plain.close()
+        int8.close()
+    with pytest.raises(UserError, match="unknown quantisation"):
+        Engine.from_pretrained(tmp_path / "adapter", device="cpu", base_model=base, quantize="int3")

@@ -7,6 +7,7 @@ import argparse
 from common.errors import UserError
 from common.serving.api import ServerSettings, create_app
 from common.serving.engine import DEFAULT_CACHE_LEN, Engine
+from common.serving.loading import QUANTIZATIONS
 from common.serving.sampling import SamplingParams
 from common.serving.ui import build_chat_ui
 
@@ -27,6 +28,10 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                         help="CUDA graphs for the decode step (auto: on CUDA). The first request at each batch "
                              "size then takes a minute to compile; later ones run several times faster.")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
+                        help="Quantise the weights after loading (torchao; a LoRA adapter is merged first): int8 / "
+                             "fp8 weight-only, fp8_dynamic (FP8 tensor cores, H100 / H200), int4 weight-only. "
+                             "Speed and quality per GPU: benchmarks/RESULTS.md.")
     parser.add_argument("--decoder", default="auto", choices=["auto", "batch", "sequential"],
                         help="auto: requests decoded together (continuous batching) where the model allows it, else "
                              "one at a time (BLOOM's ALiBi); sequential: always one at a time (a model whose own "
@@ -36,6 +41,14 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
 def _engine_options(args: argparse.Namespace, max_batch: int) -> dict:
     return {"max_batch": max_batch, "max_cache_len": args.max_cache_len,
             "compile": None if args.compile == "auto" else args.compile == "true", "decoder": args.decoder}
+
+
+def _warm_up(engine: Engine) -> None:
+    """Compiled decoding: every shape compiled before the port opens (health checks wait for it)."""
+    if engine.compile:
+        print("compiling the decode step for every batch width and attention span "
+              "(minutes the first time, cached on disk for later starts) ...", flush=True)
+        print(f"warm-up done in {engine.warm_up():.0f} s", flush=True)
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser, defaults: SamplingParams, title: str) -> None:
@@ -80,9 +93,10 @@ def run_server(argv: list[str] | None, default_model: str, description: str,
     if args.max_concurrent < 1 or args.max_waiting < 0 or args.queue_timeout <= 0:
         raise UserError("need --max_concurrent >= 1, --max_waiting >= 0 and --queue_timeout > 0")
     engine = Engine.from_pretrained(args.model, args.served_model_name, args.template, args.device, args.dtype,
-                                    args.base_model, **_engine_options(args, args.max_concurrent))
+                                    args.base_model, args.quantize, **_engine_options(args, args.max_concurrent))
     settings = ServerSettings(args.max_concurrent, args.max_waiting, args.queue_timeout, args.max_request_bytes,
                               args.default_max_tokens, args.cors, _sampling_defaults(args))
+    _warm_up(engine)
     print(f"serving '{engine.name}' at http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
 
@@ -99,7 +113,8 @@ def run_chatbot(argv: list[str] | None, default_model: str, description: str, ti
     args = parser.parse_args(argv)
     defaults = _sampling_defaults(args)
     engine = Engine.from_pretrained(args.model, None, args.template, args.device, args.dtype, args.base_model,
-                                    **_engine_options(args, args.max_concurrent))
+                                    args.quantize, **_engine_options(args, args.max_concurrent))
+    _warm_up(engine)
     url = f"http://{args.host}:{args.port}"
     # the docstring's first paragraph names the default address: the page shows the real one
     summary = description.split("\n\n")[0].replace("http://127.0.0.1:7860", url)

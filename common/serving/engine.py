@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from common.errors import UserError
-from common.serving.batcher import Batcher, SequentialDecoder, batcher_refusal
-from common.serving.loading import context_length, load_causal_lm
+from common.serving.batcher import Batcher, SequentialDecoder, batcher_refusal, span_bucket
+from common.serving.loading import context_length, load_causal_lm, quantize_weights
 from common.serving.runtime import apply_serving_settings
 from common.serving.sampling import SamplingParams, TokenLogprob, token_logprobs
 from common.serving.text import GenerationStream
@@ -106,6 +107,28 @@ class Engine:
                     self._decoder = SequentialDecoder(self.model, self.stop_token_ids, self.count_tokens)
             return self._decoder
 
+    def warm_up(self) -> float:
+        """Run every decode shape a request can meet (each cache width x attention span) once,
+        so that compiling them (minutes for a 7B model, the first time; torch.compile caches
+        the kernels on disk for later starts) is paid before the server reports healthy, not
+        by its first users. Returns the seconds it took."""
+        if not self.batched:
+            return 0.0
+        start = time.perf_counter()
+        decoder = self.decoder
+        spans = sorted({span_bucket(n, self.context_length) for n in range(2, self.context_length + 1)})
+        greedy = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
+        for width in decoder.widths:
+            for span in spans:
+                prompt = [0] * max(1, min(span - 2, self.context_length - 2))  # its one decode step reads `span` slots
+                with decoder.condition:  # they join together: `width` rows need at least 2 requests
+                    streams = [GenerationStream(self, prompt, greedy) for _ in range(min(width, 2))]
+                for stream in streams:
+                    for _ in stream:
+                        pass
+                logger.info("warm-up: %d row(s) x %d slots done after %.1f s", width, span, time.perf_counter() - start)
+        return time.perf_counter() - start
+
     def close(self) -> None:
         """Stop the decoder thread (running generations end with an error)."""
         if self._decoder is not None:
@@ -114,11 +137,13 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, name: str | None = None, template: str | None = None,
                         device: str | None = None, dtype: str = "auto", base_model: str | None = None,
-                        **engine_options) -> Engine:
+                        quantize: str = "none", **engine_options) -> Engine:
         """`template` default: the one the model was tuned with (its chat template, or an older
-        output's sft_template.json), if any.
-        `engine_options`: max_batch, max_cache_len, compile (see __init__)."""
+        output's sft_template.json), if any. `quantize`: the weights quantised after loading
+        (an adapter merged first; see loading.quantize_weights).
+        `engine_options`: max_batch, max_cache_len, compile, decoder (see __init__)."""
         model, tokenizer = load_causal_lm(model_dir, device, dtype, base_model)
+        quantize_weights(model, quantize)
         return cls(model, tokenizer, name or Path(model_dir).resolve().name, template or saved_template_name(model_dir),
                    **engine_options)
 

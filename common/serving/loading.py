@@ -20,7 +20,10 @@ def adapter_base(adapter_dir: str | Path, base_model: str | Path | None = None) 
     config = Path(adapter_dir) / "adapter_config.json"
     if not config.is_file():
         return None
-    base = Path(base_model or json.loads(config.read_text())["base_model_name_or_path"])
+    recorded = json.loads(config.read_text()).get("base_model_name_or_path")
+    if base_model is None and not recorded:
+        raise UserError(f"{adapter_dir} is a LoRA adapter that names no base model: give it with --base_model")
+    base = Path(base_model or recorded)
     if not (base / "config.json").is_file():
         raise UserError(f"{adapter_dir} is a LoRA adapter of {base}, which is not a local model: "
                         "give its base with --base_model")
@@ -86,3 +89,47 @@ def context_length(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+# torchao weight-only / dynamic configs by name: benchmarks/quantized_matvec.py measures them
+QUANTIZATIONS = ("none", "int8", "fp8", "fp8_dynamic", "int4")
+
+
+def quantize_weights(model, kind: str):
+    """The model's linear layers' weights quantised in place with torchao (a LoRA adapter is
+    merged before this, so an adapter's model is quantised as a whole): "int8" weight-only
+    (per-channel scales), "fp8" weight-only (e4m3), "fp8_dynamic" (fp8 weights and per-row
+    fp8 activations on FP8 tensor cores, H100 / H200), "int4" weight-only (groups of 128).
+    The embedding stays as it is."""
+    if kind == "none":
+        return model
+    if kind not in QUANTIZATIONS:
+        raise UserError(f"unknown quantisation {kind!r}: choose one of {', '.join(QUANTIZATIONS)}")
+    try:
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Float8WeightOnlyConfig,
+            Int4WeightOnlyConfig,
+            Int8WeightOnlyConfig,
+            PerRow,
+            quantize_,
+        )
+    except ImportError:
+        raise UserError("quantised serving needs torchao: pip install torchao") from None
+    config = {"int8": Int8WeightOnlyConfig, "fp8": Float8WeightOnlyConfig,
+              "fp8_dynamic": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              # the tinygemm layout: its kernel ships with torch itself (the default layout needs mslk)
+              "int4": lambda: Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")}[kind]()
+    quantize_(model, config)
+    return model
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters as stored (a quantised tensor: its data and scales)."""
+    total = 0
+    for parameter in model.parameters():
+        flatten = getattr(parameter, "__tensor_flatten__", None)
+        tensors = [parameter] if flatten is None else [getattr(parameter, name) for name in flatten()[0]]
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+

@@ -1,0 +1,162 @@
+"""Which weight quantisation makes decoding faster: the linear layers of a 7B Llama's decoder
+layers (q, k, v, o, gate, up, down: 4096 / 11008 wide), at batch 1 and 64, bf16 against
+torchao's configs, each compiled as the server compiles its decode step (CUDA graphs +
+coordinate-descent tuning), in one run. Decoding one token reads every weight once, so at
+batch 1 time follows the bytes read: the question is which library path turns fewer bytes
+into less time.
+
+    python benchmarks/quantized_matvec.py              # one GPU
+    python benchmarks/quantized_matvec.py --tiny       # CPU smoke test (2 small layers)
+
+Each row: milliseconds per pass over `--layers` layers (median of 5 x 20 CUDA-graph replays),
+weight bytes, the bandwidth that implies, the speed-up over bf16 and the output's relative
+error against bf16. A config that fails (a kernel this GPU or wheel lacks) is reported as
+such. Prints a table and writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common.serving.loading import QUANTIZATIONS, quantize_weights, weight_bytes  # noqa: E402
+
+# (row name, quantisation, inductor settings for its compile): torchao's own settings, plus two
+# of inductor's for memory-bound matrix products (a batch-1 product as a reduction kernel; the
+# int8 -> bf16 conversion fused into a Triton matmul)
+VARIANTS = [(kind, kind, {}) for kind in QUANTIZATIONS] + [
+    ("none+decompose", "none", {"decompose_mem_bound_mm": True}),
+    ("int8+decompose", "int8", {"decompose_mem_bound_mm": True}),
+    ("int8+triton_mixed", "int8", {"mixed_mm_choice": "triton"}),
+]
+
+
+class DecoderLinears(nn.Module):
+    """The seven linear layers of each decoder layer, chained as attention and the MLP use them
+    (no attention itself: only the matrix products whose weights dominate a decode step)."""
+
+    def __init__(self, layers: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "q": nn.Linear(hidden, hidden, bias=False), "k": nn.Linear(hidden, hidden, bias=False),
+            "v": nn.Linear(hidden, hidden, bias=False), "o": nn.Linear(hidden, hidden, bias=False),
+            "gate": nn.Linear(hidden, intermediate, bias=False), "up": nn.Linear(hidden, intermediate, bias=False),
+            "down": nn.Linear(intermediate, hidden, bias=False)}) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer["o"](layer["q"](x) + layer["k"](x) + layer["v"](x))
+            x = x + layer["down"](torch.nn.functional.silu(layer["gate"](x)) * layer["up"](x))
+        return x
+
+
+def time_pass(fn, x: torch.Tensor, device: torch.device) -> float:
+    """Median seconds of one call, over 5 rounds of 20."""
+    for _ in range(3):
+        fn(x)
+    rounds = []
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(20):
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            fn(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rounds.append((time.perf_counter() - start) / 20)
+    return statistics.median(rounds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--variants", default=",".join(name for name, _, _ in VARIANTS),
+                        help="Rows to run, comma-separated (default: all).")
+    parser.add_argument("--tiny", action="store_true", help="2 layers 64 / 128 wide on the CPU, no compile.")
+    parser.add_argument("--out", default="outputs/benchmarks/quantized_matvec.json")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    layers, hidden, intermediate = (2, 64, 128) if args.tiny else (args.layers, 4096, 11008)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        from torch._inductor import config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True  # as the server's decode step
+    batches = [int(b) for b in args.batches.split(",")]
+    torch.manual_seed(0)
+    reference = DecoderLinears(layers, hidden, intermediate).to(device, dtype).eval()
+    inputs = {b: torch.randn(b, hidden, device=device, dtype=dtype) * 0.05 for b in batches}
+    rows = []
+    chosen = args.variants.split(",")
+    unknown = set(chosen) - {name for name, _, _ in VARIANTS}
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+    for name, kind, inductor_settings in [v for v in VARIANTS if v[0] in chosen]:
+        model = DecoderLinears(layers, hidden, intermediate).to(device, dtype).eval()
+        model.load_state_dict(reference.state_dict())
+        row = {"quantize": name}
+        try:
+            settings = torch._inductor.config.patch(**inductor_settings)
+            settings.__enter__()
+            quantize_weights(model, kind)
+            row["weight_GB"] = round(weight_bytes(model) / 1e9, 3)
+            with torch.inference_mode():
+                for batch, x in inputs.items():
+                    start = time.perf_counter()
+                    fn = torch.compile(model, mode="reduce-overhead") if device.type == "cuda" else model
+                    out = fn(x).clone()
+                    row[f"compile_s_b{batch}"] = round(time.perf_counter() - start, 1)
+                    seconds = time_pass(fn, x, device)
+                    expected = reference(x)
+                    row[f"ms_b{batch}"] = round(seconds * 1e3, 3)
+                    row[f"GB_per_s_b{batch}"] = round(weight_bytes(model) / seconds / 1e9)
+                    row[f"rel_error_b{batch}"] = round(((out.float() - expected.float()).norm()
+                                                        / expected.float().norm()).item(), 4)
+        except Exception as err:  # a config whose kernels this GPU / wheel lacks: reported, not fatal
+            row["error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        finally:
+            settings.__exit__(None, None, None)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del model
+        torch._dynamo.reset()
+    base = rows[0]
+    for row in rows:
+        for batch in batches:
+            if f"ms_b{batch}" in row and f"ms_b{batch}" in base:
+                row[f"speedup_b{batch}"] = round(base[f"ms_b{batch}"] / row[f"ms_b{batch}"], 2)
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    import torchao
+
+    header = (f"{device_name}, torch {torch.__version__}, torchao {torchao.__version__}, {layers} decoder layers' "
+              f"linears ({hidden} / {intermediate}), {dtype}, "
+              f"{'compiled reduce-overhead' if device.type == 'cuda' else 'eager'}")
+    print("\n" + header)
+    print(f"{'quantize':18s} {'GB':>6s}" + "".join(f" {'ms b' + str(b):>9s} {'x bf16':>7s} {'GB/s':>6s}"
+                                                  for b in batches) + "  rel.err")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['quantize']:18s} failed: {row['error']}")
+            continue
+        print(f"{row['quantize']:18s} {row['weight_GB']:6.2f}" + "".join(
+            f" {row[f'ms_b{b}']:9.3f} {row[f'speedup_b{b}']:7.2f} {row[f'GB_per_s_b{b}']:6d}" for b in batches)
+            + f"  {row[f'rel_error_b{batches[0]}']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"setup": header, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
