@@ -245,11 +245,14 @@ def main() -> None:
     checked = min(8, most)  # clients whose streams are compared with the same prompt decoded alone
     rows: list[dict] = []
 
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
     def add(path: str, batch: int, seconds: float, generated: int, **extra) -> dict:
         row = {"path": path, "batch": batch, "tokens": generated, "seconds": round(seconds, 3),
                "tokens_per_s": round(generated / seconds, 1), **extra}
         rows.append(row)
-        print(f"  {path}: {generated / seconds:.1f} tokens/s", flush=True)
+        print(f"  {path}: {generated / seconds:.1f} tokens/s", json.dumps(extra), flush=True)
+        Path(args.out).write_text(json.dumps({"partial": True, "rows": rows}, indent=2) + "\n")  # kept if cut short
         return row
 
     # ------------------------------------------------------------ HF generate
@@ -286,6 +289,7 @@ def main() -> None:
                             max_cache_len=max(512, 2 * (args.prompt_tokens + tokens)))
             rows.append({"path": f"{label}: engine warm-up (compile every width x span)",
                          "seconds": round(engine.warm_up(), 1)})
+            print(f"  {rows[-1]['path']}: {rows[-1]['seconds']} s", flush=True)
 
             def engine_one(i: int = 0, engine=engine) -> list[int]:
                 stream = engine.stream(prompt_ids[i], greedy)
