@@ -10,7 +10,10 @@ those files, converts each tokenizer transformers can read (`gguf_file=`) into a
 tokenizer folder (loading a GGUF takes 6-21 s; a saved folder under one), and checks every
 converted tokenizer against llama.cpp's expected ids. Tests use only the tokenizers that
 reproduce every expected id list (`validation.json` says which and why the others do not).
-Nothing of this is committed.
+The same sdist carries llama.cpp's own HF -> GGUF converter (`convert_hf_to_gguf.py`, the
+`conversion/` package it imports and its matching `gguf-py/`): extracted into
+`.cache/real_artefacts/llama_cpp/`, it is what `chatglm_lora/export_gguf.py` runs.
+Nothing of this is committed; a rerun extracts only what is missing.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ MODELS = CACHE / "models"  # ggml-vocab-*.gguf (+ .inp / .out)
 TEMPLATES = CACHE / "templates"  # <model>.jinja
 TOKENIZERS = CACHE / "tokenizers"  # saved tokenizer folders, one per GGUF vocabulary
 VALIDATION = CACHE / "validation.json"
+LLAMA_CPP = CACHE / "llama_cpp"  # llama.cpp's converter, laid out as in llama.cpp's tree
+# What convert_hf_to_gguf.py needs from llama.cpp's tree: its model classes (conversion/), its own gguf
+# package (gguf-py/, newer than the one on PyPI), the templates a few model classes fill in (models/templates/);
+# the requirements files and the licence travel along for the user to read.
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "LICENSE", "gguf-py/pyproject.toml", "gguf-py/LICENSE",
+                   "requirements/requirements-convert_hf_to_gguf.txt",
+                   "requirements/requirements-convert_legacy_llama.txt")
+CONVERTER_FOLDERS = ("conversion/", "gguf-py/gguf/", "models/templates/")
 
 # The vocabularies of the model families our recipes tune (gpt-neox and baichuan: transformers'
 # GGUF loader refuses their architectures; recorded as such).
@@ -50,23 +61,28 @@ def download() -> None:
 
 
 def extract() -> None:
-    prefix = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/models/"
-    MODELS.mkdir(parents=True, exist_ok=True)
-    TEMPLATES.mkdir(parents=True, exist_ok=True)
+    root = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
     with tarfile.open(SDIST) as tar:
         for member in tar:
-            if not member.isfile() or not member.name.startswith(prefix):
+            if not member.isfile() or not member.name.startswith(root):
                 continue
-            rest = member.name[len(prefix):]
-            if rest.startswith("ggml-vocab-") and "/" not in rest:
-                target = MODELS / rest
-            elif rest.startswith("templates/") and rest.endswith(".jinja"):
-                target = TEMPLATES / rest[len("templates/"):]
-            else:
-                continue
-            if not target.is_file():
-                with tar.extractfile(member) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+            rest = member.name[len(root):]
+            if rest.startswith("models/ggml-vocab-") and rest.count("/") == 1:
+                _extract(tar, member, MODELS / rest[len("models/"):])
+            elif rest.startswith("models/templates/") and rest.endswith(".jinja"):
+                _extract(tar, member, TEMPLATES / rest[len("models/templates/"):])
+            if rest in CONVERTER_FILES or rest.startswith(CONVERTER_FOLDERS):
+                _extract(tar, member, LLAMA_CPP / rest)
+
+
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    if target.is_file():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")  # an interrupted run leaves no truncated file behind
+    with tar.extractfile(member) as src, open(partial, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    partial.replace(target)
 
 
 def expected_cases(vocab: str) -> list[tuple[str, list[int]]]:
@@ -122,10 +138,16 @@ def official_template(model: str) -> str:
     return (TEMPLATES / f"{model}.jinja").read_text(encoding="utf-8")
 
 
+def converter_dir() -> Path | None:
+    """The extracted llama.cpp tree holding convert_hf_to_gguf.py, None before `make real-artefacts`."""
+    return LLAMA_CPP if (LLAMA_CPP / "convert_hf_to_gguf.py").is_file() else None
+
+
 def main() -> None:
     download()
     extract()
     results = convert_and_validate()
+    print(f"llama.cpp's HF -> GGUF converter: {LLAMA_CPP / 'convert_hf_to_gguf.py'}")
     for vocab, result in results.items():
         if result["loaded"]:
             print(f"{vocab}: {result['matching']}/{result['cases']} of llama.cpp's id lists reproduced "
