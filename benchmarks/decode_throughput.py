@@ -13,6 +13,8 @@ after a `--prompt_tokens` prompt; different prompts per client.
   generate                  `model.generate`, dynamic cache (what a user writes first)
   generate, static cache    `generate(cache_implementation="static")` (compiles the forward)
   engine, batch 1           `Engine.stream`: the server's generation path, one request
+  engine, N streams         N requests decoded together, read in one event loop as the server
+                            reads them, without HTTP (server minus this = HTTP and SSE)
   server, N clients         N streaming clients at once over HTTP (the clients in a process of
                             their own): aggregate and per-client tokens/s, first-token latency
                             p50 / p95 (from the moment all N were sent)
@@ -32,6 +34,7 @@ streams against the same prompt decoded alone. Prints a table and writes JSON to
 from __future__ import annotations
 
 import argparse
+import asyncio
 import copy
 import json
 import math
@@ -170,6 +173,25 @@ def concurrent_clients(port: int, prompts: list[str], tokens: int) -> tuple[floa
     return time.perf_counter() - start, results
 
 
+def engine_streams(engine: Engine, prompt_ids: list[list[int]], params: SamplingParams) -> float:
+    """Seconds to decode every prompt at once, read as the server reads (one event loop, text
+    deltas), without HTTP: the server's rows minus this is what HTTP and SSE cost."""
+    async def read_all():
+        loop = asyncio.get_running_loop()
+
+        async def read(stream):
+            async for _ in stream.deltas():
+                pass
+
+        with engine.decoder.condition:  # they join together, as clients arriving at once would
+            streams = [engine.stream(ids, params, loop) for ids in prompt_ids]
+        await asyncio.gather(*(read(stream) for stream in streams))
+
+    start = time.perf_counter()
+    asyncio.run(read_all())
+    return time.perf_counter() - start
+
+
 def common_prefix(a: list[str], b: list[str]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -303,6 +325,8 @@ def main() -> None:
                 return stream.token_ids
 
             add(f"{label}: engine, batch 1", 1, timed(engine_one), tokens)
+            for n in clients_list[1:]:
+                add(f"{label}: engine, {n} streams (no HTTP)", n, engine_streams(engine, prompt_ids[:n], greedy), n * tokens)
             alone = [engine_one(i) for i in range(checked)]
             if kind == "none":
                 alone_bf16 = alone

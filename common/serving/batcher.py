@@ -12,6 +12,7 @@ steps, so the Engine and the server above them do not care which one runs.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import random
@@ -142,6 +143,11 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _put_all(puts: list[tuple[Callable[[object], None], object]]) -> None:
+    for put, item in puts:
+        put(item)
+
+
 class _Decoder:
     """What both decoders share: the request queue, the background thread, jobs run between
     steps, and choosing and handing out each token."""
@@ -157,6 +163,7 @@ class _Decoder:
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         self.cache_argument = _cache_argument(model)
         self.waiting: deque[_Generation] = deque()
+        self.outbox: list[tuple[Callable[[object], None], list[int]]] = []  # tokens of this step, not yet handed out
         self.jobs: deque[tuple[Callable[[], object], Future]] = deque()
         self.condition = threading.Condition()
         self.closed = False
@@ -237,13 +244,30 @@ class _Decoder:
         """Give `token` to its stream; True when the generation has ended with it."""
         generation.ids.append(token)
         generation.generated += 1
-        generation.deliver([token])
+        self.outbox.append((generation.deliver, [token]))
         self.on_tokens(1)
         stopped = token in self.stop_token_ids and not generation.params.ignore_eos
         if stopped or generation.generated >= generation.params.max_new_tokens or generation.cancelled.is_set():
+            self._flush()  # its tokens before its end
             generation.finish()
             return True
         return False
+
+    def _flush(self) -> None:
+        """Hand the tokens of a step to their streams: one wake-up per event loop for all its
+        streams (a thread-safe call writes to the loop's wake-up pipe: one per token and step
+        adds up with many clients), thread-queue streams directly."""
+        by_loop: dict = defaultdict(list)
+        for deliver, item in self.outbox:
+            loop = getattr(deliver, "loop", None)
+            if loop is None:
+                deliver(item)
+            else:
+                by_loop[loop].append((deliver.put, item))
+        self.outbox.clear()
+        for loop, puts in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody reads any more
+                loop.call_soon_threadsafe(_put_all, puts)
 
 
 class SequentialDecoder(_Decoder):
@@ -277,6 +301,7 @@ class SequentialDecoder(_Decoder):
                     self._generate(generation)
                 except Exception as err:  # handed to the reader, which raises it in its request
                     logger.exception("generation failed")
+                    self._flush()
                     generation.finish(err)
 
     def _generate(self, generation: _Generation) -> None:
@@ -286,7 +311,9 @@ class SequentialDecoder(_Decoder):
         while not generation.cancelled.is_set():
             out = self.model(input_ids=input_ids, use_cache=True, **{self.cache_argument: cache}, **self.keep_last)
             cache = out["cache"] if "cache" in out else out["past_key_values"]
-            if self._hand_out(generation, self._choose(generation, out.logits[0, -1], None)):
+            finished = self._hand_out(generation, self._choose(generation, out.logits[0, -1], None))
+            self._flush()
+            if finished:
                 return
             input_ids = torch.tensor([[generation.ids[-1]]], device=self.device)
         generation.finish()
@@ -365,6 +392,7 @@ class Batcher(_Decoder):
                     self._step()
             except Exception as err:  # handed to every reader, which raises it in its request
                 logger.exception("generation failed")
+                self._flush()
                 for generation in [*joining, *filter(None, self.rows)]:
                     generation.finish(err)
                 self.rows = [None] * self.width
@@ -448,6 +476,7 @@ class Batcher(_Decoder):
                                [g.prompt_ids for _, g in group], self.position)
         for i, (row, generation) in enumerate(group):
             self._emit(row, self._choose(generation, logits[i], None))
+        self._flush()
 
     def _resize(self, needed: int) -> None:
         """Use the smallest cache that holds `needed` rows, moving the running rows into it."""
@@ -547,6 +576,7 @@ class Batcher(_Decoder):
             if generation is not None and self.rows[row] is generation:  # not finished since
                 logits = None if step.logits is None else step.logits[row]
                 self._emit(row, self._choose(generation, logits, greedy[row]))
+        self._flush()
 
     def _emit(self, row: int, token: int) -> None:
         if self._hand_out(self.rows[row], token):

@@ -15,6 +15,18 @@ if TYPE_CHECKING:
     from common.serving.engine import Engine
 
 
+class _LoopDelivery:
+    """Hands items from the decoder's thread to a stream's asyncio queue. `loop` and `put` are
+    there for the decoder, which hands a step's tokens to all streams of a loop in one call."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, put):
+        self.loop, self.put = loop, put
+
+    def __call__(self, item) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody reads any more
+            self.loop.call_soon_threadsafe(self.put, item)
+
+
 class IncrementalText:
     """The text of a growing list of token ids, where each new token costs the decode of a few
     tokens, not of all (a stream of n tokens would otherwise decode n^2 / 2 tokens in all: with
@@ -75,10 +87,7 @@ class GenerationStream:
             deliver = self._queue.put
         else:
             self._queue = asyncio.Queue()
-
-            def deliver(item, put=self._queue.put_nowait):
-                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody reads any more
-                    loop.call_soon_threadsafe(put, item)
+            deliver = _LoopDelivery(loop, self._queue.put_nowait)
         self._generation = engine.decoder.submit(prompt_ids, params, deliver)
 
     def cancel(self) -> None:
