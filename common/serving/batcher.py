@@ -129,8 +129,6 @@ class _Step:
     ready: torch.cuda.Event | None = None
 
 
-
-
 def batcher_refusal(model) -> str | None:
     """Why the Batcher cannot drive `model` (None when it can)."""
     if "position_ids" not in inspect.signature(model.forward).parameters:  # rows' positions differ from their slots

@@ -1,4 +1,4 @@
-"""`Engine`: a model, its tokenizer, how to prompt it, and the batcher that runs its generations."""
+"""`Engine`: a model, its tokenizer, how to prompt it, and the decoder thread that runs its generations."""
 
 from __future__ import annotations
 
