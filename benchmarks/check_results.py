@@ -5,7 +5,7 @@ change of data or defaults) is caught when it happens rather than by the next re
 
     python benchmarks/check_results.py                      # the recipes CI checks (`make check-results`)
     python benchmarks/check_results.py chinese_clip         # one recipe
-    python benchmarks/check_results.py --all                # every recipe with a band (about 70 min)
+    python benchmarks/check_results.py --all                # every recipe with a band (about 85 min)
     python benchmarks/check_results.py chinese_clip --skip_run   # only compare the metrics.json already there
     python benchmarks/check_results.py --list
 
@@ -90,7 +90,17 @@ RECIPES: dict[str, Check] = {
         metrics="outputs/chinese_classifier/metrics.json",
         bands={"model.test_accuracy": (0.80, 0.86)},
         minutes=8,
-        measured="0.8296 and 0.829-0.830 in reruns (README, 2026-11-22); TF-IDF baseline 0.844",
+        measured="0.8296 and 0.829-0.830 in reruns (README, 2026-11-22), 0.8261 (2026-12-04); TF-IDF baseline 0.844",
+    ),
+    "chatglm_lora": Check(  # the tiny GLM base of model_clm's glm_tiny config, LoRA SFT (make demo-sft)
+        commands=[["model_clm/prepare_data.py", "--dedup", "true"],
+                  ["model_clm/train.py", "model_clm/configs/glm_tiny.yaml"], ["chatglm_lora/prepare_data.py"],
+                  ["chatglm_lora/train.py", "chatglm_lora/configs/default.yaml"]],
+        metrics="outputs/chatglm_lora/metrics.json",
+        bands={"test.tuned.sentiment.accuracy": (0.6, 0.85), "test.tuned.segmentation.f1": (0.2, 0.38)},
+        minutes=13,
+        measured="sentiment 0.724 / 0.686, segmentation F1 0.287 / 0.291 (2026-11-22, 12-04: fresh tokenizers); "
+                 "majority class 0.594, one character per word 0.385",
     ),
     "model_baichuan": Check(  # the SFT model that baichuan2_dpo and baichuan2_grpo start from
         commands=[*MODEL_CLM, ["model_baichuan/prepare_data.py"],
@@ -98,15 +108,16 @@ RECIPES: dict[str, Check] = {
         metrics="outputs/model_baichuan/metrics.json",
         bands={"test.tuned.sentiment.accuracy": (0.6, 0.8), "test.tuned.segmentation.f1": (0.25, 0.38)},
         minutes=10,
-        measured="sentiment 0.716 / 0.678 / 0.659, segmentation F1 0.314 / 0.300 (2026-11-22 to 12-03, "
-                 "each on a fresh tokenizer and base)",
+        measured="sentiment 0.716 / 0.678 / 0.659 / 0.659, segmentation F1 0.314 / 0.313 / 0.300 / 0.300 "
+                 "(2026-11-22 to 12-04, each on a fresh tokenizer and base)",
     ),
     "baichuan2_dpo": Check(
         commands=[["baichuan2_dpo/prepare_data.py"], ["baichuan2_dpo/train.py", "baichuan2_dpo/configs/default.yaml"]],
         metrics="outputs/baichuan2_dpo/metrics.json",
         bands={"test.change.sentiment.sign_test_p": (0, 0.01), "test.tuned.segmentation.f1": (0.25, 0.4)},
         minutes=12,
-        measured="sentiment 0.658 -> 0.757, p = 1.7e-5; segmentation 0.345 -> 0.353 (2026-12-02)",
+        measured="sentiment 0.658 -> 0.757, p = 1.7e-5; segmentation 0.345 -> 0.353 (2026-12-02); on another "
+                 "base: 0.684 -> 0.783, p = 2.0e-6; segmentation 0.340 -> 0.342 (2026-12-04)",
     ),
     "baichuan2_grpo": Check(
         commands=[["baichuan2_dpo/prepare_data.py"],
