@@ -357,7 +357,8 @@ def main() -> None:
                 engine.close()
             if served is not model:
                 del served
-                torch.cuda.empty_cache() if device.type == "cuda" else None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     finally:
         clients.close()
 

@@ -108,27 +108,24 @@ def main() -> None:
         model = DecoderLinears(layers, hidden, intermediate).to(device, dtype).eval()
         model.load_state_dict(reference.state_dict())
         row = {"quantize": name}
-        try:
-            settings = torch._inductor.config.patch(**inductor_settings)
-            settings.__enter__()
-            quantize_weights(model, kind)
-            row["weight_GB"] = round(weight_bytes(model) / 1e9, 3)
-            with torch.inference_mode():
-                for batch, x in inputs.items():
-                    start = time.perf_counter()
-                    fn = torch.compile(model, mode="reduce-overhead") if device.type == "cuda" else model
-                    out = fn(x).clone()
-                    row[f"compile_s_b{batch}"] = round(time.perf_counter() - start, 1)
-                    seconds = time_pass(fn, x, device)
-                    expected = reference(x)
-                    row[f"ms_b{batch}"] = round(seconds * 1e3, 3)
-                    row[f"GB_per_s_b{batch}"] = round(weight_bytes(model) / seconds / 1e9)
-                    row[f"rel_error_b{batch}"] = round(((out.float() - expected.float()).norm()
-                                                        / expected.float().norm()).item(), 4)
-        except Exception as err:  # a config whose kernels this GPU / wheel lacks: reported, not fatal
-            row["error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
-        finally:
-            settings.__exit__(None, None, None)
+        with torch._inductor.config.patch(**inductor_settings):
+            try:
+                quantize_weights(model, kind)
+                row["weight_GB"] = round(weight_bytes(model) / 1e9, 3)
+                with torch.inference_mode():
+                    for batch, x in inputs.items():
+                        start = time.perf_counter()
+                        fn = torch.compile(model, mode="reduce-overhead") if device.type == "cuda" else model
+                        out = fn(x).clone()
+                        row[f"compile_s_b{batch}"] = round(time.perf_counter() - start, 1)
+                        seconds = time_pass(fn, x, device)
+                        expected = reference(x)
+                        row[f"ms_b{batch}"] = round(seconds * 1e3, 3)
+                        row[f"GB_per_s_b{batch}"] = round(weight_bytes(model) / seconds / 1e9)
+                        row[f"rel_error_b{batch}"] = round(((out.float() - expected.float()).norm()
+                                                            / expected.float().norm()).item(), 4)
+            except Exception as err:  # a config whose kernels this GPU / wheel lacks: reported, not fatal
+                row["error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model

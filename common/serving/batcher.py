@@ -92,7 +92,7 @@ def span_bucket(used: int, length: int) -> int:
 
 @dataclass(eq=False)
 class _Generation:
-    """One request inside the batcher; its stream reads `queue`."""
+    """One request inside a decoder; `deliver` hands its tokens to its stream."""
 
     prompt_ids: list[int]
     params: SamplingParams
