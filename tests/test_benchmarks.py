@@ -12,8 +12,8 @@ import pytest
 from conftest import REPO, run_script
 
 BENCHMARKS = ["clip_data_wait", "clm_train_throughput", "decode_throughput", "dpo_memory_speed", "gpt2_decode_speed",
-              "gpt2_train_throughput", "grpo_step_time", "image_pipeline", "lora_sft_throughput", "quantized_matvec",
-              "reply_loss_speed", "sft_memory", "tokenize_throughput"]
+              "gpt2_train_throughput", "grpo_step_time", "image_pipeline", "lora_sft_throughput", "profile_decode_step",
+              "quantized_matvec", "reply_loss_speed", "sft_memory", "tokenize_throughput"]
 # Variants run one child process each (about 10 s of imports apiece): where a benchmark has many,
 # the test runs one per code path (baseline, the recipe's way, torch.compile, DPO's references).
 VARIANTS = {"clip_data_wait": "loader,resident_compile", "gpt2_train_throughput": "baseline,recipe",
@@ -24,7 +24,8 @@ OPTIONS = {name: ("--variants", variants) for name, variants in VARIANTS.items()
     # states need a GPU)
     "sft_memory": ("--shapes", "glm4-9b", "--methods", "lora,full", "--seqs", "64", "--checkpointing", "on"),
     # the CPU has no FP8 and no int4 kernel: those rows are GPU-only
-    "quantized_matvec": ("--variants", "none,int8,fp8,int8+decompose"),
+    "quantized_matvec": ("--variants", "none,int8,fp8,int8+autotune"),
+    "profile_decode_step": ("--widths", "1,4", "--spans", "256"),
     "decode_throughput": ("--clients", "1,4", "--quantize", "none,int8")}
 
 

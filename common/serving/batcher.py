@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.errors import UserError
 from common.serving.sampling import SamplingParams, TokenLogprob, _logit_processors, token_logprobs
@@ -31,6 +32,15 @@ from common.serving.sampling import SamplingParams, TokenLogprob, _logit_process
 logger = logging.getLogger(__name__)
 
 PREFILL_TOKENS = 16384  # prompts that join together are prefilled in one forward up to this many (padded) tokens
+
+# Attention kernels the compiled decode step may use, cuDNN's first: on its masked one-query
+# shapes it reads the KV cache at about the copy bandwidth (H200, 64 rows x 512 slots, 32
+# layers: 4.2 ms against 8.2 ms for the memory-efficient kernel; benchmarks/profile_decode_step.py).
+# The step has few shapes (cache width x span bucket), so cuDNN builds few plans; everywhere
+# else (prefill, scoring, the sequential decoder: a new key length at every call) it stays off
+# (runtime.py).
+DECODE_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH]
 
 
 class SlotCache:
@@ -540,7 +550,8 @@ class Batcher(_Decoder):
         cache.span = span_bucket(self.position + 1, cache.length)
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        logits, greedy = self.decode[self.width](cache, input_ids[:, None], inputs[1, :, None], inputs[2])
+        with sdpa_kernel(DECODE_ATTENTION) if self.device.type == "cuda" else contextlib.nullcontext():
+            logits, greedy = self.decode[self.width](cache, input_ids[:, None], inputs[1, :, None], inputs[2])
         step = _Step(rows, None if pipelined else logits, greedy.clone() if pipelined else None,
                      torch.empty(greedy.shape, dtype=greedy.dtype, pin_memory=self.device.type == "cuda"))
         step.greedy.copy_(greedy, non_blocking=True)

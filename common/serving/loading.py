@@ -116,10 +116,16 @@ def quantize_weights(model, kind: str):
         )
     except ImportError:
         raise UserError("quantised serving needs torchao: pip install torchao") from None
-    config = {"int8": Int8WeightOnlyConfig, "fp8": Float8WeightOnlyConfig,
-              "fp8_dynamic": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+    # set_inductor_config=False: torchao would otherwise change inductor's process-wide settings
+    # behind our back (coordinate descent in every direction among them: with it, the 7B's warm-up
+    # compile with fp8 weights had not finished after 7 minutes on an H200, against 5.2 minutes
+    # for bf16); serving's own settings are in runtime.py
+    own = {"set_inductor_config": False}
+    config = {"int8": lambda: Int8WeightOnlyConfig(**own), "fp8": lambda: Float8WeightOnlyConfig(**own),
+              "fp8_dynamic": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), **own),
               # the tinygemm layout: its kernel ships with torch itself (the default layout needs mslk)
-              "int4": lambda: Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")}[kind]()
+              "int4": lambda: Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d",
+                                                   **own)}[kind]()
     quantize_(model, config)
     return model
 

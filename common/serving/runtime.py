@@ -17,7 +17,8 @@ def apply_serving_settings(device: torch.device, compile_decode: bool) -> None:
         # SDPA's cuDNN backend builds an execution plan for every new key length and caches it
         # per thread: token-by-token decoding (a new length each step, a new thread per request)
         # then spent ~50 ms per token on plan building (H100: 13 vs 125 tokens/s). The flash /
-        # memory-efficient kernels need no plans.
+        # memory-efficient kernels need no plans. (The Batcher's compiled decode step, whose
+        # shapes are few and fixed, turns it back on for itself: batcher.DECODE_ATTENTION.)
         torch.backends.cuda.enable_cudnn_sdp(False)
     if compile_decode:
         # Tuning the generated kernels' launch parameters: a 7B step at batch 1 on an H100 took
