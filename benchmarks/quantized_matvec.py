@@ -36,9 +36,11 @@ from common.serving.loading import QUANTIZATIONS, quantize_weights, weight_bytes
 # -> bf16 conversion into the product's loads (prologue fusion) instead of writing a bf16 copy of
 # the weight first. (inductor's decompose_mem_bound_mm does not apply: on CUDA it only rewrites
 # products whose first dimension is at least 10,240.)
+# `int8_pack`: PyTorch's own int8 weight-only product (aten._weight_int8pack_mm: bf16 activations,
+# int8 weights with a scale per output row, no bf16 copy of the weight), outside torchao.
 VARIANTS = [(kind, kind, {}) for kind in QUANTIZATIONS] + [
     (f"{kind}+autotune", kind, {"max_autotune_gemm": True}) for kind in ("none", "int8", "fp8")
-]
+] + [("int8_pack", "int8_pack", {})]
 
 
 class DecoderLinears(nn.Module):
@@ -58,6 +60,27 @@ class DecoderLinears(nn.Module):
             x = layer["o"](layer["q"](x) + layer["k"](x) + layer["v"](x))
             x = x + layer["down"](torch.nn.functional.silu(layer["gate"](x)) * layer["up"](x))
         return x
+
+
+class Int8PackLinear(nn.Module):
+    """A linear layer through aten._weight_int8pack_mm, its weight rounded to int8 per output row."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach()
+        scale = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.weight = nn.Parameter(torch.round(weight.float() / scale[:, None]).to(torch.int8), requires_grad=False)
+        self.scale = nn.Parameter(scale.to(weight.dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def int8_pack(model: DecoderLinears) -> None:
+    for layer in model.layers:
+        for name, linear in list(layer.items()):
+            layer[name] = Int8PackLinear(linear)
 
 
 def time_pass(fn, x: torch.Tensor, device: torch.device) -> float:
@@ -110,7 +133,10 @@ def main() -> None:
         row = {"quantize": name}
         with torch._inductor.config.patch(**inductor_settings):
             try:
-                quantize_weights(model, kind)
+                if kind == "int8_pack":
+                    int8_pack(model)
+                else:
+                    quantize_weights(model, kind)
                 row["weight_GB"] = round(weight_bytes(model) / 1e9, 3)
                 with torch.inference_mode():
                     for batch, x in inputs.items():

@@ -220,11 +220,10 @@ def test_clear_errors(tmp_path):
     assert result.returncode != 0 and "no index.json" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_deepspeed_zero2_on_two_cpu_processes_matches_one_process(tmp_path):
+def test_deepspeed_zero2_on_two_cpu_processes_matches_one_process(two_sources, tmp_path):
     pytest.importorskip("deepspeed")
-    data = tmp_path / "data"
-    run_script("model_clm/prepare_data.py", "--output_dir", data, "--vocab_size", "1000")
-    common = ["--data_dir", data / "news", "--max_steps", "4", "--eval_steps", "100", "--save_steps", "100",
+    root, _ = two_sources
+    common = ["--data_dir", root / "a", "--max_steps", "4", "--eval_steps", "100", "--save_steps", "100",
               "--warmup_steps", "0", *TINY, "--dataloader_num_workers", "0"]
     run_script("model_clm/train.py", *common, "--per_device_train_batch_size", "8", "--output_dir", tmp_path / "one")
     # two processes with 4 sequences each: the same global batch, parameters sharded by ZeRO-2
@@ -241,8 +240,9 @@ def test_deepspeed_zero2_on_two_cpu_processes_matches_one_process(tmp_path):
     # equal up to summation order (Adam turns that noise, in near-zero gradients, into small steps)
     for key in ("first_logged_loss", "last_logged_loss"):
         assert zero2["train"][key] == pytest.approx(one["train"][key], rel=2e-4)
-    assert one["valid"]["news"]["after"]["loss"] < one["valid"]["news"]["before"]["loss"] - 0.01, one["valid"]  # weights moved
-    assert zero2["valid"]["news"]["after"]["loss"] == pytest.approx(one["valid"]["news"]["after"]["loss"], rel=2e-4)
+    assert one["valid"]["a"]["after"]["loss"] < one["valid"]["a"]["before"]["loss"] - 0.01, one["valid"]  # weights moved
+    # (after 4 Adam steps on a 100-token vocabulary the order noise reaches 4e-4 of the held-out loss)
+    assert zero2["valid"]["a"]["after"]["loss"] == pytest.approx(one["valid"]["a"]["after"]["loss"], rel=1e-3)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gpt_neox", "bloom", "falcon", "gpt2", "glm"])

@@ -45,8 +45,8 @@ def qwen(tmp_path_factory):
     result = run_script(
         "chatglm_lora/train.py", "--model_name_or_path", root / "base", "--data_dir", root / "data",
         "--output_dir", root / "lora", "--lora_target", "all-linear", "--lora_rank", "8", "--lora_alpha", "16",
-        "--max_length", "160", "--per_device_train_batch_size", "8", "--max_steps", "200", "--learning_rate", "1e-2",
-        "--warmup_steps", "10", "--eval_steps", "200", "--save_steps", "200", "--logging_steps", "20",
+        "--max_length", "160", "--per_device_train_batch_size", "8", "--max_steps", "100", "--learning_rate", "1e-2",
+        "--warmup_steps", "10", "--eval_steps", "100", "--save_steps", "100", "--logging_steps", "20",
         "--eval_samples", "-1")
     run_script("chatglm_lora/merge.py", "--adapter", root / "lora", "--output_dir", root / "merged")
     return {"root": root, "stdout": result.stdout,
