@@ -104,8 +104,8 @@ demo-pipeline: setup
 # machine). QLORA=1 adds bitsandbytes (43 MB of the 64 MiB a call may carry).
 GPU_WHEELS := datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 trl==1.16.0 liger-kernel==0.8.5 \
 	fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
-	annotated-doc==0.0.4 typing-inspection==0.4.5 opentelemetry-api==1.45.2 uvicorn==0.54.0 uvloop==0.23.0 httptools==0.9.0 \
-	torchao==0.18.0 $(if $(QLORA),bitsandbytes==0.50.2)
+	annotated-doc==0.0.4 typing-inspection==0.4.5 opentelemetry-api==1.45.2 uvicorn==0.54.0 \
+	uvloop==0.23.0 httptools==0.9.0 torchao==0.18.0 $(if $(QLORA),bitsandbytes==0.50.2)
 # transformers' continuous batching for decode_throughput.py's comparison rows (`make gpu-wheels CB=1`:
 # into .whl-cb, installed apart from the image's transformers 5.17 for that run only)
 CB_WHEELS := transformers==5.25.0 huggingface-hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 hf-xet==1.8.0 \

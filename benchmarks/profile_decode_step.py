@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.decode_throughput import build_model, copy_bandwidth  # noqa: E402
-from common.serving.batcher import SlotCache, _cache_argument, _decode_step  # noqa: E402
+from common.serving.batcher import DECODE_ATTENTION, SlotCache, _cache_argument, _decode_step  # noqa: E402
 
 
 def kernel_group(name: str) -> str:
@@ -100,7 +100,13 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     widths = [int(w) for w in args.widths.split(",")]
     spans = [int(s) for s in args.spans.split(",")]
-    step = partial(_decode_step, model, dtype, _cache_argument(model))
+    decode = partial(_decode_step, model, dtype, _cache_argument(model))
+
+    def step(*args):  # with the attention kernels the server's step may use
+        backends = DECODE_ATTENTION if device.type == "cuda" else [torch.nn.attention.SDPBackend.MATH]
+        with torch.nn.attention.sdpa_kernel(backends):
+            return decode(*args)
+
     rows = []
     with torch.inference_mode():
         for width in widths:
@@ -112,10 +118,10 @@ def main() -> None:
                 cache.span = span
                 cache.position.fill_(span - 1)
                 positions = torch.full((width, 1), span - 1, device=device)
-                groups, top = profile(lambda: step(cache, ids, positions, first), steps=5)
+                one_step = partial(step, cache, ids, positions, first)
+                groups, top = profile(one_step, steps=5)
                 bytes_read = weights + width * span * kv_per_slot
-                row = {"width": width, "span": span, "step_ms": round(timed_ms(lambda: step(cache, ids, positions, first),
-                                                                              repeats=5 if args.tiny else 20), 3),
+                row = {"width": width, "span": span, "step_ms": round(timed_ms(one_step, repeats=5 if args.tiny else 20), 3),
                        **{f"{k}_ms": round(v, 3) for k, v in sorted(groups.items())},
                        "bytes_GB": round(bytes_read / 1e9, 2),
                        "bytes_at_copy_bandwidth_ms": round(bytes_read / bandwidth * 1e3, 3) if bandwidth else None,
@@ -134,15 +140,15 @@ def main() -> None:
                                                   ("flash_no_mask", backends.FLASH_ATTENTION, False)):
                     try:
                         with torch.nn.attention.sdpa_kernel(backend):
-                            ms = timed_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask if with_mask else None),
-                                          repeats=5 if args.tiny else 50)
+                            attention = partial(F.scaled_dot_product_attention, q, k, v,
+                                                attn_mask=mask if with_mask else None)
+                            ms = timed_ms(attention, repeats=5 if args.tiny else 50)
                         sdpa[name] = round(ms * config.num_hidden_layers, 3)  # every layer
                     except RuntimeError as err:
                         sdpa[name] = f"unavailable: {str(err).splitlines()[0][:80]}"
                 row["sdpa_all_layers_ms"] = sdpa
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            del cache
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\n{name}, torch {torch.__version__}, {weights / 1e9:.2f} GB of weights, KV {kv_per_slot / 1e3:.0f} kB a slot, "
           f"copy bandwidth {bandwidth / 1e9 if bandwidth else 0:.0f} GB/s")
