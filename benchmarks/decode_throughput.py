@@ -5,6 +5,8 @@ transformers' own continuous batching (`generate_batch`) beside them, in one run
     python benchmarks/decode_throughput.py                          # Llama-2-7B shape, one GPU
     python benchmarks/decode_throughput.py --quantize none,int8     # + torchao int8 weights
     python benchmarks/decode_throughput.py --tiny                   # CPU smoke test (2 x 64 model)
+    python benchmarks/decode_throughput.py --transformers_cb_site /tmp/site-cb   # CB rows with a newer
+        # transformers (`make gpu-wheels CB=1`, then pip install --target /tmp/site-cb .whl-cb/*.whl)
 
 Random weights (only speed is measured); a word-level tokenizer with one token per id so that
 every generated id decodes. Every row: greedy, end of text ignored, `--tokens` new tokens
@@ -39,8 +41,11 @@ import copy
 import json
 import math
 import multiprocessing
+import os
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -236,6 +241,25 @@ def transformers_continuous_batching(model, prompt_ids: list[list[int]], tokens:
         return timed(lambda: model.generate_batch(inputs=prompt_ids, generation_config=config))
 
 
+def transformers_cb_in_child(args, device: torch.device) -> list[dict]:
+    """The CB rows from this script run again with `--transformers_cb_site` first on the import path
+    (the same prompts: they come from a fixed seed), the other transformers named in each row."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "cb.json"
+        command = [sys.executable, __file__, "--only_transformers_cb", "--shape", args.shape, "--tokens", str(args.tokens),
+                   "--prompt_tokens", str(args.prompt_tokens), "--clients", args.clients, "--out", str(out),
+                   *(["--tiny"] if args.tiny else [])]
+        path = os.pathsep.join(filter(None, [args.transformers_cb_site, os.environ.get("PYTHONPATH")]))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the child builds its own copy of the model
+        result = subprocess.run(command, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True)
+        if result.returncode != 0:
+            return [{"path": "transformers CB", "error": (result.stderr.strip().splitlines() or ["?"])[-1][:300]}]
+        child = json.loads(out.read_text())
+    version = child["setup"].split("transformers ")[1].split(",")[0]
+    return [{**row, "path": f"{row['path']} (transformers {version})"} for row in child["rows"]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama2-7b", choices=[s for s in SHAPES if s != "tiny"])
@@ -248,6 +272,9 @@ def main() -> None:
     parser.add_argument("--skip_transformers_cb", action="store_true")
     parser.add_argument("--only_transformers_cb", action="store_true",
                         help="Only the transformers CB rows (run with a newer transformers than the rest, say).")
+    parser.add_argument("--transformers_cb_site", default=None,
+                        help="A folder holding another transformers (`make gpu-wheels CB=1`, installed with pip "
+                             "--target): the CB rows then run in a child process that imports it first, in this run.")
     parser.add_argument("--tiny", action="store_true", help="2 x 64 model on the CPU, 16 tokens: a smoke test.")
     parser.add_argument("--port", type=int, default=None, help="Port of the in-process server (default: a free one).")
     parser.add_argument("--out", default="outputs/benchmarks/decode_throughput.json")
@@ -362,7 +389,9 @@ def main() -> None:
     finally:
         clients.close()
 
-    if not args.skip_transformers_cb and device.type == "cuda":
+    if args.transformers_cb_site and not args.skip_transformers_cb and device.type == "cuda":
+        rows += transformers_cb_in_child(args, device)
+    elif not args.skip_transformers_cb and device.type == "cuda":
         for n in clients_list:
             try:
                 add(f"transformers CB, {n} request{'s' if n > 1 else ''}", n,
