@@ -30,6 +30,7 @@ from common.instructions import (
     split_of,
     to_conversations,
 )
+from common.parameters import parameter_count
 from common.sft import (
     format_report,
     pack,
@@ -321,8 +322,7 @@ def add_adapter(model, model_args: SFTModelArguments, training_args: SFTTraining
 
 
 def count_parameters(model) -> dict:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = parameter_count(model, trainable_only=True), parameter_count(model)
     return {"trainable": trainable, "total": total, "trainable_share": round(trainable / total, 5)}
 
 

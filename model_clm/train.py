@@ -50,6 +50,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from common.config import parse_args
 from common.errors import UserError, cli_main
+from common.parameters import parameter_count
 from common.plots import plot_losses
 from common.shards import MixedTokens, TokenShards, read_index
 from common.tokenizer import load_tokenizer
@@ -220,7 +221,7 @@ def build_trainer(data_args: DataArguments, model_args: ModelArguments,
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_model(model_args, tokenizer, data_args.block_size)
     logger.info("model: %s, %.2fM parameters; train: %s of %d blocks of %d tokens", type(model).__name__,
-                model.num_parameters() / 1e6, type(train).__name__, len(train), data_args.block_size)
+                parameter_count(model) / 1e6, type(train).__name__, len(train), data_args.block_size)
     return CLMTrainer(model=model, args=training_args, train_dataset=train,
                       eval_dataset=valid if len(valid) > 1 else valid[names[0]],
                       processing_class=tokenizer, data_collator=default_data_collator)
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "tokens_per_s": round(steps * trainer.args.per_device_train_batch_size
                                         * trainer.args.gradient_accumulation_steps * trainer.args.world_size
                                         * data_args.block_size / result.metrics["train_runtime"], 1)},
-        "parameters": trainer.model.num_parameters(),
+        "parameters": parameter_count(trainer.model),
         "model_type": trainer.model.config.model_type,
         "distributed": {"world_size": trainer.args.world_size, "engine": type(trainer.model_wrapped).__name__,
                         "zero_stage": trainer.model_wrapped.zero_optimization_stage()

@@ -2,6 +2,7 @@
 -> generate -> the OpenAI-compatible server; resume and adapter continuation; full tuning."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -197,3 +198,47 @@ def test_full_finetuning_saves_a_plain_model_and_errors_are_clear(workdir):
     with pytest.raises(UserError, match=r"--lora_target c_attn: no such module in this glm model; its linear "
                                         r"layers are .*gate_up_proj"):
         lora_target_modules(model, ["q_proj", "c_attn"])
+
+
+def test_lora_under_zero3_on_two_cpu_processes_matches_one_process(workdir, tmp_path):
+    """ZeRO-3 (parameters partitioned from loading on, deepspeed.zero.Init) through the same train.py,
+    two processes on gloo, against one process with the same global batch: the same losses and
+    parameter counts (counted whole, not as the partitions' placeholders), an adapter that reloads
+    over the base to the same logits."""
+    pytest.importorskip("deepspeed")
+    from peft import PeftModel
+
+    # the template's markers already in the vocabulary, so no new trainable tokens: PEFT gathers those
+    # under ZeRO-3 with CUDA calls, which fail on a CPU
+    base = tmp_path / "base"
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "base")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[gMASK]", "<sop>", "<|system|>", "<|user|>",
+                                                                "<|assistant|>", "<|observation|>", "<|endoftext|>"]})
+    model = AutoModelForCausalLM.from_pretrained(workdir / "base")
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    common = ["chatglm_lora/configs/default.yaml", "--model_name_or_path", base, "--data_dir", workdir / "data",
+              "--max_length", "128", "--lora_rank", "8", "--lora_alpha", "16", "--eval_samples", "16",
+              "--eval_max_new_tokens", "12", "--logging_steps", "1", "--max_steps", "6", "--save_steps", "100",
+              "--eval_steps", "100"]
+    run_script("chatglm_lora/train.py", *common, "--per_device_train_batch_size", "4", "--output_dir", tmp_path / "one")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "chatglm_lora" / "train.py"), *map(str, common), "--per_device_train_batch_size", "2",
+               "--output_dir", str(tmp_path / "zero3"), "--use_cpu", "true",
+               "--deepspeed", str(REPO / "model_clm" / "configs" / "ds_zero3.json")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    one, zero3 = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "zero3"))
+    assert zero3["parameters"] == one["parameters"] and one["parameters"]["total"] > 10 * one["parameters"]["trainable"]
+    for key in ("first_logged_loss", "last_logged_loss"):
+        assert zero3["train"][key] == pytest.approx(one["train"][key], rel=1e-5)
+    assert one["train"]["last_logged_loss"] != one["train"]["first_logged_loss"]  # it trained
+    ids = torch.tensor([tokenizer("新华社北京电，今年以来经济稳中向好")["input_ids"]])
+    with torch.no_grad():
+        logits = [PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / name)
+                  .eval()(input_ids=ids).logits for name in ("one", "zero3")]
+        plain = AutoModelForCausalLM.from_pretrained(base).eval()(input_ids=ids).logits
+    assert (logits[0] - plain).abs().max() > 1e-3  # the adapter changes the model
+    assert torch.allclose(logits[1], logits[0], atol=1e-4)
