@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from common.device_map import align_adapter_inputs, load_chained, parse_device_map, require_gpus
@@ -167,6 +167,11 @@ class SFTModelArguments:
                                 "too large for one GPU; one GPU works at a time): balanced, balanced_low_0 (less on "
                                 "GPU 0) or sizes per GPU like \"0:20GiB,1:30GiB\". Plain python only: not with "
                                 "torchrun / accelerate launch, --deepspeed, FSDP or qlora."})
+    random_init: bool = field(
+        default=False, metadata={"help": "Build the model from --model_name_or_path's config.json with random "
+                                 "weights (no weights read): to measure speed and memory of a shape you have no "
+                                 "checkpoint of. Under ZeRO-3 each weight is made already partitioned over the "
+                                 "processes (deepspeed.zero.Init), so no process ever holds the whole model."})
 
 
 @dataclass
@@ -272,7 +277,16 @@ def load_model(model_args: SFTModelArguments, training_args: SFTTrainingArgument
             raise UserError("qlora needs a CUDA GPU and the bitsandbytes package; use --finetuning_type lora")
         kwargs["device_map"] = {"": training_args.local_process_index}  # 4-bit weights are placed at load
         kwargs["quantization_config"] = nf4_config(compute)
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    if model_args.random_init:
+        if model_args.finetuning_type == "qlora" or model_args.device_map:
+            raise UserError("--random_init builds a plain model: not with qlora or --device_map")
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=False)
+        logger.warning("--random_init: %s built from its config with random weights, none read",
+                       config.architectures or config.model_type)
+        # (from_config runs under deepspeed.zero.Init when a ZeRO-3 config is active)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     if model.get_input_embeddings().num_embeddings < vocab_size:
         model.resize_token_embeddings(vocab_size, mean_resizing=True)
     model.config.use_cache = False  # training; packed rows are only recognised without a KV cache

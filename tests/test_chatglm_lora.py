@@ -204,8 +204,8 @@ def test_lora_under_zero3_on_two_cpu_processes_matches_one_process(workdir, tmp_
     """ZeRO-3 (parameters partitioned from loading on, deepspeed.zero.Init) through the same train.py,
     two processes on gloo, against one process with the same global batch: the same losses and
     parameter counts (counted whole, not as the partitions' placeholders), an adapter that reloads
-    over the base to the same logits; and launched as two nodes (torchrun --nnodes 2, c10d
-    rendezvous on 127.0.0.1): the same run as on one node."""
+    over the base to the same logits; launched as two nodes (torchrun --nnodes 2, c10d rendezvous
+    on 127.0.0.1): the same run as on one node; and a shape without weights (--random_init) trains."""
     pytest.importorskip("deepspeed")
     from peft import PeftModel
 
@@ -224,20 +224,20 @@ def test_lora_under_zero3_on_two_cpu_processes_matches_one_process(workdir, tmp_
               "--eval_max_new_tokens", "12", "--logging_steps", "1", "--max_steps", "6", "--save_steps", "100",
               "--eval_steps", "100"]
     run_script("chatglm_lora/train.py", *common, "--per_device_train_batch_size", "4", "--output_dir", tmp_path / "one")
-    def zero3(output: str) -> list[str]:  # train.py's arguments for a ZeRO-3 run of two processes
+    def zero3_args(output: str) -> list[str]:  # train.py's arguments for a ZeRO-3 run of two processes
         return [str(REPO / "chatglm_lora" / "train.py"), *map(str, common), "--per_device_train_batch_size", "2",
                 "--output_dir", str(tmp_path / output), "--use_cpu", "true",
                 "--deepspeed", str(REPO / "model_clm" / "configs" / "ds_zero3.json")]
 
     launch = [sys.executable, "-m", "torch.distributed.run"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run([*launch, "--standalone", "--nproc_per_node", "2", *zero3("zero3")], cwd=REPO,
+    result = subprocess.run([*launch, "--standalone", "--nproc_per_node", "2", *zero3_args("zero3")], cwd=REPO,
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     # the same as two "nodes" of one process each, launched as on two machines (rendezvous on this host)
     rendezvous = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_id", "sft",
                   "--rdzv_endpoint", f"127.0.0.1:{free_port()}"]
-    nodes = [subprocess.Popen([*launch, *rendezvous, "--node_rank", str(rank), *zero3("two_nodes")], cwd=REPO,
+    nodes = [subprocess.Popen([*launch, *rendezvous, "--node_rank", str(rank), *zero3_args("two_nodes")], cwd=REPO,
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     for node in nodes:
         _, errors = node.communicate(timeout=600)
@@ -251,6 +251,19 @@ def test_lora_under_zero3_on_two_cpu_processes_matches_one_process(workdir, tmp_
     for key in ("loss_before", "loss_after"):
         assert two_nodes["valid"][key] == pytest.approx(zero3["valid"][key], rel=1e-6)
     assert one["train"]["last_logged_loss"] != one["train"]["first_logged_loss"]  # it trained
+    # a shape without weights (config and tokenizer only), built partitioned (--random_init under ZeRO-3)
+    shape = tmp_path / "shape"
+    shape.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (shape / name).write_bytes((base / name).read_bytes())
+    common[common.index(base)] = shape
+    result = subprocess.run([*launch, "--standalone", "--nproc_per_node", "2", *zero3_args("random"), "--random_init", "true",
+                             "--max_steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "built from its config with random weights" in result.stderr
+    random = json.loads((tmp_path / "random" / "metrics.json").read_text())
+    assert random["parameters"] == one["parameters"] and random["train"]["steps"] == 2
+
     ids = torch.tensor([tokenizer("新华社北京电，今年以来经济稳中向好")["input_ids"]])
     with torch.no_grad():
         logits = [PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / name)
