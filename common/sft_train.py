@@ -278,8 +278,6 @@ def load_model(model_args: SFTModelArguments, training_args: SFTTrainingArgument
         kwargs["device_map"] = {"": training_args.local_process_index}  # 4-bit weights are placed at load
         kwargs["quantization_config"] = nf4_config(compute)
     if model_args.random_init:
-        if model_args.finetuning_type == "qlora" or model_args.device_map:
-            raise UserError("--random_init builds a plain model: not with qlora or --device_map")
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=False)
         logger.warning("--random_init: %s built from its config with random weights, none read",
                        config.architectures or config.model_type)
@@ -441,6 +439,8 @@ def check_sft_run(model_args: SFTModelArguments, training_args: SFTTrainingArgum
     check_local_model(model_args.model_name_or_path, base_hint)
     if model_args.finetuning_type not in ("lora", "qlora", "full"):
         raise UserError(f"--finetuning_type must be lora, qlora or full, got {model_args.finetuning_type}")
+    if model_args.random_init and (model_args.finetuning_type == "qlora" or model_args.device_map):
+        raise UserError("--random_init builds a plain model: not with qlora or --device_map")
     check_device_map(model_args, training_args)
     refuse_data_parallel(training_args, model_args.device_map)
 

@@ -22,7 +22,12 @@ from common.corpora import load_peoples_daily, load_reviews
 from common.errors import UserError
 from common.serving.engine import Engine
 from common.serving.sampling import SamplingParams
-from common.sft_train import lora_target_modules
+from common.sft_train import (
+    SFTModelArguments,
+    SFTTrainingArguments,
+    check_sft_run,
+    lora_target_modules,
+)
 from common.templates import encode_chat, get_template, registry_entry_of
 from common.tokenizer import build_chinese_tokenizer
 
@@ -198,6 +203,9 @@ def test_full_finetuning_saves_a_plain_model_and_errors_are_clear(workdir):
     with pytest.raises(UserError, match=r"--lora_target c_attn: no such module in this glm model; its linear "
                                         r"layers are .*gate_up_proj"):
         lora_target_modules(model, ["q_proj", "c_attn"])
+    with pytest.raises(UserError, match="--random_init builds a plain model: not with qlora or --device_map"):
+        check_sft_run(SFTModelArguments(model_name_or_path=str(workdir / "base"), random_init=True,
+                                        device_map="balanced"), SFTTrainingArguments(output_dir=str(workdir / "x")), "")
 
 
 def test_lora_under_zero3_on_two_cpu_processes_matches_one_process(workdir, tmp_path):
