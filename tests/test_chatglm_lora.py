@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -213,7 +214,8 @@ def test_lora_under_zero3_on_two_cpu_processes_matches_one_process(workdir, tmp_
     two processes on gloo, against one process with the same global batch: the same losses and
     parameter counts (counted whole, not as the partitions' placeholders), an adapter that reloads
     over the base to the same logits; launched as two nodes (torchrun --nnodes 2, c10d rendezvous
-    on 127.0.0.1): the same run as on one node; and a shape without weights (--random_init) trains."""
+    on 127.0.0.1): the same run as on one node; resumed from a checkpoint: the same adapter as the
+    whole run; and a shape without weights (--random_init) trains."""
     pytest.importorskip("deepspeed")
     from peft import PeftModel
 
@@ -239,9 +241,17 @@ def test_lora_under_zero3_on_two_cpu_processes_matches_one_process(workdir, tmp_
 
     launch = [sys.executable, "-m", "torch.distributed.run"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run([*launch, "--standalone", "--nproc_per_node", "2", *zero3_args("zero3")], cwd=REPO,
-                            capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run([*launch, "--standalone", "--nproc_per_node", "2", *zero3_args("zero3"), "--save_steps", "3"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
+    # resumed from its step-3 checkpoint (DeepSpeed's partitioned states), it ends where the whole run did
+    shutil.copytree(tmp_path / "zero3" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    result = subprocess.run([*launch, "--standalone", "--nproc_per_node", "2", *zero3_args("resumed"), "--save_steps", "3",
+                             "--resume_from_checkpoint", "last"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    whole, resumed = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("zero3", "resumed"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     # the same as two "nodes" of one process each, launched as on two machines (rendezvous on this host)
     rendezvous = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_id", "sft",
                   "--rdzv_endpoint", f"127.0.0.1:{free_port()}"]
