@@ -389,16 +389,17 @@ def main() -> None:
     finally:
         clients.close()
 
-    if args.transformers_cb_site and not args.skip_transformers_cb and device.type == "cuda":
-        rows += transformers_cb_in_child(args, device)
-    elif not args.skip_transformers_cb and device.type == "cuda":
-        for n in clients_list:
-            try:
-                add(f"transformers CB, {n} request{'s' if n > 1 else ''}", n,
-                    transformers_continuous_batching(model, prompt_ids[:n], tokens), n * tokens)
-            except Exception as err:  # an older transformers without generate_batch, say
-                rows.append({"path": f"transformers CB, {n}", "error": f"{type(err).__name__}: {err}"[:300]})
-                break
+    if not args.skip_transformers_cb and device.type == "cuda":
+        if args.transformers_cb_site:  # another transformers than this process imported: in a child process
+            rows += transformers_cb_in_child(args, device)
+        else:
+            for n in clients_list:
+                try:
+                    add(f"transformers CB, {n} request{'s' if n > 1 else ''}", n,
+                        transformers_continuous_batching(model, prompt_ids[:n], tokens), n * tokens)
+                except Exception as err:  # an older transformers without generate_batch, say
+                    rows.append({"path": f"transformers CB, {n}", "error": f"{type(err).__name__}: {err}"[:300]})
+                    break
 
     bandwidth = copy_bandwidth(device)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.decode_throughput import build_model, copy_bandwidth  # noqa: E402
 from common.serving.batcher import DECODE_ATTENTION, SlotCache, _cache_argument, _decode_step  # noqa: E402
+from common.serving.loading import weight_bytes  # noqa: E402
 
 
 def kernel_group(name: str) -> str:
@@ -67,8 +69,6 @@ def profile(fn, steps: int) -> tuple[dict[str, float], list[tuple[str, float]]]:
 def timed_ms(fn, repeats: int = 50) -> float:
     fn()
     if not torch.cuda.is_available():
-        import time
-
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
@@ -94,7 +94,7 @@ def main() -> None:
     model = build_model("tiny" if args.tiny else "llama2-7b", device)
     config = model.config
     dtype = next(model.parameters()).dtype
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     head_dim = config.hidden_size // config.num_attention_heads
     kv_per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
     bandwidth = copy_bandwidth(device)
@@ -133,11 +133,10 @@ def main() -> None:
                 v = torch.randn_like(k)
                 mask = torch.zeros(width, 1, 1, span, device=device, dtype=dtype)
                 sdpa = {}
-                backends = torch.nn.attention.SDPBackend
-                for name, backend, with_mask in (("efficient", backends.EFFICIENT_ATTENTION, True),
-                                                  ("math", backends.MATH, True),
-                                                  ("cudnn", backends.CUDNN_ATTENTION, True),
-                                                  ("flash_no_mask", backends.FLASH_ATTENTION, False)):
+                sdp = torch.nn.attention.SDPBackend
+                for name, backend, with_mask in (("efficient", sdp.EFFICIENT_ATTENTION, True), ("math", sdp.MATH, True),
+                                                  ("cudnn", sdp.CUDNN_ATTENTION, True),
+                                                  ("flash_no_mask", sdp.FLASH_ATTENTION, False)):
                     try:
                         with torch.nn.attention.sdpa_kernel(backend):
                             attention = partial(F.scaled_dot_product_attention, q, k, v,

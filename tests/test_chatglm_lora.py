@@ -234,22 +234,24 @@ def test_lora_under_zero3_on_two_cpu_processes_matches_one_process(workdir, tmp_
               "--eval_max_new_tokens", "12", "--logging_steps", "1", "--max_steps", "6", "--save_steps", "100",
               "--eval_steps", "100"]
     run_script("chatglm_lora/train.py", *common, "--per_device_train_batch_size", "4", "--output_dir", tmp_path / "one")
-    def zero3_args(output: str) -> list[str]:  # train.py's arguments for a ZeRO-3 run of two processes
-        return [str(REPO / "chatglm_lora" / "train.py"), *map(str, common), "--per_device_train_batch_size", "2",
-                "--output_dir", str(tmp_path / output), "--use_cpu", "true",
-                "--deepspeed", str(REPO / "model_clm" / "configs" / "ds_zero3.json")]
-
     launch = [sys.executable, "-m", "torch.distributed.run"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run([*launch, "--standalone", "--nproc_per_node", "2", *zero3_args("zero3"), "--save_steps", "3"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+
+    def zero3_args(output: str, *extra) -> list[str]:  # train.py's arguments for a ZeRO-3 run of two processes
+        return [str(REPO / "chatglm_lora" / "train.py"), *map(str, common), "--per_device_train_batch_size", "2",
+                "--output_dir", str(tmp_path / output), "--use_cpu", "true",
+                "--deepspeed", str(REPO / "model_clm" / "configs" / "ds_zero3.json"), *map(str, extra)]
+
+    def two_processes(output: str, *extra) -> subprocess.CompletedProcess:
+        result = subprocess.run([*launch, "--standalone", "--nproc_per_node", "2", *zero3_args(output, *extra)],
+                                cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result
+
+    two_processes("zero3", "--save_steps", "3")
     # resumed from its step-3 checkpoint (DeepSpeed's partitioned states), it ends where the whole run did
     shutil.copytree(tmp_path / "zero3" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
-    result = subprocess.run([*launch, "--standalone", "--nproc_per_node", "2", *zero3_args("resumed"), "--save_steps", "3",
-                             "--resume_from_checkpoint", "last"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+    two_processes("resumed", "--save_steps", "3", "--resume_from_checkpoint", "last")
     whole, resumed = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("zero3", "resumed"))
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     # the same as two "nodes" of one process each, launched as on two machines (rendezvous on this host)
@@ -269,18 +271,17 @@ def test_lora_under_zero3_on_two_cpu_processes_matches_one_process(workdir, tmp_
     for key in ("loss_before", "loss_after"):
         assert two_nodes["valid"][key] == pytest.approx(zero3["valid"][key], rel=1e-6)
     assert one["train"]["last_logged_loss"] != one["train"]["first_logged_loss"]  # it trained
-    # a shape without weights (config and tokenizer only), built partitioned (--random_init under ZeRO-3)
+    # a shape without weights (config and tokenizer only), built partitioned (--random_init under ZeRO-3);
+    # the later --model_name_or_path wins
     shape = tmp_path / "shape"
     shape.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (shape / name).write_bytes((base / name).read_bytes())
-    common[common.index(base)] = shape
-    result = subprocess.run([*launch, "--standalone", "--nproc_per_node", "2", *zero3_args("random"), "--random_init", "true",
-                             "--max_steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = two_processes("random", "--model_name_or_path", shape, "--random_init", "true", "--max_steps", "2")
     assert "built from its config with random weights" in result.stderr
-    random = json.loads((tmp_path / "random" / "metrics.json").read_text())
-    assert random["parameters"] == one["parameters"] and random["train"]["steps"] == 2
+    built = json.loads((tmp_path / "random" / "metrics.json").read_text())
+    assert built["base_model"] == str(shape)  # the folder without weights
+    assert built["parameters"] == one["parameters"] and built["train"]["steps"] == 2
 
     ids = torch.tensor([tokenizer("新华社北京电，今年以来经济稳中向好")["input_ids"]])
     with torch.no_grad():
