@@ -61,7 +61,7 @@ sys.path.insert(0, str(REPO))
 
 from common.serving.api import ServerSettings, create_app  # noqa: E402
 from common.serving.engine import Engine  # noqa: E402
-from common.serving.loading import quantize_weights, weight_bytes  # noqa: E402
+from common.serving.loading import QUANTIZATIONS, quantize_weights, weight_bytes  # noqa: E402
 from common.serving.sampling import SamplingParams  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, heads, vocab
@@ -266,8 +266,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=224)
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--clients", default="1,16,32,64", help="Concurrent streaming clients, comma-separated.")
-    parser.add_argument("--quantize", default="none", help="Weights to serve: none (bf16), int8, fp8, fp8_dynamic, "
-                                                           "int4; comma-separated for several.")
+    parser.add_argument("--quantize", default="none", help="Weights to serve: " + ", ".join(QUANTIZATIONS)
+                        + " (none: bf16; see common/serving/loading.py); comma-separated for several.")
+    parser.add_argument("--max_cache_len", type=int, default=None,
+                        help="Engine cache slots (default: max(512, twice prompt + new tokens)). Warm-up compiles "
+                             "one graph per 256-slot bucket up to it, so prompt + new tokens rounded up to 256 "
+                             "measures the same steps with fewer compiles.")
     parser.add_argument("--skip_static_generate", action="store_true")
     parser.add_argument("--skip_transformers_cb", action="store_true")
     parser.add_argument("--only_transformers_cb", action="store_true",
@@ -340,7 +344,7 @@ def main() -> None:
             weights = weight_bytes(served)
             # the cache spans what a request needs, in the 256-slot buckets attention reads
             engine = Engine(served, tokenizer, "bench", max_batch=most,
-                            max_cache_len=max(512, 2 * (args.prompt_tokens + tokens)))
+                            max_cache_len=args.max_cache_len or max(512, 2 * (args.prompt_tokens + tokens)))
             rows.append({"path": f"{label}: engine warm-up (compile every width x span)",
                          "seconds": round(engine.warm_up(), 1)})
             print(f"  {rows[-1]['path']}: {rows[-1]['seconds']} s", flush=True)

@@ -31,16 +31,24 @@ sys.path.insert(0, str(REPO))
 
 from common.serving.loading import QUANTIZATIONS, quantize_weights, weight_bytes  # noqa: E402
 
-# (row name, quantisation, inductor settings for its compile): torchao's own settings, and with
-# inductor's Triton matmul templates autotuned (max_autotune_gemm), which can fuse the int8 / fp8
-# -> bf16 conversion into the product's loads (prologue fusion) instead of writing a bf16 copy of
-# the weight first. (inductor's decompose_mem_bound_mm does not apply: on CUDA it only rewrites
-# products whose first dimension is at least 10,240.)
+# Inductor settings a row can add to its quantisation's name: "+autotune" autotunes inductor's
+# Triton matmul templates (max_autotune_gemm), which can fuse the int8 / fp8 -> bf16 conversion
+# into the product's loads (prologue fusion) instead of writing a bf16 copy of the weight first;
+# "+cd-all": coordinate-descent tuning of the generated kernels tries every direction (torchao's
+# recommended setting); "+autotune-cd" also turns coordinate-descent tuning off, which otherwise rewrites every product
+# with one row (batch 1) as a generic reduction before the templates see it. (inductor's
+# decompose_mem_bound_mm does not apply: on CUDA it only rewrites products whose first dimension
+# is at least 10,240.)
+SETTINGS = {"": {}, "+cd-all": {"coordinate_descent_check_all_directions": True},
+            "+autotune": {"max_autotune_gemm": True},
+            "+autotune-cd": {"max_autotune_gemm": True, "coordinate_descent_tuning": False}}
 # `int8_pack`: PyTorch's own int8 weight-only product (aten._weight_int8pack_mm: bf16 activations,
-# int8 weights with a scale per output row, no bf16 copy of the weight), outside torchao.
-VARIANTS = [(kind, kind, {}) for kind in QUANTIZATIONS] + [
-    (f"{kind}+autotune", kind, {"max_autotune_gemm": True}) for kind in ("none", "int8", "fp8")
-] + [("int8_pack", "int8_pack", {})]
+# int8 weights with a scale per output row), which inductor also substitutes for torchao's int8
+# weight-only form.
+VARIANTS = {kind + suffix: (kind, settings) for kind in (*QUANTIZATIONS, "int8_pack")
+            for suffix, settings in SETTINGS.items()}
+DEFAULT = ("none", "none+autotune", "none+autotune-cd", "int8", "int8_pack", "fp8", "fp8_dynamic", "int4",
+           "int8_rowwise+autotune", "int8_rowwise+autotune-cd", "fp8_rowwise+autotune-cd")
 
 
 class DecoderLinears(nn.Module):
@@ -106,8 +114,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batches", default="1,64")
-    parser.add_argument("--variants", default=",".join(name for name, _, _ in VARIANTS),
-                        help="Rows to run, comma-separated (default: all).")
+    parser.add_argument("--variants", default=",".join(DEFAULT),
+                        help="Rows to run, comma-separated: a quantisation (" + ", ".join((*QUANTIZATIONS, "int8_pack"))
+                        + "), optionally followed by " + " or ".join(repr(s) for s in SETTINGS if s)
+                        + f". Default: {','.join(DEFAULT)}.")
     parser.add_argument("--tiny", action="store_true", help="2 layers 64 / 128 wide on the CPU, no compile.")
     parser.add_argument("--out", default="outputs/benchmarks/quantized_matvec.json")
     args = parser.parse_args()
@@ -124,10 +134,11 @@ def main() -> None:
     inputs = {b: torch.randn(b, hidden, device=device, dtype=dtype) * 0.05 for b in batches}
     rows = []
     chosen = args.variants.split(",")
-    unknown = set(chosen) - {name for name, _, _ in VARIANTS}
+    unknown = set(chosen) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
-    for name, kind, inductor_settings in [v for v in VARIANTS if v[0] in chosen]:
+    for name in chosen:
+        kind, inductor_settings = VARIANTS[name]
         model = DecoderLinears(layers, hidden, intermediate).to(device, dtype).eval()
         model.load_state_dict(reference.state_dict())
         row = {"quantize": name}

@@ -91,8 +91,43 @@ def context_length(model) -> int | None:
     return None
 
 
-# torchao weight-only / dynamic configs by name: benchmarks/quantized_matvec.py measures them
-QUANTIZATIONS = ("none", "int8", "fp8", "fp8_dynamic", "int4")
+# torchao weight-only / dynamic configs by name, and 8-bit weights with a scale per output row
+# that the compiled step turns back to bf16 inside the product ("_rowwise", RowScaledLinear):
+# benchmarks/quantized_matvec.py measures them
+TORCHAO_QUANTIZATIONS = ("int8", "fp8", "fp8_dynamic", "int4")
+ROWWISE = {"int8_rowwise": torch.int8, "fp8_rowwise": torch.float8_e4m3fn}
+QUANTIZATIONS = ("none", *TORCHAO_QUANTIZATIONS, *ROWWISE)
+
+
+class RowScaledLinear(torch.nn.Module):
+    """A linear layer whose weight is kept in 8 bits (int8 or fp8 e4m3) with one scale per output
+    row, and multiplied back to the activations' dtype inside the product. Compiled, inductor
+    fuses that conversion into the matrix product's loads (max_autotune_gemm's Triton templates:
+    prologue fusion), so a decode step reads the 8-bit weight once and writes no bf16 copy.
+    (The scale is applied to the weight, not to the product's output: torchao's int8 weight-only
+    form, `(x @ w.to(bf16)) * scale`, is rewritten by inductor into aten._weight_int8pack_mm, whose
+    CUDA kernel took 58 ms for what bf16 does in 0.3: benchmarks/RESULTS.md.)"""
+
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        largest = 127.0 if dtype == torch.int8 else torch.finfo(dtype).max
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / largest
+        stored = (weight / scale).round() if dtype == torch.int8 else weight / scale
+        self.weight = torch.nn.Parameter(stored.to(dtype), requires_grad=False)
+        self.scale = torch.nn.Parameter(scale.to(linear.weight.dtype), requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype) * self.scale, self.bias)
+
+
+def rowwise_quantize(model, dtype: torch.dtype) -> None:
+    """Every nn.Linear of `model` (the output head included) replaced by a RowScaledLinear."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, RowScaledLinear(child, dtype))
 
 
 def quantize_weights(model, kind: str):
@@ -105,6 +140,9 @@ def quantize_weights(model, kind: str):
         return model
     if kind not in QUANTIZATIONS:
         raise UserError(f"unknown quantisation {kind!r}: choose one of {', '.join(QUANTIZATIONS)}")
+    if kind in ROWWISE:
+        rowwise_quantize(model, ROWWISE[kind])
+        return model
     try:
         from torchao.quantization import (
             Float8DynamicActivationFloat8WeightConfig,
