@@ -787,9 +787,11 @@ metric_list:
 
 
 # ------------------------------------------------------------------ quantised weights
-def test_a_quantised_adapter_model_is_served_close_to_the_unquantised_one(llama_engine, tmp_path):
-    """serve.py --quantize int8 over a LoRA adapter: merged first, then every linear layer's
-    weight stored as int8 with a scale per row (torchao)."""
+@pytest.mark.parametrize("kind", ["int8", "int8_rowwise"])
+def test_a_quantised_adapter_model_is_served_close_to_the_unquantised_one(llama_engine, tmp_path, kind):
+    """serve.py --quantize int8 / int8_rowwise over a LoRA adapter: merged first, then every linear
+    layer's weight stored as int8 with a scale per row (torchao's tensor subclass, or
+    loading.RowScaledLinear)."""
     from peft import LoraConfig, get_peft_model
 
     from common.serving.loading import weight_bytes
@@ -805,9 +807,12 @@ def test_a_quantised_adapter_model_is_served_close_to_the_unquantised_one(llama_
     with pytest.raises(UserError, match="names no base model"):
         Engine.from_pretrained(tmp_path / "adapter", device="cpu")
     plain = Engine.from_pretrained(tmp_path / "adapter", device="cpu", base_model=base, max_batch=2)
-    int8 = Engine.from_pretrained(tmp_path / "adapter", device="cpu", base_model=base, max_batch=2, quantize="int8")
+    int8 = Engine.from_pretrained(tmp_path / "adapter", device="cpu", base_model=base, max_batch=2, quantize=kind)
     try:
         linear = sum(m.weight.numel() for m in plain.model.modules() if isinstance(m, torch.nn.Linear))
+        if kind == "int8_rowwise":
+            assert not any(type(m) is torch.nn.Linear for m in int8.model.modules())
+            assert {m.weight.dtype for m in int8.model.modules() if type(m).__name__ == "RowScaledLinear"} == {torch.int8}
         saved = weight_bytes(plain.model) - weight_bytes(int8.model)
         assert saved >= 0.7 * linear * 3  # 4-byte floats -> 1 byte (+ a scale per row)
         prompt = plain.encode("新华社北京电")
