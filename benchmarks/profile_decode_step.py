@@ -112,13 +112,12 @@ def main() -> None:
         for width in widths:
             cache = SlotCache(width, max(spans), device)
             ids = torch.randint(3, config.vocab_size, (width, 1), device=device)
-            first = torch.zeros(width, dtype=torch.long, device=device)
-            step(cache, ids, first[:, None], first)  # its first write allocates every layer's cache
+            step(cache, ids, torch.zeros((width, 1), dtype=torch.long, device=device))  # allocates every layer's cache
             for span in spans:
                 cache.span = span
                 cache.position.fill_(span - 1)
                 positions = torch.full((width, 1), span - 1, device=device)
-                one_step = partial(step, cache, ids, positions, first)
+                one_step = partial(step, cache, ids, positions)
                 groups, top = profile(one_step, steps=5)
                 bytes_read = weights + width * span * kv_per_slot
                 row = {"width": width, "span": span, "step_ms": round(timed_ms(one_step, repeats=5 if args.tiny else 20), 3),

@@ -47,12 +47,11 @@ class SlotCache:
     """Key/value cache of `rows` generations decoded together, `length` slots per row.
 
     The model writes into it through `update`, the transformers Cache call its attention
-    layers make. All rows advance in lock step: a decode step writes every row's new token at
-    slot `position`. A request joining a running batch is prefilled into its row at the slots
-    just before `position`, so its positions (always passed as position_ids) differ from its
-    slots; the attention mask, built from each row's first slot, hides every other slot.
-    Attention reads only the first `span` slots, a bucket of the length in use, so a step
-    costs what the conversations' length costs, not what the whole cache would.
+    layers make. Every row holds its request from slot 0, so a token's slot is its position:
+    a decode step writes row r's new token at slot `position[r]`, and a request joins any free
+    row at the next step whatever the other rows' lengths. Attention reads only the first
+    `span` slots, a bucket of the longest row, so a step costs what the conversations' length
+    costs, not what the whole cache would; the mask hides each row's slots after its own.
     """
 
     is_compileable = True
@@ -61,9 +60,9 @@ class SlotCache:
         self.rows, self.length = rows, length
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.position = torch.zeros(rows, dtype=torch.long, device=device)  # the slot each row writes next
         self.span = length
-        self.prefill_at: tuple[torch.Tensor, int] | None = None  # (rows, first slot) while prompts are written
+        self.prefill_at: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, slot of each column) while prompts are written
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx == len(self.keys):  # first write: the layer's own head count, head size and dtype
@@ -73,14 +72,15 @@ class SlotCache:
                 torch._dynamo.mark_static_address(store[-1])  # updated in place under CUDA graphs
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self.prefill_at is None:
-            keys.index_copy_(2, self.position, key_states)
-            values.index_copy_(2, self.position, value_states)
+            heads, size = key_states.shape[1], key_states.shape[3]
+            slots = self.position.view(-1, 1, 1, 1).expand(-1, heads, 1, size)
+            keys.scatter_(2, slots, key_states)
+            values.scatter_(2, slots, value_states)
             return keys[:, :, :self.span], values[:, :, :self.span]
-        rows, first = self.prefill_at
-        end = first + key_states.shape[2]
-        keys[rows, :, first:end] = key_states
-        values[rows, :, first:end] = value_states
-        return keys[rows, :, :self.span], values[rows, :, :self.span]
+        rows, slots = self.prefill_at  # [g, 1], [g, n]: indexed, the cache's dims come out as [g, n, heads, size]
+        keys[rows, :, slots] = key_states.transpose(1, 2)
+        values[rows, :, slots] = value_states.transpose(1, 2)
+        return keys[rows[:, 0], :, :self.span], values[rows[:, 0], :, :self.span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # never needed: positions and the mask are always given
@@ -111,8 +111,7 @@ class _Generation:
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     ids: list[int] = field(default_factory=list)  # prompt + generated: the repetition penalty's history
-    first_slot: int = 0
-    length: int = 0  # tokens in the cache (prompt + fed generated tokens)
+    length: int = 0  # tokens in the cache (prompt + fed generated tokens): the slot its next token goes to
     fed: int = 0  # decode steps launched for it
     generated: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when params.logprobs is set
@@ -330,13 +329,9 @@ class SequentialDecoder(_Decoder):
 class Batcher(_Decoder):
     """Decodes every running request of an Engine together, one token per request per step,
     in a background thread (continuous batching: a request joins the running batch at the next
-    step, whatever its prompt's length, while the cache has room for it; FIFO, so no request
-    is passed over).
-
-    All rows write their next token at one slot, `position`. A joining prompt is written into
-    the slots just before it; when the prompt is longer than `position`, or the cache lacks
-    room after it, the running rows' slots are first moved along the cache (`_move_batch`:
-    one copy of the used slots, then the step goes on; their positions do not change).
+    step while fewer than `max_batch` run, whatever its prompt's length; FIFO, so no request
+    is passed over). Each row holds its request from slot 0 and writes at its own slot, so
+    every request the Engine accepts fits its row, whatever the others are doing.
 
     Rows live in a SlotCache of 1 row while one request runs (the fastest shape for a single
     user) and of `max_batch` rows when more do; rows move between the two when the count
@@ -360,7 +355,7 @@ class Batcher(_Decoder):
         try:
             self.caches = {w: SlotCache(w, cache_length, self.device) for w in self.widths}
             for cache in self.caches.values():  # allocate the cache now: a too-large one fails here
-                self._prefill(cache, [0], [[0]], 1)
+                self._prefill(cache, [0], [[0]])
         except torch.OutOfMemoryError:
             raise UserError(f"no room on {self.device} for the KV cache of {max_batch} requests x {cache_length} "
                             "tokens: lower --max_concurrent or --max_cache_len") from None
@@ -374,7 +369,6 @@ class Batcher(_Decoder):
         self.compiled = compile_decode
         self.width = 1
         self.rows: list[_Generation | None] = [None]
-        self.position = 0  # the slot the next decode step writes
         self.in_flight: _Step | None = None  # a launched step whose tokens are not handed out yet
         self._start()
 
@@ -414,42 +408,9 @@ class Batcher(_Decoder):
             head = self.waiting[0]
             if head.cancelled.is_set():
                 self.waiting.popleft().finish()
-                continue
-            if self._join_position(active, [*joining, head]) is None:
-                break  # no room in the cache until running rows finish
-            joining.append(self.waiting.popleft())
+            else:
+                joining.append(self.waiting.popleft())
         return joining
-
-    def _join_position(self, active: list[_Generation], joining: list[_Generation]) -> int | None:
-        """The slot the next step writes once `joining` has joined the running rows `active`:
-        the current one when every joining prompt fits before it and every row has room after
-        it, else the nearest that does (running rows moved left as far as they go or right to
-        make room for the longest prompt); None when the cache is too short for that."""
-        longest = max(len(g.prompt_ids) for g in joining)
-
-        def fits(position: int) -> bool:
-            return position >= longest and \
-                all(position + g.params.max_new_tokens - g.fed <= self.cache_length for g in active) and \
-                all(position + g.params.max_new_tokens <= self.cache_length for g in joining)
-
-        if active and fits(self.position):
-            return self.position
-        earliest = min((g.first_slot for g in active), default=self.position)
-        position = max(longest, self.position - earliest)  # the running rows' slots then start at slot 0 or later
-        return position if fits(position) else None
-
-    def _move_batch(self, position: int) -> None:
-        """Move the running rows' cache slots so that the next step writes slot `position`."""
-        shift = position - self.position
-        active = [g for g in self.rows if g is not None]
-        if shift and active:
-            start = min(g.first_slot for g in active)
-            cache = self.caches[self.width]
-            for tensor in [*cache.keys, *cache.values]:
-                tensor[:, :, start + shift:self.position + shift] = tensor[:, :, start:self.position].clone()
-            for generation in active:
-                generation.first_slot += shift
-        self.position = position
 
     def _admit(self, joining: list[_Generation]) -> None:
         active = [g for g in self.rows if g is not None]
@@ -460,14 +421,10 @@ class Batcher(_Decoder):
             if generation is not None and generation.cancelled.is_set():
                 generation.finish()
                 self.rows[row] = None
-        active = [g for g in self.rows if g is not None]
-        if joining:  # (rows only left since _take_joining chose them: the room is still there)
-            self._move_batch(self._join_position(active, joining))
-        self._resize(len(active) + len(joining))
+        self._resize(sum(g is not None for g in self.rows) + len(joining))
         group: list[tuple[int, _Generation]] = []
         for generation in joining:
             row = self.rows.index(None)
-            generation.first_slot = self.position - len(generation.prompt_ids)
             generation.length = len(generation.prompt_ids)
             generation.ids = list(generation.prompt_ids)
             self.rows[row] = generation
@@ -480,8 +437,7 @@ class Batcher(_Decoder):
             self._prefill_group(group)
 
     def _prefill_group(self, group: list[tuple[int, _Generation]]) -> None:
-        logits = self._prefill(self.caches[self.width], [row for row, _ in group],
-                               [g.prompt_ids for _, g in group], self.position)
+        logits = self._prefill(self.caches[self.width], [row for row, _ in group], [g.prompt_ids for _, g in group])
         for i, (row, generation) in enumerate(group):
             self._emit(row, self._choose(generation, logits[i], None))
         self._flush()
@@ -492,29 +448,28 @@ class Batcher(_Decoder):
         if width == self.width:
             return
         rows = [r for r, g in enumerate(self.rows) if g is not None]
-        self.caches[self.width].move_rows(self.caches[width], rows, self.position)
+        self.caches[self.width].move_rows(self.caches[width], rows, max((self.rows[r].length for r in rows), default=0))
         self.rows = [self.rows[r] for r in rows] + [None] * (width - len(rows))
         self.width = width
 
     @torch.inference_mode()
-    def _prefill(self, cache: SlotCache, rows: list[int], prompts: list[list[int]], end: int) -> torch.Tensor:
-        """Write the prompts' keys/values into their rows, each ending at slot `end`, in one
-        forward (shorter prompts padded on the left), and return the logits of each last
-        position."""
+    def _prefill(self, cache: SlotCache, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Write the prompts' keys/values into their rows from slot 0, in one forward, and
+        return the logits of each last position. Shorter prompts are padded on the left; a
+        padding column writes a slot after its prompt (overwritten by the row's decode steps
+        before the mask lets anything see it) and sees only that slot."""
         n = max(map(len, prompts))
         pads = torch.tensor([n - len(p) for p in prompts], device=self.device)[:, None]
         columns = torch.arange(n, device=self.device)[None]
-        first_slot = end - n
-        cache.span = span_bucket(end, cache.length)
+        column_slots = (columns - pads) % n  # [g, n]: a prompt token's slot is its position
+        cache.span = span_bucket(n, cache.length)
         slots = torch.arange(cache.span, device=self.device)
-        column_slots = first_slot + columns[..., None]  # [1, n, 1]: the slot each column writes
-        # a prompt token sees its prompt up to itself; a padding column sees only its own slot
-        visible = (slots <= column_slots) & (slots >= first_slot + pads[..., None])
-        visible |= (slots == column_slots) & (columns < pads)[..., None]
+        own = slots == column_slots[..., None]
+        visible = own | ((slots < column_slots[..., None]) & (columns >= pads)[..., None])  # [g, n, span]
         dtype = next(self.model.parameters()).dtype
         mask = torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill_(~visible, torch.finfo(dtype).min)
         input_ids = torch.tensor([[0] * (n - len(p)) + p for p in prompts], device=self.device)
-        cache.prefill_at = (torch.tensor(rows, device=self.device), first_slot)
+        cache.prefill_at = (torch.tensor(rows, device=self.device)[:, None], column_slots)
         try:
             out = self.model(input_ids=input_ids, position_ids=(columns - pads).clamp(min=0),
                              attention_mask=mask[:, None], use_cache=True, **{self.cache_argument: cache}, **self.keep_last)
@@ -538,27 +493,25 @@ class Batcher(_Decoder):
         pipelined = all(not g.params.needs_logits for g in rows if g is not None)
         on_device = [previous is not None and g is not None and previous.rows[r] is g for r, g in enumerate(rows)]
         cache = self.caches[self.width]
-        # one host-to-device copy for the step's inputs: token (unless the device has it), position,
-        # first visible slot (an empty row sees only its own slot: attention over nothing gives NaN)
+        # one host-to-device copy for the step's inputs: token (unless the device has it) and
+        # position = slot (an empty row writes and sees slot 0 only: attention over nothing gives NaN)
         # (from pinned memory, asynchronously: a plain copy would wait for the step in flight)
         inputs = torch.tensor([[g.ids[-1] if g is not None and not dev else 0 for g, dev in zip(rows, on_device)],
                                [g.length if g is not None else 0 for g in rows],
-                               [g.first_slot if g is not None else self.position for g in rows],
                                on_device], pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
-        input_ids = inputs[0] if not any(on_device) else torch.where(inputs[3].bool(), previous.next_ids, inputs[0])
-        cache.position.fill_(self.position)
-        cache.span = span_bucket(self.position + 1, cache.length)
+        input_ids = inputs[0] if not any(on_device) else torch.where(inputs[2].bool(), previous.next_ids, inputs[0])
+        cache.position.copy_(inputs[1])
+        cache.span = span_bucket(max(g.length for g in rows if g is not None) + 1, cache.length)
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
         with sdpa_kernel(DECODE_ATTENTION) if self.device.type == "cuda" else contextlib.nullcontext():
-            logits, greedy = self.decode[self.width](cache, input_ids[:, None], inputs[1, :, None], inputs[2])
+            logits, greedy = self.decode[self.width](cache, input_ids[:, None], inputs[1, :, None])
         step = _Step(rows, None if pipelined else logits, greedy.clone() if pipelined else None,
                      torch.empty(greedy.shape, dtype=greedy.dtype, pin_memory=self.device.type == "cuda"))
         step.greedy.copy_(greedy, non_blocking=True)
         if self.device.type == "cuda":
             step.ready = torch.cuda.Event()
             step.ready.record()
-        self.position += 1
         for generation in rows:
             if generation is not None:
                 generation.length += 1
@@ -606,11 +559,11 @@ def _cudagraph_state_for_this_thread() -> None:
         torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
 
 
-def _decode_step(model, dtype: torch.dtype, cache_argument: str, cache: SlotCache, input_ids, position_ids, first_slot):
-    """One token for every row: logits and their argmax. The mask lets row r see slots
-    first_slot[r] .. position (its prompt and what it generated)."""
+def _decode_step(model, dtype: torch.dtype, cache_argument: str, cache: SlotCache, input_ids, position_ids):
+    """One token for every row: logits and their argmax. Row r writes slot position_ids[r]
+    (= cache.position[r]) and sees the slots up to it (its prompt and what it generated)."""
     slots = torch.arange(cache.span, device=input_ids.device)
-    visible = (slots >= first_slot[:, None]) & (slots <= cache.position)
+    visible = slots <= position_ids
     mask = torch.zeros(visible.shape, dtype=dtype, device=input_ids.device).masked_fill_(~visible, torch.finfo(dtype).min)
     logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[:, None, None, :],
                    use_cache=True, **{cache_argument: cache}).logits[:, -1]
