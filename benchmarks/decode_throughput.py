@@ -45,7 +45,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -244,18 +243,18 @@ def transformers_continuous_batching(model, prompt_ids: list[list[int]], tokens:
 def transformers_cb_in_child(args, device: torch.device) -> list[dict]:
     """The CB rows from this script run again with `--transformers_cb_site` first on the import path
     (the same prompts: they come from a fixed seed), the other transformers named in each row."""
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "cb.json"
-        command = [sys.executable, __file__, "--only_transformers_cb", "--shape", args.shape, "--tokens", str(args.tokens),
-                   "--prompt_tokens", str(args.prompt_tokens), "--clients", args.clients, "--out", str(out),
-                   *(["--tiny"] if args.tiny else [])]
-        path = os.pathsep.join(filter(None, [args.transformers_cb_site, os.environ.get("PYTHONPATH")]))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the child builds its own copy of the model
-        result = subprocess.run(command, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True)
-        if result.returncode != 0:
-            return [{"path": "transformers CB", "error": (result.stderr.strip().splitlines() or ["?"])[-1][:300]}]
-        child = json.loads(out.read_text())
+    out = Path(args.out).with_suffix(".cb.json")  # the child's rows, kept (partial) if the run is cut short
+    command = [sys.executable, __file__, "--only_transformers_cb", "--shape", args.shape, "--tokens", str(args.tokens),
+               "--prompt_tokens", str(args.prompt_tokens), "--clients", args.clients, "--out", str(out),
+               *(["--tiny"] if args.tiny else [])]
+    path = os.pathsep.join(filter(None, [args.transformers_cb_site, os.environ.get("PYTHONPATH")]))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the child builds its own copy of the model
+    # its progress lines go to our stdout; its errors are kept for the row
+    result = subprocess.run(command, env={**os.environ, "PYTHONPATH": path}, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        return [{"path": "transformers CB", "error": (result.stderr.strip().splitlines() or ["?"])[-1][:300]}]
+    child = json.loads(out.read_text())
     version = child["setup"].split("transformers ")[1].split(",")[0]
     return [{**row, "path": f"{row['path']} (transformers {version})"} for row in child["rows"]]
 
@@ -355,7 +354,7 @@ def main() -> None:
                     pass
                 return stream.token_ids
 
-            add(f"{label}: engine, batch 1", 1, timed(engine_one), tokens)
+            add(f"{label}: engine, batch 1", 1, sorted(timed(engine_one) for _ in range(3))[1], tokens)  # median of 3
             for n in clients_list[1:]:
                 add(f"{label}: engine, {n} streams (no HTTP)", n, engine_streams(engine, prompt_ids[:n], greedy), n * tokens)
             alone = [engine_one(i) for i in range(checked)]

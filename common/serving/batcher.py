@@ -61,6 +61,7 @@ class SlotCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.position = torch.zeros(rows, dtype=torch.long, device=device)  # the slot each row writes next
+        self.row_index = torch.arange(rows, device=device)
         self.span = length
         self.prefill_at: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, slot of each column) while prompts are written
 
@@ -72,10 +73,10 @@ class SlotCache:
                 torch._dynamo.mark_static_address(store[-1])  # updated in place under CUDA graphs
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self.prefill_at is None:
-            heads, size = key_states.shape[1], key_states.shape[3]
-            slots = self.position.view(-1, 1, 1, 1).expand(-1, heads, 1, size)
-            keys.scatter_(2, slots, key_states)
-            values.scatter_(2, slots, value_states)
+            # (an indexed write, which inductor does in place: a scatter_ copied the whole cache,
+            # 3x slower steps at 64 rows on an H200)
+            keys[self.row_index, :, self.position] = key_states[:, :, 0]
+            values[self.row_index, :, self.position] = value_states[:, :, 0]
             return keys[:, :, :self.span], values[:, :, :self.span]
         rows, slots = self.prefill_at  # [g, 1], [g, n]: indexed, the cache's dims come out as [g, n, heads, size]
         keys[rows, :, slots] = key_states.transpose(1, 2)
