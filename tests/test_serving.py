@@ -193,8 +193,8 @@ def test_served_greedy_equals_generate_alone_batched_and_joining_midway(which, e
     with served.decoder.condition:  # the batcher takes all four at once: one padded prefill
         streams = [served.stream(p, greedy) for p in prompts]
     together = _read_all(streams)
-    # one long generation running; the others join it after a few of its tokens (their prompts
-    # fit before the current slot) and a sampled request makes the steps unpipelined for a while
+    # one long generation running; the others join it after a few of its tokens, and a sampled
+    # request makes the steps unpipelined for a while
     first = served.stream(prompts[3], SamplingParams(max_new_tokens=2 * n, temperature=0, ignore_eos=True))
     pieces = iter(first)
     for _ in range(4):
