@@ -30,7 +30,9 @@ alone) and the perplexity of one held-out random token sequence under each (rand
 that number only says how far quantisation moves the distribution). Correctness of the
 concurrent streams: each streamed token is checked against one plain forward over prompt +
 stream (`their_max_logit_gap`: bf16 rounding flips only near-ties), and the first 8 clients'
-streams against the same prompt decoded alone. Prints a table and writes JSON to --out.
+streams against the same prompt decoded alone. On a GPU the engine rows at batch 1 and at the
+most streams also time their decode steps (`step_timing`: GPU time per step against wall time
+per step, i.e. whether the GPU waits for the host). Prints a table and writes JSON to --out.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -100,18 +103,22 @@ def build_model(shape: str, device: torch.device) -> LlamaForCausalLM:
 
 
 def copy_bandwidth(device: torch.device) -> float | None:
-    """Bytes/s of a large device-to-device copy (read + write)."""
+    """Bytes/s of a large device-to-device copy (read + write), the best of 5 rounds of 10
+    (one round has read 10% low in a run)."""
     if device.type != "cuda":
         return None
     src = torch.empty(2 * 1024**3, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    sync()
-    start = time.perf_counter()
-    for _ in range(10):
-        dst.copy_(src)
-    sync()
-    return 2 * src.numel() * 10 / (time.perf_counter() - start)
+    best = math.inf
+    for _ in range(5):
+        sync()
+        start = time.perf_counter()
+        for _ in range(10):
+            dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 10 / best
 
 
 def timed(fn) -> float:
@@ -175,6 +182,43 @@ def concurrent_clients(port: int, prompts: list[str], tokens: int) -> tuple[floa
     for result in results:
         result["first_token_s"] = result.pop("first_token_at") - start
     return time.perf_counter() - start, results
+
+
+def step_timing(engine: Engine, run) -> dict:
+    """Where the time of `run` (a generation on `engine`) goes, step by step: the GPU time
+    between CUDA events recorded around each decode step, against the wall time from the first
+    step's start to the last one's end (a busy share under 1: the GPU waited for the host), and
+    the host's time inside each step call (Python and the CUDA-graph replay; enqueueing only).
+    A step whose GPU is idle when it starts counts its enqueueing as GPU time. Empty on the CPU."""
+    if not torch.cuda.is_available() or engine.model.device.type != "cuda":
+        run()
+        return {}
+    decoder = engine.decoder
+    steps = dict(decoder.decode)
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    host: list[float] = []
+
+    def timed_step(*args, step):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        began = time.perf_counter()
+        out = step(*args)
+        host.append(time.perf_counter() - began)
+        end.record()
+        events.append((start, end))
+        return out
+
+    decoder.decode = {width: partial(timed_step, step=step) for width, step in steps.items()}
+    try:
+        run()
+    finally:
+        decoder.decode = steps
+    sync()
+    gpu = sum(start.elapsed_time(end) for start, end in events)
+    wall = events[0][0].elapsed_time(events[-1][1])
+    return {"steps": len(events), "step_gpu_ms": round(gpu / len(events), 3),
+            "step_wall_ms": round(wall / len(events), 3), "gpu_busy_share": round(gpu / wall, 3),
+            "step_host_call_ms": round(1e3 * sum(host) / len(host), 3)}
 
 
 def engine_streams(engine: Engine, prompt_ids: list[list[int]], params: SamplingParams) -> float:
@@ -354,9 +398,12 @@ def main() -> None:
                     pass
                 return stream.token_ids
 
-            add(f"{label}: engine, batch 1", 1, sorted(timed(engine_one) for _ in range(3))[1], tokens)  # median of 3
+            # median of 3; then one more run, its steps timed
+            add(f"{label}: engine, batch 1", 1, sorted(timed(engine_one) for _ in range(3))[1], tokens,
+                **step_timing(engine, engine_one))
             for n in clients_list[1:]:
-                add(f"{label}: engine, {n} streams (no HTTP)", n, engine_streams(engine, prompt_ids[:n], greedy), n * tokens)
+                add(f"{label}: engine, {n} streams (no HTTP)", n, engine_streams(engine, prompt_ids[:n], greedy), n * tokens,
+                    **(step_timing(engine, partial(engine_streams, engine, prompt_ids[:n], greedy)) if n == most else {}))
             alone = [engine_one(i) for i in range(checked)]
             if kind == "none":
                 alone_bf16 = alone
