@@ -141,7 +141,7 @@ class _Step:
 
 def batcher_refusal(model) -> str | None:
     """Why the Batcher cannot drive `model` (None when it can)."""
-    if "position_ids" not in inspect.signature(model.forward).parameters:  # rows' positions differ from their slots
+    if "position_ids" not in inspect.signature(model.forward).parameters:  # a padded prefill: positions are not columns
         return f"{type(model).__name__} takes no position_ids (ALiBi models such as BLOOM)"
     return None
 
