@@ -38,10 +38,14 @@ from common.serving.loading import QUANTIZATIONS, quantize_weights, weight_bytes
 # recommended setting); "+autotune-cd" also turns coordinate-descent tuning off, which otherwise rewrites every product
 # with one row (batch 1) as a generic reduction before the templates see it. (inductor's
 # decompose_mem_bound_mm does not apply: on CUDA it only rewrites products whose first dimension
-# is at least 10,240.)
+# is at least 10,240.) "+freezing": the weights become constants of the compiled graph, and
+# inductor's freezing patterns merge products that share their input (q / k / v, gate / up) into one
+# product over the concatenated weights: fewer, larger matrix-vector products (the concatenated
+# copies are extra memory: 9 GB for a 7B shape's q, k, v, gate and up).
 SETTINGS = {"": {}, "+cd-all": {"coordinate_descent_check_all_directions": True},
             "+autotune": {"max_autotune_gemm": True},
-            "+autotune-cd": {"max_autotune_gemm": True, "coordinate_descent_tuning": False}}
+            "+autotune-cd": {"max_autotune_gemm": True, "coordinate_descent_tuning": False},
+            "+freezing": {"freezing": True}}
 # `int8_pack`: PyTorch's own int8 weight-only product (aten._weight_int8pack_mm: bf16 activations,
 # int8 weights with a scale per output row), which inductor also substitutes for torchao's int8
 # weight-only form.
