@@ -1,6 +1,6 @@
-"""pipeline_parallel/train.py on CPU with gloo: two processes give the loss and gradients of one
-model on one batch (GPipe, 1F1B, interleaved 1F1B); the saved checkpoint loads and gives the
-pipeline's logits; a resumed run ends where an uninterrupted one does."""
+"""pipeline_parallel/train.py on CPU with gloo: two processes (GPipe, 1F1B, interleaved 1F1B) and
+four (interleaved 1F1B, 8 stages) give the loss and gradients of one model on one batch; the saved
+checkpoint loads and gives the pipeline's logits; a resumed run ends where an uninterrupted one does."""
 
 import json
 import os
@@ -27,16 +27,41 @@ def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
+def save_tiny_llama(path, layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("llama")
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                  tie_word_embeddings=False)).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"), 4)
+
+
+def assert_whole_models_loss_and_gradients(dump, model_path, processes: int) -> None:
+    """The first step's loss and gradients the processes dumped are one model's on that batch."""
+    from transformers import LlamaForCausalLM
+
+    ranks = [torch.load(dump / f"rank{r}.pt") for r in range(processes)]
+    assert len({rank["loss"] for rank in ranks}) == 1  # broadcast from the last stage
+    for i, a in enumerate(ranks):
+        for b in ranks[i + 1:]:
+            assert not a["grads"].keys() & b["grads"].keys()  # each process holds its own layers
+    model = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="eager")
+    batch = ranks[0]["batch"]
+    loss = torch.nn.functional.cross_entropy(model(input_ids=batch[:, :-1]).logits.flatten(0, 1),
+                                             batch[:, 1:].flatten())  # every next token of the batch
+    loss.backward()
+    assert ranks[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    grads = {name: grad for rank in ranks for name, grad in rank["grads"].items()}
+    expected = {name: p.grad for name, p in model.named_parameters()}
+    assert grads.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_stage_split_balances_compute_and_bubble_formula(pp):
@@ -52,27 +77,25 @@ def test_stage_split_balances_compute_and_bubble_formula(pp):
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved1f1b"])
 def test_two_processes_give_the_whole_models_loss_and_gradients(schedule, tiny_llama, tmp_path):
-    from transformers import LlamaForCausalLM
-
-    dump = tmp_path / "dump"
     torchrun("--model_name_or_path", tiny_llama, "--synthetic_data", "true", "--block_size", "32",
              "--batch_size", "8", "--microbatches", "4", "--schedule", schedule, "--stages_per_rank",
-             "2" if schedule == "interleaved1f1b" else "1", "--max_steps", "1", "--dump_first_step", dump,
+             "2" if schedule == "interleaved1f1b" else "1", "--max_steps", "1", "--dump_first_step", tmp_path / "dump",
              "--verify_save", "false", "--output_dir", tmp_path / "out")
-    ranks = [torch.load(dump / f"rank{r}.pt") for r in range(2)]
-    assert ranks[0]["loss"] == ranks[1]["loss"]  # broadcast from the last stage
-    assert not ranks[0]["grads"].keys() & ranks[1]["grads"].keys()  # each process holds its own layers
-    model = LlamaForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="eager")
-    batch = ranks[0]["batch"]
-    loss = torch.nn.functional.cross_entropy(model(input_ids=batch[:, :-1]).logits.flatten(0, 1),
-                                             batch[:, 1:].flatten())  # every next token of the batch
-    loss.backward()
-    assert ranks[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
-    grads = {**ranks[0]["grads"], **ranks[1]["grads"]}
-    expected = {name: p.grad for name, p in model.named_parameters()}
-    assert grads.keys() == expected.keys()
-    for name, grad in expected.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_whole_models_loss_and_gradients(tmp_path / "dump", tiny_llama, 2)
+
+
+def test_four_processes_of_two_stages_each_and_their_saved_model(tmp_path):
+    """The 4-GPU layout (issue 23) on 4 CPU processes: interleaved 1F1B over 8 stages gives one
+    model's loss and gradients, and the checkpoint it gathers loads with from_pretrained and
+    gives the pipeline's logits."""
+    model = save_tiny_llama(tmp_path / "llama8", 8)
+    torchrun("--model_name_or_path", model, "--synthetic_data", "true", "--block_size", "32", "--batch_size", "8",
+             "--microbatches", "8", "--schedule", "interleaved1f1b", "--stages_per_rank", "2", "--max_steps", "1",
+             "--dump_first_step", tmp_path / "dump", "--output_dir", tmp_path / "out", nproc=4)
+    assert_whole_models_loss_and_gradients(tmp_path / "dump", model, 4)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["processes"] == 4 and metrics["layers_per_stage"] == [1] * 8
+    assert metrics["saved_logits_max_diff"] < 1e-5  # the reloaded checkpoint against the pipeline's own logits
 
 
 def test_saved_model_loads_and_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
