@@ -144,15 +144,22 @@ def test_sft_memory_runs_each_attempt_in_a_fresh_process():
     assert len(runs) == len({(s, i) for s, i, _ in runs}) == len(attempts) == 8  # nothing run twice
 
 
-@pytest.mark.gpu
-def test_pipeline_vs_chaining_tiny_needs_two_gpus(tmp_path):
-    import torch
-
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs (chaining and a 2-stage pipeline)")
+def test_pipeline_vs_chaining_tiny_every_schedule(tmp_path):
+    """Chaining and the three schedules at one microbatch count (on 2 GPUs where there are, else on
+    the CPU with gloo): every row measured, each schedule's ideal bubble (p - 1) / (v m + p - 1)."""
     out = tmp_path / "pipeline_vs_chaining.json"
-    run_script("benchmarks/pipeline_vs_chaining.py", "--gpus", "2", "--tiny", "--out", out, timeout=900)
-    assert not [r for r in records(json.loads(out.read_text())) if r.get("error")]
+    run_script("benchmarks/pipeline_vs_chaining.py", "--gpus", "2", "--tiny", "--schedules", "gpipe,1f1b,interleaved1f1b",
+               "--microbatches", "4", "--batch_size", "8", "--block_size", "64", "--warmup_steps", "1", "--steps", "2",
+               "--out", out, timeout=900)
+    rows = json.loads(out.read_text())["rows"]
+    assert not [r for r in rows if r.get("error")]
+    assert [r["mode"] for r in rows] == ["chaining", "gpipe", "1f1b", "interleaved1f1b"]
+    assert all(r["tokens_per_s"] > 0 and r["microbatches"] == 4 for r in rows)
+    for row in rows[1:]:
+        v = 2 if row["mode"] == "interleaved1f1b" else 1
+        assert row["stages_per_gpu"] == v and len(row["layers_per_stage"]) == 2 * v
+        assert row["bubble_ideal"] == pytest.approx(1 / (v * 4 + 1), abs=1e-4)
+        assert row["speedup_vs_chaining"] == pytest.approx(row["tokens_per_s"] / rows[0]["tokens_per_s"], rel=1e-2)
 
 
 def test_check_results_runs_the_commands_and_fails_outside_a_band(tmp_path, monkeypatch):
