@@ -26,12 +26,14 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
                         help=f"Tokens (prompt + reply) one request may span; the KV cache holds this many per "
                              f"request decoded together. Default: the model's context, at most {DEFAULT_CACHE_LEN}.")
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
-                        help="CUDA graphs for the decode step (auto: on CUDA). The first request at each batch "
-                             "size then takes a minute to compile; later ones run several times faster.")
+                        help="CUDA graphs for the decode step (auto: on CUDA): compiled for every batch width and "
+                             "attention span before the server opens its port (minutes the first time, cached on "
+                             "disk for later starts); decoding then runs several times faster.")
     parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
-                        help="Quantise the weights after loading (torchao; a LoRA adapter is merged first): int8 / "
-                             "fp8 weight-only, fp8_dynamic (FP8 tensor cores, H100 / H200), int4 weight-only. "
-                             "Speed and quality per GPU: benchmarks/RESULTS.md.")
+                        help="Quantise the weights after loading (a LoRA adapter is merged first): torchao's int8 / "
+                             "fp8 weight-only, fp8_dynamic (FP8 tensor cores, H100 / H200), int4 weight-only; "
+                             "int8_rowwise / fp8_rowwise (8-bit weights with a scale per row, the product compiled by "
+                             "torch). Speed and quality per GPU: benchmarks/RESULTS.md.")
     parser.add_argument("--decoder", default="auto", choices=["auto", "batch", "sequential"],
                         help="auto: requests decoded together (continuous batching) where the model allows it, else "
                              "one at a time (BLOOM's ALiBi); sequential: always one at a time (a model whose own "
