@@ -31,26 +31,41 @@ sys.path.insert(0, str(REPO))
 
 from common.serving.loading import QUANTIZATIONS, quantize_weights, weight_bytes  # noqa: E402
 
-# Inductor settings a row can add to its quantisation's name: "+autotune" autotunes inductor's
-# Triton matmul templates (max_autotune_gemm), which can fuse the int8 / fp8 -> bf16 conversion
-# into the product's loads (prologue fusion) instead of writing a bf16 copy of the weight first;
-# "+cd-all": coordinate-descent tuning of the generated kernels tries every direction (torchao's
-# recommended setting); "+autotune-cd" also turns coordinate-descent tuning off, which otherwise rewrites every product
-# with one row (batch 1) as a generic reduction before the templates see it. (inductor's
+# Inductor settings a row can add to its quantisation's name, one or several ("none+freezing+cd-all"):
+# "+autotune" autotunes inductor's Triton matmul templates (max_autotune_gemm), which can fuse the
+# int8 / fp8 -> bf16 conversion into the product's loads (prologue fusion) instead of writing a bf16
+# copy of the weight first; "+max-autotune" (max_autotune) also tries more launch configurations for
+# the generated reductions, which is what a product with one row becomes under coordinate-descent
+# tuning (inductor's mm decomposition); "+cd-all": coordinate-descent tuning of the generated kernels
+# tries every direction (torchao's recommended setting); "+autotune-cd" also turns coordinate-descent
+# tuning off, so products with one row stay products for the templates / cuBLAS. (inductor's
 # decompose_mem_bound_mm does not apply: on CUDA it only rewrites products whose first dimension
 # is at least 10,240.) "+freezing": the weights become constants of the compiled graph, and
 # inductor's freezing patterns merge products that share their input (q / k / v, gate / up) into one
 # product over the concatenated weights: fewer, larger matrix-vector products (the concatenated
 # copies are extra memory: 9 GB for a 7B shape's q, k, v, gate and up).
-SETTINGS = {"": {}, "+cd-all": {"coordinate_descent_check_all_directions": True},
-            "+autotune": {"max_autotune_gemm": True},
-            "+autotune-cd": {"max_autotune_gemm": True, "coordinate_descent_tuning": False},
-            "+freezing": {"freezing": True}}
+SETTINGS = {"cd-all": {"coordinate_descent_check_all_directions": True},
+            "autotune": {"max_autotune_gemm": True},
+            "max-autotune": {"max_autotune": True},
+            "autotune-cd": {"max_autotune_gemm": True, "coordinate_descent_tuning": False},
+            "freezing": {"freezing": True}}
 # `int8_pack`: PyTorch's own int8 weight-only product (aten._weight_int8pack_mm: bf16 activations,
 # int8 weights with a scale per output row), which inductor also substitutes for torchao's int8
 # weight-only form.
-VARIANTS = {kind + suffix: (kind, settings) for kind in (*QUANTIZATIONS, "int8_pack")
-            for suffix, settings in SETTINGS.items()}
+KINDS = (*QUANTIZATIONS, "int8_pack")
+
+
+def parse_variant(name: str) -> tuple[str, dict]:
+    """"int8_rowwise+cd-all" -> ("int8_rowwise", inductor settings); ValueError when unknown."""
+    kind, *suffixes = name.split("+")
+    if kind not in KINDS or any(s not in SETTINGS for s in suffixes):
+        raise ValueError(name)
+    settings: dict = {}
+    for suffix in suffixes:
+        settings |= SETTINGS[suffix]
+    return kind, settings
+
+
 DEFAULT = ("none", "none+autotune", "none+autotune-cd", "int8", "int8_pack", "fp8", "fp8_dynamic", "int4",
            "int8_rowwise+autotune", "int8_rowwise+autotune-cd", "fp8_rowwise+autotune-cd")
 
@@ -119,8 +134,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--variants", default=",".join(DEFAULT),
-                        help="Rows to run, comma-separated: a quantisation (" + ", ".join((*QUANTIZATIONS, "int8_pack"))
-                        + "), optionally followed by " + " or ".join(repr(s) for s in SETTINGS if s)
+                        help="Rows to run, comma-separated: a quantisation (" + ", ".join(KINDS)
+                        + "), optionally followed by settings, each after a '+': " + ", ".join(SETTINGS)
                         + f". Default: {','.join(DEFAULT)}.")
     parser.add_argument("--tiny", action="store_true", help="2 layers 64 / 128 wide on the CPU, no compile.")
     parser.add_argument("--out", default="outputs/benchmarks/quantized_matvec.json")
@@ -138,11 +153,13 @@ def main() -> None:
     inputs = {b: torch.randn(b, hidden, device=device, dtype=dtype) * 0.05 for b in batches}
     rows = []
     chosen = args.variants.split(",")
-    unknown = set(chosen) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+    variants = {}
     for name in chosen:
-        kind, inductor_settings = VARIANTS[name]
+        try:
+            variants[name] = parse_variant(name)
+        except ValueError:
+            parser.error(f"unknown variant {name!r}")
+    for name, (kind, inductor_settings) in variants.items():
         model = DecoderLinears(layers, hidden, intermediate).to(device, dtype).eval()
         model.load_state_dict(reference.state_dict())
         row = {"quantize": name}
@@ -183,13 +200,13 @@ def main() -> None:
               f"linears ({hidden} / {intermediate}), {dtype}, "
               f"{'compiled reduce-overhead' if device.type == 'cuda' else 'eager'}")
     print("\n" + header)
-    print(f"{'quantize':18s} {'GB':>6s}" + "".join(f" {'ms b' + str(b):>9s} {'x bf16':>7s} {'GB/s':>6s}"
+    print(f"{'quantize':34s} {'GB':>6s}" + "".join(f" {'ms b' + str(b):>9s} {'x bf16':>7s} {'GB/s':>6s}"
                                                   for b in batches) + "  rel.err")
     for row in rows:
         if "error" in row:
-            print(f"{row['quantize']:18s} failed: {row['error']}")
+            print(f"{row['quantize']:34s} failed: {row['error']}")
             continue
-        print(f"{row['quantize']:18s} {row['weight_GB']:6.2f}" + "".join(
+        print(f"{row['quantize']:34s} {row['weight_GB']:6.2f}" + "".join(
             f" {row[f'ms_b{b}']:9.3f} {row[f'speedup_b{b}']:7.2f} {row[f'GB_per_s_b{b}']:6d}" for b in batches)
             + f"  {row[f'rel_error_b{batches[0]}']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

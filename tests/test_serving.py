@@ -769,6 +769,31 @@ metric_list:
 
 
 # ------------------------------------------------------------------ quantised weights
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_a_row_scaled_linear_multiplies_by_its_8_bit_weight_times_the_row_scale_for_one_row_and_many(dtype):
+    """RowScaledLinear's two forms (one row: a float32 product scaled after; many rows: the weight
+    scaled first) both compute x @ (stored weight x row scale)^T + bias, and the stored weight is
+    the original one within the 8-bit format's rounding."""
+    from common.serving.loading import RowScaledLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    scaled = RowScaledLinear(linear, dtype)
+    assert scaled.weight.dtype == dtype and scaled.scale.shape == (48, 1)
+    dequantised = scaled.weight.double() * scaled.scale.double()
+    error = (dequantised - linear.weight.double()).abs()
+    if dtype == torch.int8:
+        assert (error <= scaled.scale.double() / 2 + 1e-9).all()
+    else:  # e4m3: 3 mantissa bits
+        assert (error <= linear.weight.double().abs() / 16 + scaled.scale.double() * 2 ** -9).all()
+    x = torch.randn(3, 2, 64)
+    expected = x.double() @ dequantised.T + linear.bias.double()
+    with torch.no_grad():
+        many, one = scaled(x), scaled(x[:1, :1])
+    assert torch.allclose(many.double(), expected, atol=1e-5)
+    assert torch.allclose(one.double(), expected[:1, :1], atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["int8", "int8_rowwise"])
 def test_a_quantised_adapter_model_is_served_close_to_the_unquantised_one(llama_engine, tmp_path, kind):
     """serve.py --quantize int8 / int8_rowwise over a LoRA adapter: merged first, then every linear

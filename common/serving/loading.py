@@ -101,12 +101,14 @@ QUANTIZATIONS = ("none", *TORCHAO_QUANTIZATIONS, *ROWWISE)
 
 class RowScaledLinear(torch.nn.Module):
     """A linear layer whose weight is kept in 8 bits (int8 or fp8 e4m3) with one scale per output
-    row, and multiplied back to the activations' dtype inside the product. Compiled for one row
-    (batch 1), inductor generates the product as one kernel that reads the 8-bit weight (1.30x
-    bf16's products on an H200); for many rows it writes a bf16 copy for cuBLAS first (0.49x).
-    (The scale is applied to the weight, not to the product's output: torchao's int8 weight-only
-    form, `(x @ w.to(bf16)) * scale`, is rewritten by inductor into aten._weight_int8pack_mm, whose
-    CUDA kernel took 58 ms for what bf16 does in 0.3: benchmarks/RESULTS.md.)"""
+    row. For one row of activations (one client's decode step), compiled, the product is one
+    kernel that reads the 8-bit weight, converts each element once to float32 and scales the
+    product's output (int8 1.24x, fp8 1.34x bf16's products on an H200; converting the weight to
+    bf16 and scaling it first, 1.21x for int8, costs more conversions per byte read). For many
+    rows the weight is turned back to the activations' dtype and scaled for cuBLAS, which writes
+    a bf16 copy first (0.49x). (Scaling the output of a bf16 product, torchao's int8 weight-only
+    form `(x @ w.to(bf16)) * scale`, is rewritten by inductor into aten._weight_int8pack_mm, whose
+    CUDA kernel took 58 ms for what bf16 does in 0.3 at 64 rows: benchmarks/RESULTS.md.)"""
 
     def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
         super().__init__()
@@ -119,6 +121,9 @@ class RowScaledLinear(torch.nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() == 1:
+            out = torch.nn.functional.linear(x.float(), self.weight.float()) * self.scale.float().view(-1)
+            return (out if self.bias is None else out + self.bias).to(x.dtype)
         return torch.nn.functional.linear(x, self.weight.to(x.dtype) * self.scale, self.bias)
 
 
