@@ -771,8 +771,8 @@ metric_list:
 # ------------------------------------------------------------------ quantised weights
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
 def test_a_row_scaled_linear_multiplies_by_its_8_bit_weight_times_the_row_scale_for_one_row_and_many(dtype):
-    """RowScaledLinear's two forms (one row: a float32 product scaled after; many rows: the weight
-    scaled first) both compute x @ (stored weight x row scale)^T + bias, and the stored weight is
+    """RowScaledLinear's two forms (one row under torch.compile: a float32 product scaled after;
+    otherwise the weight scaled first) both compute x @ (stored weight x row scale)^T + bias, and the stored weight is
     the original one within the 8-bit format's rounding."""
     from common.serving.loading import RowScaledLinear
 
@@ -788,10 +788,12 @@ def test_a_row_scaled_linear_multiplies_by_its_8_bit_weight_times_the_row_scale_
         assert (error <= linear.weight.double().abs() / 16 + scaled.scale.double() * 2 ** -9).all()
     x = torch.randn(3, 2, 64)
     expected = x.double() @ dequantised.T + linear.bias.double()
+    traced = torch.compile(scaled, backend="eager", fullgraph=True)  # the form the compiled decode step takes
     with torch.no_grad():
-        many, one = scaled(x), scaled(x[:1, :1])
-    assert torch.allclose(many.double(), expected, atol=1e-5)
-    assert torch.allclose(one.double(), expected[:1, :1], atol=1e-5)
+        for module in (scaled, traced):
+            many, one = module(x), module(x[:1, :1])
+            assert torch.allclose(many.double(), expected, atol=1e-5)
+            assert torch.allclose(one.double(), expected[:1, :1], atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int8_rowwise"])

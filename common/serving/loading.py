@@ -101,7 +101,7 @@ QUANTIZATIONS = ("none", *TORCHAO_QUANTIZATIONS, *ROWWISE)
 
 class RowScaledLinear(torch.nn.Module):
     """A linear layer whose weight is kept in 8 bits (int8 or fp8 e4m3) with one scale per output
-    row. For one row of activations (one client's decode step), compiled, the product is one
+    row. For one row of activations (one client's decode step) under torch.compile, the product is one
     kernel that reads the 8-bit weight, converts each element once to float32 and scales the
     product's output (int8 1.24x, fp8 1.34x bf16's products on an H200; converting the weight to
     bf16 and scaling it first, 1.21x for int8, costs more conversions per byte read). For many
@@ -121,7 +121,7 @@ class RowScaledLinear(torch.nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() == 1:
+        if x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():  # (eager, it would copy the weight in float32)
             out = torch.nn.functional.linear(x.float(), self.weight.float()) * self.scale.float().view(-1)
             return (out if self.bias is None else out + self.bias).to(x.dtype)
         return torch.nn.functional.linear(x, self.weight.to(x.dtype) * self.scale, self.bias)
