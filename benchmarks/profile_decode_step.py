@@ -5,17 +5,25 @@ reading the weights and the KV cache once would take at the measured copy bandwi
 attention call alone (SDPA on the step's shapes) per backend.
 
     python benchmarks/profile_decode_step.py            # one GPU
+    python benchmarks/profile_decode_step.py --compiled --widths 1 --spans 256 --quantize none,int8_rowwise,fp8_rowwise
     python benchmarks/profile_decode_step.py --tiny     # CPU smoke test
 
-The step runs eagerly here (no torch.compile, so kernel names stay readable): matrix products
-and attention run the same kernels as in the compiled step; the rest (norms, RoPE, masks:
-fused by inductor there) is an upper bound. Prints a table and writes JSON to --out.
+By default the step runs eagerly (kernel names stay readable): matrix products and attention run
+cuBLAS's and SDPA's kernels, the rest (norms, RoPE, masks: fused by inductor when compiled) is an
+upper bound. `--compiled` profiles the step as the server compiles it (inductor with
+coordinate-descent tuning, "max-autotune" at one row) but without CUDA graphs, so that each
+kernel is timed on its own: one row's products are then inductor's reductions (kernel names
+with "mm"), and `step_ms` includes the host's launch gaps that CUDA graphs remove (the
+kernel groups do not). `--quantize` profiles quantised weights too (common/serving/loading.py).
+Prints a table and writes JSON to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import re
 import sys
 import time
 from collections import defaultdict
@@ -30,7 +38,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.decode_throughput import build_model, copy_bandwidth  # noqa: E402
 from common.serving.batcher import DECODE_ATTENTION, SlotCache, _cache_argument, _decode_step  # noqa: E402
-from common.serving.loading import weight_bytes  # noqa: E402
+from common.serving.loading import QUANTIZATIONS, quantize_weights, weight_bytes  # noqa: E402
+from common.serving.runtime import apply_serving_settings  # noqa: E402
 
 
 def kernel_group(name: str) -> str:
@@ -38,6 +47,8 @@ def kernel_group(name: str) -> str:
     if any(k in lowered for k in ("fmha", "attention", "flash", "attn")):
         return "attention"
     if any(k in lowered for k in ("gemm", "gemv", "cutlass", "sm90_xmma", "matmul", "splitk", "nvjet")):
+        return "matmul"
+    if lowered.startswith("triton") and re.search(r"_b?mm(_|\d*$)", lowered):  # inductor's, named after aten.mm
         return "matmul"
     return "other"
 
@@ -62,7 +73,7 @@ def profile(fn, steps: int) -> tuple[dict[str, float], list[tuple[str, float]]]:
             continue
         groups[kernel_group(event.key)] += device_us / 1e3 / steps
         kernels[event.key] += device_us / 1e3 / steps
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:6]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:10]
     return dict(groups), [(name[:90], round(ms, 3)) for name, ms in top]
 
 
@@ -87,32 +98,74 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", default="1,16,32,64")
     parser.add_argument("--spans", default="256,512")
+    parser.add_argument("--compiled", action="store_true",
+                        help="Profile the step compiled as the server compiles it, without CUDA graphs (see above).")
+    parser.add_argument("--quantize", default="none",
+                        help="Weights, comma-separated: " + ", ".join(QUANTIZATIONS) + ". Default: none (bf16).")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="outputs/benchmarks/profile_decode_step.json")
     args = parser.parse_args()
+    kinds = args.quantize.split(",")
+    if set(kinds) - set(QUANTIZATIONS):
+        parser.error(f"unknown --quantize {sorted(set(kinds) - set(QUANTIZATIONS))}: choose from {QUANTIZATIONS}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    model = build_model("tiny" if args.tiny else "llama2-7b", device)
-    config = model.config
-    dtype = next(model.parameters()).dtype
-    weights = weight_bytes(model)
+    base = build_model("tiny" if args.tiny else "llama2-7b", device)
+    config = base.config
+    dtype = next(base.parameters()).dtype
     head_dim = config.hidden_size // config.num_attention_heads
     kv_per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
     bandwidth = copy_bandwidth(device)
     widths = [int(w) for w in args.widths.split(",")]
     spans = [int(s) for s in args.spans.split(",")]
+    if args.compiled:
+        apply_serving_settings(device, compile_decode=True)
+    rows = []
+    for kind in kinds:
+        model = base if kind == "none" else quantize_weights(copy.deepcopy(base), kind)
+        rows += profile_model(model, kind, args, widths, spans, kv_per_slot, bandwidth, device)
+        del model
+        torch._dynamo.reset()
+    weights = weight_bytes(base)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"\n{name}, torch {torch.__version__}, {weights / 1e9:.2f} GB of {dtype} weights, KV {kv_per_slot / 1e3:.0f} kB a "
+          f"slot, copy bandwidth {bandwidth / 1e9 if bandwidth else 0:.0f} GB/s, "
+          f"{'compiled (no CUDA graphs)' if args.compiled else 'eager'}")
+    print(f"{'weights':>12s} {'width':>5s} {'span':>5s} {'step ms':>8s} {'matmul':>7s} {'attn':>7s} {'other':>7s} "
+          f"{'bytes ms':>8s}  sdpa x layers")
+    for row in rows:
+        print(f"{row['quantize']:>12s} {row['width']:5d} {row['span']:5d} {row['step_ms']:8.3f} {row.get('matmul_ms', 0):7.3f} "
+              f"{row.get('attention_ms', 0):7.3f} {row.get('other_ms', 0):7.3f} {row['bytes_at_copy_bandwidth_ms'] or 0:8.3f}  "
+              f"{row['sdpa_all_layers_ms']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    setup = f"{name}, torch {torch.__version__}, {'compiled without CUDA graphs' if args.compiled else 'eager'}"
+    Path(args.out).write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
+
+
+def profile_model(model, kind: str, args, widths: list[int], spans: list[int], kv_per_slot: int,
+                  bandwidth: float | None, device: torch.device) -> list[dict]:
+    """One row per width x span: the step's kernels grouped, its time, the bytes it reads, and
+    SDPA alone on its shapes per backend."""
+    config = model.config
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    head_dim = config.hidden_size // config.num_attention_heads
+    weights = weight_bytes(model)
     decode = partial(_decode_step, model, dtype, _cache_argument(model))
-
-    def step(*args):  # with the attention kernels the server's step may use
-        backends = DECODE_ATTENTION if device.type == "cuda" else [torch.nn.attention.SDPBackend.MATH]
-        with torch.nn.attention.sdpa_kernel(backends):
-            return decode(*args)
-
     rows = []
     with torch.inference_mode():
         for width in widths:
+            # as the Batcher compiles it (a function per width), minus CUDA graphs
+            compiled = torch.compile(decode, mode="max-autotune-no-cudagraphs" if width == 1 else None) \
+                if args.compiled else decode
+
+            def step(*step_args, compiled=compiled):  # with the attention kernels the server's step may use
+                backends = DECODE_ATTENTION if device.type == "cuda" else [torch.nn.attention.SDPBackend.MATH]
+                with torch.nn.attention.sdpa_kernel(backends):
+                    return compiled(*step_args)
+
             cache = SlotCache(width, max(spans), device)
             ids = torch.randint(3, config.vocab_size, (width, 1), device=device)
-            step(cache, ids, torch.zeros((width, 1), dtype=torch.long, device=device))  # allocates every layer's cache
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # eager: allocates every layer's cache
+                decode(cache, ids, torch.zeros((width, 1), dtype=torch.long, device=device))
             for span in spans:
                 cache.span = span
                 cache.position.fill_(span - 1)
@@ -120,7 +173,7 @@ def main() -> None:
                 one_step = partial(step, cache, ids, positions)
                 groups, top = profile(one_step, steps=5)
                 bytes_read = weights + width * span * kv_per_slot
-                row = {"width": width, "span": span, "step_ms": round(timed_ms(one_step, repeats=5 if args.tiny else 20), 3),
+                row = {"quantize": kind, "width": width, "span": span, "step_ms": round(timed_ms(one_step, repeats=5 if args.tiny else 20), 3),
                        **{f"{k}_ms": round(v, 3) for k, v in sorted(groups.items())},
                        "bytes_GB": round(bytes_read / 1e9, 2),
                        "bytes_at_copy_bandwidth_ms": round(bytes_read / bandwidth * 1e3, 3) if bandwidth else None,
@@ -147,16 +200,7 @@ def main() -> None:
                 row["sdpa_all_layers_ms"] = sdpa
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\n{name}, torch {torch.__version__}, {weights / 1e9:.2f} GB of weights, KV {kv_per_slot / 1e3:.0f} kB a slot, "
-          f"copy bandwidth {bandwidth / 1e9 if bandwidth else 0:.0f} GB/s")
-    print(f"{'width':>5s} {'span':>5s} {'step ms':>8s} {'matmul':>7s} {'attn':>7s} {'other':>7s} {'bytes ms':>8s}  sdpa x layers")
-    for row in rows:
-        print(f"{row['width']:5d} {row['span']:5d} {row['step_ms']:8.3f} {row.get('matmul_ms', 0):7.3f} "
-              f"{row.get('attention_ms', 0):7.3f} {row.get('other_ms', 0):7.3f} {row['bytes_at_copy_bandwidth_ms'] or 0:8.3f}  "
-              f"{row['sdpa_all_layers_ms']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"setup": f"{name}, torch {torch.__version__}", "rows": rows}, indent=2) + "\n")
+    return rows
 
 
 if __name__ == "__main__":
