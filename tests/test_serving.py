@@ -772,8 +772,8 @@ metric_list:
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
 def test_a_row_scaled_linear_multiplies_by_its_8_bit_weight_times_the_row_scale_for_one_row_and_many(dtype):
     """RowScaledLinear's two forms (one row under torch.compile: a float32 product scaled after;
-    otherwise the weight scaled first) both compute x @ (stored weight x row scale)^T + bias, and the stored weight is
-    the original one within the 8-bit format's rounding."""
+    otherwise the weight scaled first) both compute x @ (stored weight x row scale)^T + bias, and
+    the stored weight is the original one within the 8-bit format's rounding."""
     from common.serving.loading import RowScaledLinear
 
     torch.manual_seed(0)

@@ -337,9 +337,10 @@ class Batcher(_Decoder):
     Rows live in a SlotCache of 1 row while one request runs (the fastest shape for a single
     user) and of `max_batch` rows when more do; rows move between the two when the count
     changes. On CUDA the decode step is compiled with CUDA graphs (torch.compile
-    "reduce-overhead", "max-autotune" for one row): a 7B model's step launches hundreds of small kernels, and launching
-    them from Python costs more than the step itself. Prompts that arrive together are
-    prefilled in one padded forward, not compiled (their lengths vary; they are compute-bound).
+    "reduce-overhead"; "max-autotune" for one row): a 7B model's step launches hundreds of small
+    kernels, and launching them from Python costs more than the step itself. Prompts that arrive
+    together are prefilled in one padded forward, not compiled (their lengths vary; they are
+    compute-bound).
     """
 
     thread_name = "batcher"
