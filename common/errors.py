@@ -31,9 +31,22 @@ def cli_main(main: Callable[..., T]) -> Callable[..., T]:
             level=logging.INFO,
         )
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        if main.__module__ == "__main__":  # a script's run, not a caller's library call
+            _leave_process_group()
+        return result
 
     return wrapper
+
+
+def _leave_process_group() -> None:
+    """End a distributed run's process group before the interpreter exits (only after success:
+    after an error, other ranks may still be in a collective). A rank that exits holding a gloo
+    group can abort at exit ("terminate called without an active exception", pytorch/pytorch#190489)
+    while another rank still writes its outputs, and the launcher then fails the whole run."""
+    torch = sys.modules.get("torch")  # never imported just for this
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -182,3 +182,37 @@ def test_quick_cpu_sampling_draws_from_the_same_distribution_and_only_where_it_m
         assert frequency[p == 0].sum() == 0  # zero-weight tokens never come out
         assert torch.allclose(frequency, p, atol=0.015), (frequency, p)
     assert int(one_row) in (1, 3, 4)
+
+
+# ------------------------------------------------------------------------ cli_main
+SCRIPT_WITH_A_PROCESS_GROUP = """
+import atexit, sys, torch
+sys.path.insert(0, {repo!r})
+from common.errors import cli_main
+
+@cli_main
+def main():
+    torch.distributed.init_process_group("gloo", init_method="file://" + {store!r}, rank=0, world_size=1)
+    return "done"
+
+atexit.register(lambda: print("group at exit:", torch.distributed.is_initialized()))
+if sys.argv[1:] == ["library"]:  # called by a caller's code rather than run as the script
+    main.__wrapped__.__module__ = "some_library"
+print(main())
+"""
+
+
+@pytest.mark.parametrize("how, left", [("script", False), ("library", True)])
+def test_a_script_run_leaves_its_process_group_a_library_call_keeps_it(tmp_path, how, left):
+    """cli_main ends a distributed script's process group after success (a rank exiting while holding
+    a gloo group can abort at exit); a caller that runs main() inside its own program keeps it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT_WITH_A_PROCESS_GROUP.format(repo=str(Path(__file__).resolve().parents[1]),
+                                                         store=str(tmp_path / "store")))
+    result = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["done", "group", "at", "exit:", str(left)]
