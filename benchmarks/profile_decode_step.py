@@ -122,7 +122,8 @@ def main() -> None:
     rows = []
     for kind in kinds:
         model = base if kind == "none" else quantize_weights(copy.deepcopy(base), kind)
-        rows += profile_model(model, kind, args, widths, spans, kv_per_slot, bandwidth, device)
+        rows += profile_model(model, kind, args, widths, spans, kv_per_slot, bandwidth, device, dtype,
+                              with_sdpa=kind == kinds[0])
         del model
         torch._dynamo.reset()
     weights = weight_bytes(base)
@@ -135,19 +136,38 @@ def main() -> None:
     for row in rows:
         print(f"{row['quantize']:>12s} {row['width']:5d} {row['span']:5d} {row['step_ms']:8.3f} {row.get('matmul_ms', 0):7.3f} "
               f"{row.get('attention_ms', 0):7.3f} {row.get('other_ms', 0):7.3f} {row['bytes_at_copy_bandwidth_ms'] or 0:8.3f}  "
-              f"{row['sdpa_all_layers_ms']}")
+              f"{row.get('sdpa_all_layers_ms', '')}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     setup = f"{name}, torch {torch.__version__}, {'compiled without CUDA graphs' if args.compiled else 'eager'}"
     Path(args.out).write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
 
 
-def profile_model(model, kind: str, args, widths: list[int], spans: list[int], kv_per_slot: int,
-                  bandwidth: float | None, device: torch.device) -> list[dict]:
-    """One row per width x span: the step's kernels grouped, its time, the bytes it reads, and
-    SDPA alone on its shapes per backend."""
-    config = model.config
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def sdpa_alone(config, width: int, span: int, dtype: torch.dtype, device: torch.device, repeats: int) -> dict:
+    """Milliseconds of the attention call alone on a step's shapes, per SDPA backend, times the layers."""
     head_dim = config.hidden_size // config.num_attention_heads
+    q = torch.randn(width, config.num_attention_heads, 1, head_dim, device=device, dtype=dtype)
+    k = torch.randn(width, config.num_key_value_heads, span, head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    mask = torch.zeros(width, 1, 1, span, device=device, dtype=dtype)
+    sdpa = {}
+    sdp = torch.nn.attention.SDPBackend
+    for name, backend, with_mask in (("efficient", sdp.EFFICIENT_ATTENTION, True), ("math", sdp.MATH, True),
+                                      ("cudnn", sdp.CUDNN_ATTENTION, True), ("flash_no_mask", sdp.FLASH_ATTENTION, False)):
+        try:
+            with torch.nn.attention.sdpa_kernel(backend):
+                attention = partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask if with_mask else None)
+                ms = timed_ms(attention, repeats=repeats)
+            sdpa[name] = round(ms * config.num_hidden_layers, 3)  # every layer
+        except RuntimeError as err:
+            sdpa[name] = f"unavailable: {str(err).splitlines()[0][:80]}"
+    return sdpa
+
+
+def profile_model(model, kind: str, args, widths: list[int], spans: list[int], kv_per_slot: int,
+                  bandwidth: float | None, device: torch.device, dtype: torch.dtype, with_sdpa: bool) -> list[dict]:
+    """One row per width x span: the step's kernels grouped, its time, the bytes it reads, and
+    (`with_sdpa`) SDPA alone on its shapes per backend."""
+    config = model.config
     weights = weight_bytes(model)
     decode = partial(_decode_step, model, dtype, _cache_argument(model))
     rows = []
@@ -178,26 +198,9 @@ def profile_model(model, kind: str, args, widths: list[int], spans: list[int], k
                        "bytes_GB": round(bytes_read / 1e9, 2),
                        "bytes_at_copy_bandwidth_ms": round(bytes_read / bandwidth * 1e3, 3) if bandwidth else None,
                        "top_kernels": top}
-                # the attention call alone, per SDPA backend, on this step's shapes
-                heads = config.num_attention_heads
-                q = torch.randn(width, heads, 1, head_dim, device=device, dtype=dtype)
-                k = torch.randn(width, config.num_key_value_heads, span, head_dim, device=device, dtype=dtype)
-                v = torch.randn_like(k)
-                mask = torch.zeros(width, 1, 1, span, device=device, dtype=dtype)
-                sdpa = {}
-                sdp = torch.nn.attention.SDPBackend
-                for name, backend, with_mask in (("efficient", sdp.EFFICIENT_ATTENTION, True), ("math", sdp.MATH, True),
-                                                  ("cudnn", sdp.CUDNN_ATTENTION, True),
-                                                  ("flash_no_mask", sdp.FLASH_ATTENTION, False)):
-                    try:
-                        with torch.nn.attention.sdpa_kernel(backend):
-                            attention = partial(F.scaled_dot_product_attention, q, k, v,
-                                                attn_mask=mask if with_mask else None)
-                            ms = timed_ms(attention, repeats=5 if args.tiny else 50)
-                        sdpa[name] = round(ms * config.num_hidden_layers, 3)  # every layer
-                    except RuntimeError as err:
-                        sdpa[name] = f"unavailable: {str(err).splitlines()[0][:80]}"
-                row["sdpa_all_layers_ms"] = sdpa
+                if with_sdpa:  # (the same for every quantisation)
+                    row["sdpa_all_layers_ms"] = sdpa_alone(config, width, span, dtype, device,
+                                                           repeats=5 if args.tiny else 50)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
