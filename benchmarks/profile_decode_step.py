@@ -53,9 +53,11 @@ def kernel_group(name: str) -> str:
     return "other"
 
 
-def profile(fn, steps: int) -> tuple[dict[str, float], list[tuple[str, float]]]:
-    """Milliseconds of device time per call by kernel group, and the top kernels."""
-    fn()
+def profile(fn, steps: int) -> tuple[dict[str, float], list[tuple[str, float, float]]]:
+    """Milliseconds of device time per call by kernel group, and the top kernels (name, ms and
+    launches per call: a kernel of every decoder layer launches num_hidden_layers times)."""
+    for _ in range(3):  # past compilation and any tuning done at a kernel's first launches
+        fn()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -67,14 +69,16 @@ def profile(fn, steps: int) -> tuple[dict[str, float], list[tuple[str, float]]]:
             torch.cuda.synchronize()
     groups: dict[str, float] = defaultdict(float)
     kernels: dict[str, float] = defaultdict(float)
+    launches: dict[str, int] = defaultdict(int)
     for event in prof.key_averages():
         device_us = getattr(event, "self_device_time_total", 0) or 0
         if device_us <= 0 or event.key.startswith(("aten::", "cuda", "Memset")):  # kernels and copies only
             continue
         groups[kernel_group(event.key)] += device_us / 1e3 / steps
         kernels[event.key] += device_us / 1e3 / steps
+        launches[event.key] += event.count
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:10]
-    return dict(groups), [(name[:90], round(ms, 3)) for name, ms in top]
+    return dict(groups), [(name[:90], round(ms, 3), launches[name] / steps) for name, ms in top]
 
 
 def timed_ms(fn, repeats: int = 50) -> float:
