@@ -20,6 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from common.corpora import load_peoples_daily
 from common.errors import UserError
 from common.serving.api import ApiError, Limiter
+from common.serving.batcher import batch_widths
 from common.serving.engine import Engine
 from common.serving.sampling import SamplingParams
 from common.serving.text import _partial_stop_length
@@ -241,9 +242,42 @@ def test_a_request_joins_at_the_next_step_whatever_its_prompt_length(llama_engin
         served.close()
 
 
+def test_batch_widths_add_a_quarter_of_the_largest_when_it_is_8_or_more():
+    assert [batch_widths(n) for n in (1, 4, 8, 31, 32, 64)] == [[1], [1, 4], [1, 8], [1, 31], [1, 8, 32], [1, 16, 64]]
+
+
+def test_rows_move_between_three_widths_of_one_cache_and_decode_as_alone(llama_engine):
+    """10 requests of different lengths: the batch runs 32 rows wide, then 8 once 8 are left (the
+    running rows move to the first rows of the same cache, over the rows they leave), then 1, and
+    every request decodes what it would alone."""
+    served = Engine(llama_engine.model, llama_engine.tokenizer, "llama", max_batch=32, max_cache_len=64)
+    try:
+        decoder = served.decoder
+        ptr = decoder.caches[32].keys[0].data_ptr()
+        assert decoder.widths == [1, 8, 32]
+        assert all(decoder.caches[w].keys[0].data_ptr() == ptr for w in (1, 8))  # no memory of their own
+        widths, step = [], decoder._step
+
+        def recording_step():
+            widths.append(decoder.width)
+            step()
+
+        decoder._step = recording_step
+        prompts = [served.encode(t) for t in ("新华社北京电", "记者", "今年以来，我国经济平稳发展", "人民日报")] * 3
+        lengths = [2 + 2 * i for i in range(10)]  # the first rows end first: the others move down
+        expected = [_reference_greedy(served.model, p, n) for p, n in zip(prompts, lengths)]
+        with decoder.condition:  # all join at once
+            streams = [served.stream(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
+                       for p, n in zip(prompts, lengths)]
+        assert _read_all(streams) == expected
+        assert [w for i, w in enumerate(widths) if i == 0 or w != widths[i - 1]] == [32, 8, 1]
+    finally:
+        served.close()
+
+
 def test_warm_up_runs_every_width_and_attention_span_once(model_dir):
     """What the server compiles before it opens its port: each cache width x span bucket."""
-    served = Engine.from_pretrained(model_dir, name="tiny", device="cpu", max_batch=4)
+    served = Engine.from_pretrained(model_dir, name="tiny", device="cpu", max_batch=32)
     try:
         seen = []
         decoder = served.decoder
@@ -253,8 +287,9 @@ def test_warm_up_runs_every_width_and_attention_span_once(model_dir):
                 return step(cache, *args)
             decoder.decode[width] = recording
         assert served.warm_up() > 0
-        assert sorted(set(seen)) == [(w, s) for w in (1, 4) for s in (256, 512, 1024)]
-        assert len(seen) == 6 and served.tokens_generated == 3 * (2 + 4)  # one step each, nothing left running
+        assert sorted(set(seen)) == [(w, s) for w in (1, 8, 32) for s in (256, 512, 1024)]
+        # one step each (1, 2 and 9 requests: the fewest that need the width), nothing left running
+        assert len(seen) == 9 and served.tokens_generated == 3 * 2 * (1 + 2 + 9)
     finally:
         served.close()
 

@@ -118,11 +118,11 @@ class Engine:
         decoder = self.decoder
         spans = sorted({span_bucket(n, self.context_length) for n in range(2, self.context_length + 1)})
         greedy = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
-        for width in decoder.widths:
+        for smaller, width in zip([0, *decoder.widths], decoder.widths):
             for span in spans:
                 prompt = [0] * max(1, min(span - 2, self.context_length - 2))  # its one decode step reads `span` slots
-                with decoder.condition:  # they join together: `width` rows need at least 2 requests
-                    streams = [GenerationStream(self, prompt, greedy) for _ in range(min(width, 2))]
+                with decoder.condition:  # they join together: `width` rows are the smallest for one more than `smaller`
+                    streams = [GenerationStream(self, prompt, greedy) for _ in range(smaller + 1)]
                 for stream in streams:
                     for _ in stream:
                         pass
