@@ -17,9 +17,9 @@ after a `--prompt_tokens` prompt; different prompts per client.
   engine, batch 1           `Engine.stream`: the server's generation path, one request
   engine, N streams         N requests decoded together, read in one event loop as the server
                             reads them, without HTTP (server minus this = HTTP and SSE)
-  server, N clients         N streaming clients at once over HTTP (the clients in a process of
-                            their own): aggregate and per-client tokens/s, first-token latency
-                            p50 / p95 (from the moment all N were sent)
+  server, N clients         N streaming clients at once over HTTP (spread over
+                            --client_processes processes of their own): aggregate and per-client
+                            tokens/s, first-token latency p50 / p95 (from the moment all N were sent)
   transformers CB, N        `model.generate_batch` of N prompts (paged KV cache), after its warm-up
 
 Each engine is warmed up first (`Engine.warm_up`, what serve.py does before it opens its port:
@@ -161,27 +161,46 @@ def stream_completion(client: httpx.Client, port: int, prompt: str, tokens: int,
                 usage = event["usage"]
             for choice in event.get("choices", []):
                 if choice.get("text"):
-                    first = first or time.perf_counter()
+                    first = first or time.time()  # (wall clock: shared by the client processes)
                     text += choice["text"]
     out.update(text=text, tokens=usage["completion_tokens"] if usage else None, first_token_at=first)
 
 
-def concurrent_clients(port: int, prompts: list[str], tokens: int) -> tuple[float, list[dict]]:
+def concurrent_clients(port: int, prompts: list[str], tokens: int, start_at: float) -> tuple[float, float, list[dict]]:
+    """Stream `prompts` at once, a thread each, from the wall-clock time `start_at` (when the other
+    client processes start theirs): seconds from then to the last one's end, how late this
+    process started, and each stream's text, token count and first-token latency."""
     results = [{} for _ in prompts]
     # one client, made before the clock starts: each httpx.Client builds an SSL context (about 18 ms of
     # CPU), which 64 threads each making their own would add to the first-token latencies measured
     client = httpx.Client(timeout=900, limits=httpx.Limits(max_connections=len(prompts) + 4))
     threads = [threading.Thread(target=stream_completion, args=(client, port, p, tokens, r))
                for p, r in zip(prompts, results)]
-    start = time.perf_counter()
+    time.sleep(max(0.0, start_at - time.time()))
+    late = time.time() - start_at
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     client.close()
     for result in results:
-        result["first_token_s"] = result.pop("first_token_at") - start
-    return time.perf_counter() - start, results
+        result["first_token_s"] = result.pop("first_token_at") - start_at
+    return time.time() - start_at, late, results
+
+
+def spread_clients(pool, processes: int, port: int, prompts: list[str], tokens: int) -> tuple[float, list[dict]]:
+    """`prompts` streamed at once by the pool's processes, in contiguous shares (one process
+    parsing 64 streams' events under one GIL limits what it can read, as 64 users' machines
+    would not): seconds until the last stream ended and every stream's result, in order."""
+    share = math.ceil(len(prompts) / processes)
+    start_at = time.time() + 0.5  # every process has its share by then
+    runs = [pool.apply_async(concurrent_clients, (port, prompts[i:i + share], tokens, start_at))
+            for i in range(0, len(prompts), share)]
+    done = [run.get() for run in runs]
+    late = max(late for _, late, _ in done)
+    if late > 0.05:
+        raise RuntimeError(f"a client process started {late:.2f} s after the others: the measurement is not fair")
+    return max(seconds for seconds, _, _ in done), [r for _, _, results in done for r in results]
 
 
 def step_timing(engine: Engine, run) -> dict:
@@ -323,6 +342,9 @@ def main() -> None:
                         help="A folder holding another transformers (`make gpu-wheels CB=1`, installed with pip "
                              "--target): the CB rows then run in a child process that imports it first, in this run.")
     parser.add_argument("--tiny", action="store_true", help="2 x 64 model on the CPU, 16 tokens: a smoke test.")
+    parser.add_argument("--client_processes", default=str(min(4, os.cpu_count() or 1)),
+                        help="Processes the streaming clients are spread over (default: 4, or the CPUs if fewer); "
+                             "comma-separated, a server row for each (e.g. 1,4).")
     parser.add_argument("--port", type=int, default=None, help="Port of the in-process server (default: a free one).")
     parser.add_argument("--out", default="outputs/benchmarks/decode_throughput.json")
     args = parser.parse_args()
@@ -376,7 +398,11 @@ def main() -> None:
             probe.bind(("127.0.0.1", 0))
             args.port = probe.getsockname()[1]
     # the clients run in a process of their own, as they would in use: not sharing the server's GIL
-    clients = multiprocessing.get_context("spawn").Pool(1)
+    spawn = multiprocessing.get_context("spawn")
+    process_counts = [int(p) for p in args.client_processes.split(",")]
+    ready = spawn.Barrier(max(process_counts) + 1)
+    clients = spawn.Pool(max(process_counts), initializer=ready.wait)
+    ready.wait()  # each has imported this module: the first load's processes start together
     greedy = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
     quality: dict[str, dict] = {}
     alone_bf16: list[list[int]] = []
@@ -414,14 +440,16 @@ def main() -> None:
                               if alone_bf16 else None}
             server, thread = serve_in_thread(engine, args.port, most)
             try:
-                for n in clients_list:
-                    seconds, results = clients.apply(concurrent_clients, (args.port, prompts[:n], tokens))
+                for n, processes in [(n, p) for n in clients_list for p in sorted({min(p, n) for p in process_counts})]:
+                    seconds, results = spread_clients(clients, processes, args.port, prompts[:n], tokens)
                     first = [r["first_token_s"] for r in results]
                     words = [list(map(word, a)) for a in alone]
                     prefixes = [common_prefix(r["text"].split(), w) for r, w in zip(results, words)]
                     gaps = [g for r, p in zip(results, prompt_ids) for g in teacher_forced_gaps(served, p, r["text"])]
-                    add(f"{label}: server, {n} client{'s' if n > 1 else ''}", n, seconds,
+                    add(f"{label}: server, {n} client{'s' if n > 1 else ''}"
+                        f"{f' in {processes} process' + 'es' * (processes > 1) if len(process_counts) > 1 else ''}", n, seconds,
                         sum(r["tokens"] for r in results), per_client_tokens_per_s=round(tokens / seconds, 1),
+                        client_processes=processes,
                         first_token_p50_s=round(percentile(first, 0.5), 3),
                         first_token_p95_s=round(percentile(first, 0.95), 3),
                         every_client_got_its_tokens=all(r["tokens"] == tokens for r in results),
