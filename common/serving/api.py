@@ -268,14 +268,16 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             return _sse({"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                          "created": created, "model": engine.name, "choices": [choice]})
 
-        async def deltas(generation: GenerationStream):
-            """The generation's text pieces; stops it when the client goes away (asked at most every
-            DISCONNECT_CHECK_S: the question costs a receive, which per token adds up with many clients)."""
+        async def deltas(generation: GenerationStream, watch: bool = True):
+            """The generation's text pieces; stops it when the client goes away (`watch`: asked at
+            most every DISCONNECT_CHECK_S: the question costs a receive and a cancel scope, which
+            per token adds up with many clients). An event stream does not ask: Starlette's
+            StreamingResponse listens for the disconnect itself and cancels the stream."""
             checked = time.monotonic()
             try:
                 async for delta in generation.deltas():
                     yield delta
-                    if time.monotonic() - checked > DISCONNECT_CHECK_S:
+                    if watch and time.monotonic() - checked > DISCONNECT_CHECK_S:
                         checked = time.monotonic()
                         if await request.is_disconnected():
                             logger.info("%s: client went away; generation stopped", request_id)
@@ -299,7 +301,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             if chat:
                 yield chunk(opening=True)
             try:
-                async for delta in deltas(generation):
+                async for delta in deltas(generation, watch=False):
                     yield chunk(delta)
             except Exception as err:  # the 200 status is sent already: report the failure in the stream
                 yield _sse(_error_body(f"generation failed: {err}", "server_error"))
