@@ -357,9 +357,9 @@ class Batcher(_Decoder):
     `max_batch` rows when more do; the smaller caches are the first rows of the largest, and the
     running rows move to the first rows when the width changes. On CUDA the decode step is
     compiled with CUDA graphs (torch.compile "reduce-overhead"; "max-autotune" for one row): a
-    7B model's step launches hundreds of small kernels, and launching them from Python costs more than the step itself. Prompts that arrive
-    together are prefilled in one padded forward, not compiled (their lengths vary; they are
-    compute-bound).
+    7B model's step launches hundreds of small kernels, and launching them from Python costs
+    more than the step itself. Prompts that arrive together are prefilled in one padded forward,
+    not compiled (their lengths vary; they are compute-bound).
     """
 
     thread_name = "batcher"
