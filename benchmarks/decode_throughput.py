@@ -307,9 +307,9 @@ def transformers_cb_in_child(args, device: torch.device) -> list[dict]:
     """The CB rows from this script run again with `--transformers_cb_site` first on the import path
     (the same prompts: they come from a fixed seed), the other transformers named in each row."""
     out = Path(args.out).with_suffix(".cb.json")  # the child's rows, kept (partial) if the run is cut short
-    command = [sys.executable, __file__, "--only_transformers_cb", "--shape", args.shape, "--tokens", str(args.tokens),
+    command = [sys.executable, __file__, "--only_transformers_cb", "--shape", args.shape,
                "--prompt_tokens", str(args.prompt_tokens), "--clients", args.clients, "--out", str(out),
-               *(["--tiny"] if args.tiny else [])]
+               *(["--tokens", str(args.tokens)] if args.tokens else []), *(["--tiny"] if args.tiny else [])]
     path = os.pathsep.join(filter(None, [args.transformers_cb_site, os.environ.get("PYTHONPATH")]))
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the child builds its own copy of the model
@@ -325,7 +325,7 @@ def transformers_cb_in_child(args, device: torch.device) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama2-7b", choices=[s for s in SHAPES if s != "tiny"])
-    parser.add_argument("--tokens", type=int, default=224)
+    parser.add_argument("--tokens", type=int, default=None, help="New tokens per request (default: 224; 16 with --tiny).")
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--clients", default="1,16,32,64", help="Concurrent streaming clients, comma-separated.")
     parser.add_argument("--quantize", default="none", help="Weights to serve: " + ", ".join(QUANTIZATIONS)
@@ -341,7 +341,8 @@ def main() -> None:
     parser.add_argument("--transformers_cb_site", default=None,
                         help="A folder holding another transformers (`make gpu-wheels CB=1`, installed with pip "
                              "--target): the CB rows then run in a child process that imports it first, in this run.")
-    parser.add_argument("--tiny", action="store_true", help="2 x 64 model on the CPU, 16 tokens: a smoke test.")
+    parser.add_argument("--tiny", action="store_true", help="2 x 64 model on the CPU (16 tokens unless --tokens): a smoke "
+                        "test, or the server's own cost per token with a model that costs next to nothing.")
     parser.add_argument("--client_processes", default=str(min(4, os.cpu_count() or 1)),
                         help="Processes the streaming clients are spread over (default: 4, or the CPUs if fewer); "
                              "comma-separated, a server row for each (e.g. 1,4).")
@@ -349,7 +350,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/benchmarks/decode_throughput.json")
     args = parser.parse_args()
     shape = "tiny" if args.tiny else args.shape
-    tokens = 16 if args.tiny else args.tokens
+    tokens = args.tokens or (16 if args.tiny else 224)
     clients_list = [int(c) for c in args.clients.split(",")]
     kinds = args.quantize.split(",")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
