@@ -30,9 +30,10 @@ alone) and the perplexity of one held-out random token sequence under each (rand
 that number only says how far quantisation moves the distribution). Correctness of the
 concurrent streams: each streamed token is checked against one plain forward over prompt +
 stream (`their_max_logit_gap`: bf16 rounding flips only near-ties), and the first 8 clients'
-streams against the same prompt decoded alone. On a GPU the engine rows at batch 1 and at the
-most streams also time their decode steps (`step_timing`: GPU time per step against wall time
-per step, i.e. whether the GPU waits for the host). Prints a table and writes JSON to --out.
+streams against the same prompt decoded alone. On a GPU every engine row also times its
+decode steps in one more run (`step_timing`: GPU time per step against wall time per step,
+i.e. whether the GPU waits for the host; the step's width follows from `batcher.batch_widths`).
+Prints a table and writes JSON to --out.
 """
 
 from __future__ import annotations
@@ -430,7 +431,7 @@ def main() -> None:
                 **step_timing(engine, engine_one))
             for n in clients_list[1:]:
                 add(f"{label}: engine, {n} streams (no HTTP)", n, engine_streams(engine, prompt_ids[:n], greedy), n * tokens,
-                    **(step_timing(engine, partial(engine_streams, engine, prompt_ids[:n], greedy)) if n == most else {}))
+                    **step_timing(engine, partial(engine_streams, engine, prompt_ids[:n], greedy)))
             alone = [engine_one(i) for i in range(checked)]
             if kind == "none":
                 alone_bf16 = alone
