@@ -26,9 +26,10 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
                         help=f"Tokens (prompt + reply) one request may span; the KV cache holds this many per "
                              f"request decoded together. Default: the model's context, at most {DEFAULT_CACHE_LEN}.")
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
-                        help="CUDA graphs for the decode step (auto: on CUDA): compiled for every batch width and "
-                             "attention span before the server opens its port (minutes the first time, cached on "
-                             "disk for later starts); decoding then runs several times faster.")
+                        help="CUDA graphs for the decode step (auto: on CUDA): compiled for every batch width (1, "
+                             "--max_concurrent, and a quarter of it when that is 8 or more) and attention span "
+                             "before the server opens its port (minutes the first time, cached on disk for later "
+                             "starts); decoding then runs several times faster.")
     parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
                         help="Quantise the weights after loading (a LoRA adapter is merged first): torchao's int8 / "
                              "fp8 weight-only, fp8_dynamic (FP8 tensor cores, H100 / H200), int4 weight-only; "
