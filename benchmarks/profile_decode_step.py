@@ -14,7 +14,9 @@ upper bound. `--compiled` profiles the step as the server compiles it (inductor 
 coordinate-descent tuning, "max-autotune" at one row) but without CUDA graphs, so that each
 kernel is timed on its own: one row's products are then inductor's reductions (kernel names
 with "mm"), and `step_ms` includes the host's launch gaps that CUDA graphs remove (the
-kernel groups do not). `--quantize` profiles quantised weights too (common/serving/loading.py).
+kernel groups do not). Caution: on an H200 its kernels summed to about twice the GPU time of
+the server's graphed step (benchmarks/RESULTS.md), so read it for which kernels run, not for
+how long the server's take. `--quantize` profiles quantised weights too (common/serving/loading.py).
 Prints a table and writes JSON to --out.
 """
 

@@ -56,9 +56,8 @@ class SlotCache:
 
     is_compileable = True
 
-    def __init__(self, rows: int, length: int, device: torch.device, within: SlotCache | None = None):
+    def __init__(self, rows: int, length: int, device: torch.device):
         self.rows, self.length = rows, length
-        self.within = within  # a larger cache whose first `rows` rows this one is (no memory of its own)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.position = torch.zeros(rows, dtype=torch.long, device=device)  # the slot each row writes next
@@ -68,13 +67,9 @@ class SlotCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx == len(self.keys):  # first write: the layer's own head count, head size and dtype
-            for store, states, larger in ((self.keys, key_states, self.within and self.within.keys),
-                                          (self.values, value_states, self.within and self.within.values)):
-                if larger:  # (the larger cache was written first)
-                    store.append(larger[layer_idx][:self.rows])
-                else:
-                    shape = (self.rows, states.shape[1], self.length, states.shape[3])
-                    store.append(torch.zeros(shape, dtype=states.dtype, device=states.device))
+            for store, states in ((self.keys, key_states), (self.values, value_states)):
+                shape = (self.rows, states.shape[1], self.length, states.shape[3])
+                store.append(torch.zeros(shape, dtype=states.dtype, device=states.device))
                 torch._dynamo.mark_static_address(store[-1])  # updated in place under CUDA graphs
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self.prefill_at is None:
@@ -90,6 +85,17 @@ class SlotCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # never needed: positions and the mask are always given
+
+    def first_rows(self, rows: int) -> SlotCache:
+        """A cache of this one's first `rows` rows (views of its tensors: no memory of its own)."""
+        if rows == self.rows:
+            return self
+        view = SlotCache(rows, self.length, self.position.device)
+        for store, view_store in ((self.keys, view.keys), (self.values, view.values)):
+            for tensor in store:
+                view_store.append(tensor[:rows])
+                torch._dynamo.mark_static_address(view_store[-1])
+        return view
 
     def move_rows(self, target: SlotCache, rows: list[int], used: int) -> None:
         """Copy the first `used` slots of `rows` into rows 0, 1, ... of `target` (nothing to copy
@@ -375,11 +381,8 @@ class Batcher(_Decoder):
         self.widths = batch_widths(max_batch)
         try:
             largest = SlotCache(max_batch, cache_length, self.device)
-            self.caches = {w: largest if w == max_batch else SlotCache(w, cache_length, self.device, within=largest)
-                           for w in self.widths}
-            for cache in sorted(self.caches.values(), key=lambda c: -c.rows):  # allocate now (the largest
-                # first): a too-large one fails here
-                self._prefill(cache, [0], [[0]])
+            self._prefill(largest, [0], [[0]])  # allocate the cache now: a too-large one fails here
+            self.caches = {w: largest.first_rows(w) for w in self.widths}
         except torch.OutOfMemoryError:
             raise UserError(f"no room on {self.device} for the KV cache of {max_batch} requests x {cache_length} "
                             "tokens: lower --max_concurrent or --max_cache_len") from None
