@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import hashlib
 import json
 import math
 import multiprocessing
@@ -57,6 +58,7 @@ import httpx
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
+from torch._inductor import config as inductor_config
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
@@ -439,7 +441,10 @@ def main() -> None:
                               "held_out_perplexity": round(perplexity(served, held_out), 2),
                               "greedy_common_prefix_with_bf16": round(sum(
                                   common_prefix(a, b) for a, b in zip(alone, alone_bf16)) / checked, 1)
-                              if alone_bf16 else None}
+                              if alone_bf16 else None,
+                              # equal digests = the same tokens (unequal ones need not mean a bug: max-autotune
+                              # picks kernels by timing in each process, which can flip near-ties)
+                              "greedy_streams_sha1": hashlib.sha1(json.dumps(alone).encode()).hexdigest()[:16]}
             server, thread = serve_in_thread(engine, args.port, most)
             try:
                 for n, processes in [(n, p) for n in clients_list for p in sorted({min(p, n) for p in process_counts})]:
@@ -485,7 +490,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     header = (f"{device_name}, torch {torch.__version__}, transformers {transformers.__version__}, {shape} "
               f"({bf16_bytes / 1e9:.2f} GB of bf16 weights), greedy, {args.prompt_tokens}-token prompts, "
-              f"{tokens} new tokens")
+              f"{tokens} new tokens, inductor PDL {getattr(inductor_config.triton, 'enable_pdl', 'absent')}")
     one = {}
     for row in rows:
         if "weight_bytes" in row and row["batch"] == 1:
