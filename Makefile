@@ -106,6 +106,8 @@ GPU_WHEELS := datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 tr
 	fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
 	annotated-doc==0.0.4 typing-inspection==0.4.5 opentelemetry-api==1.45.2 uvicorn==0.54.0 \
 	uvloop==0.23.0 httptools==0.9.0 torchao==0.18.0 $(if $(QLORA),bitsandbytes==0.50.2)
+# pure-Python packages published only as source: built into wheels here (gemlite: --quantize *_gemlite)
+GPU_SDISTS := gemlite==0.6.0.post2
 # transformers' continuous batching for decode_throughput.py's comparison rows (`make gpu-wheels CB=1`:
 # into .whl-cb, installed apart from the image's transformers 5.17 for that run only)
 CB_WHEELS := transformers==5.25.0 huggingface-hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 hf-xet==1.8.0 \
@@ -117,6 +119,7 @@ gpu-wheels:
 	mkdir -p .whl
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+	$(PYTHON) -m pip wheel -q --no-deps -w .whl $(GPU_SDISTS)
 	$(if $(CB),$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		$(GPU_PLATFORMS) -d .whl-cb $(CB_WHEELS))
 	@du -sh .whl $(if $(CB),.whl-cb)

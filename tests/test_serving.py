@@ -831,6 +831,52 @@ def test_a_row_scaled_linear_multiplies_by_its_8_bit_weight_times_the_row_scale_
             assert torch.allclose(one.double(), expected[:1, :1], atol=1e-5)
 
 
+def test_gemlite_kinds_say_they_need_a_gpu(llama_engine):
+    from common.serving.loading import quantize_weights
+
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        quantize_weights(copy.deepcopy(llama_engine.model), "int8_gemlite")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["int8_gemlite", "fp8_gemlite"])
+def test_gemlite_weights_are_half_the_bytes_and_decode_their_own_greedy_path(engine, kind):
+    """--quantize int8_gemlite / fp8_gemlite on a GPU: every linear layer is gemlite's, the weights
+    take about half their bf16 bytes, the logits stay close to bf16's, and the engine's compiled
+    decode step follows the quantised model's own greedy path (each streamed token the argmax of
+    one plain forward over prompt + stream, up to bf16 near-ties)."""
+    pytest.importorskip("gemlite")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from common.serving.loading import quantize_weights, weight_bytes
+
+    torch.manual_seed(3)
+    plain = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(engine.tokenizer), hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0))
+    plain = plain.to("cuda", torch.bfloat16).eval()
+    quantised = quantize_weights(copy.deepcopy(plain), kind)
+    assert not any(type(m) is torch.nn.Linear for m in quantised.modules())
+    linear = sum(m.weight.numel() for m in plain.modules() if type(m) is torch.nn.Linear)
+    assert weight_bytes(plain) - weight_bytes(quantised) >= 0.9 * linear  # 2 bytes -> 1 (+ a scale per row)
+    prompt = engine.encode("新华社北京电")
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.no_grad():
+        exact, approx = plain(ids).logits.float(), quantised(ids).logits.float()
+    assert (approx - exact).norm() / exact.norm() < 0.1
+    served = Engine(quantised, engine.tokenizer, kind, max_batch=4, compile=True)
+    try:
+        served.warm_up()
+        stream = served.stream(prompt, SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True))
+        tokens = _read_all([stream])[0]
+    finally:
+        served.close()
+    with torch.no_grad():
+        logits = quantised(torch.tensor([prompt + tokens[:-1]], device="cuda")).logits[0, len(prompt) - 1:].float()
+    gaps = logits.max(dim=-1).values - logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
+    assert len(tokens) == 16 and gaps.max().item() < 0.25
+
+
 @pytest.mark.parametrize("kind", ["int8", "int8_rowwise"])
 def test_a_quantised_adapter_model_is_served_close_to_the_unquantised_one(llama_engine, tmp_path, kind):
     """serve.py --quantize int8 / int8_rowwise over a LoRA adapter: merged first, then every linear

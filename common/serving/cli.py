@@ -34,9 +34,11 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
                         help="Quantise the weights after loading (a LoRA adapter is merged first): torchao's int8 / "
                              "fp8 weight-only, fp8_dynamic (FP8 tensor cores, H100 / H200), int4 weight-only; "
                              "int8_rowwise / fp8_rowwise (8-bit weights with a scale per row, the product compiled by "
-                             "torch). Half the weight memory; on an H200 fp8_rowwise decodes one stream 1.22x faster "
-                             "than bf16, many streams slower (0.53x at 64); the others are slower at one stream too. "
-                             "Speed and quality per GPU: benchmarks/RESULTS.md.")
+                             "torch); int8_gemlite / fp8_gemlite (gemlite's Triton kernels, CUDA only; needs "
+                             "`pip install gemlite`; not yet measured here). Half the weight memory; on an H200 "
+                             "fp8_rowwise decodes one stream 1.22-1.36x faster than bf16, many streams slower (0.51x "
+                             "at 16, 0.53x at 64); torchao's are slower at one stream too. Speed and quality per GPU: "
+                             "benchmarks/RESULTS.md.")
     parser.add_argument("--decoder", default="auto", choices=["auto", "batch", "sequential"],
                         help="auto: requests decoded together (continuous batching) where the model allows it, else "
                              "one at a time (BLOOM's ALiBi); sequential: always one at a time (a model whose own "

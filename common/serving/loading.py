@@ -91,12 +91,14 @@ def context_length(model) -> int | None:
     return None
 
 
-# torchao weight-only / dynamic configs by name, and 8-bit weights with a scale per output row
-# that the compiled step turns back to bf16 inside the product ("_rowwise", RowScaledLinear):
-# benchmarks/quantized_matvec.py measures them
+# torchao weight-only / dynamic configs by name, 8-bit weights with a scale per output row
+# that the compiled step turns back to bf16 inside the product ("_rowwise", RowScaledLinear), and
+# gemlite's 8-bit weight-only layers (Triton kernels with a matrix-vector product for one row; CUDA
+# only): benchmarks/quantized_matvec.py measures them
 TORCHAO_QUANTIZATIONS = ("int8", "fp8", "fp8_dynamic", "int4")
 ROWWISE = {"int8_rowwise": torch.int8, "fp8_rowwise": torch.float8_e4m3fn}
-QUANTIZATIONS = ("none", *TORCHAO_QUANTIZATIONS, *ROWWISE)
+GEMLITE = {"int8_gemlite": "A16W8_INT8", "fp8_gemlite": "A16W8_FP8"}  # gemlite.helper's processors
+QUANTIZATIONS = ("none", *TORCHAO_QUANTIZATIONS, *ROWWISE, *GEMLITE)
 
 
 class RowScaledLinear(torch.nn.Module):
@@ -135,6 +137,26 @@ def rowwise_quantize(model, dtype: torch.dtype) -> None:
                 setattr(module, name, RowScaledLinear(child, dtype))
 
 
+def gemlite_quantize(model, kind: str) -> None:
+    """Every nn.Linear of `model` (the output head included) replaced by gemlite's 8-bit
+    weight-only layer, a scale per output row (`GEMLITE`: int8 or fp8 e4m3 weights, activations
+    in the model's dtype). gemlite picks its kernel by the number of rows (a split-K
+    matrix-vector product for one or two) and autotunes each shape at its first call, which the
+    engine's warm-up makes."""
+    weight = next(model.parameters())
+    if weight.device.type != "cuda":
+        raise UserError(f"--quantize {kind} needs a CUDA GPU: gemlite's kernels are Triton's")
+    try:
+        from gemlite import helper
+    except ImportError:
+        raise UserError(f"--quantize {kind} needs gemlite: pip install gemlite") from None
+    processor = getattr(helper, GEMLITE[kind])(device=weight.device, dtype=weight.dtype)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, processor.from_linear(child))
+
+
 def quantize_weights(model, kind: str):
     """The model's linear layers' weights quantised in place with torchao (a LoRA adapter is
     merged before this, so an adapter's model is quantised as a whole): "int8" weight-only
@@ -147,6 +169,9 @@ def quantize_weights(model, kind: str):
         raise UserError(f"unknown quantisation {kind!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if kind in ROWWISE:
         rowwise_quantize(model, ROWWISE[kind])
+        return model
+    if kind in GEMLITE:
+        gemlite_quantize(model, kind)
         return model
     try:
         from torchao.quantization import (
@@ -174,11 +199,14 @@ def quantize_weights(model, kind: str):
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the model's parameters as stored (a quantised tensor: its data and scales)."""
+    """Bytes of the model's weights as stored: its parameters (a quantised tensor: its data and
+    scales) and the tensors that modules keep as plain attributes (gemlite's packed weights)."""
     total = 0
     for parameter in model.parameters():
         flatten = getattr(parameter, "__tensor_flatten__", None)
         tensors = [parameter] if flatten is None else [getattr(parameter, name) for name in flatten()[0]]
         total += sum(t.numel() * t.element_size() for t in tensors)
+    for module in model.modules():
+        total += sum(t.numel() * t.element_size() for t in vars(module).values() if isinstance(t, torch.Tensor))
     return total
 
