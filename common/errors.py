@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -43,10 +44,19 @@ def cli_main(main: Callable[..., T]) -> Callable[..., T]:
 
 
 def _leave_process_group() -> None:
-    """End a distributed run's process group before the interpreter exits (only after success:
-    after an error, other ranks may still be in a collective). A rank that exits holding a gloo
-    group can abort at exit ("terminate called without an active exception", pytorch/pytorch#190489)
-    while another rank still writes its outputs, and the launcher then fails the whole run."""
+    """End a distributed run's process group and leave (only after success: after an error, other
+    ranks may still be in a collective). A rank whose gloo groups are destroyed by the interpreter's
+    own teardown can abort there ("terminate called without an active exception", SIGABRT:
+    pytorch/pytorch#190489, #179291) while another rank still writes its outputs, and the launcher
+    then fails the whole run. destroy_process_group is not enough: DeepSpeed keeps its groups (its
+    module globals, its engine and ZeRO optimiser) alive past it, and about 1 in 20-60 two-process
+    ZeRO-3 runs aborted at exit that way. So a finished rank flushes its output and exits at once,
+    without that teardown; everything it writes is written before main returns."""
     torch = sys.modules.get("torch")  # never imported just for this
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if torch is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
