@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -129,12 +130,12 @@ class RowScaledLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight.to(x.dtype) * self.scale, self.bias)
 
 
-def rowwise_quantize(model, dtype: torch.dtype) -> None:
-    """Every nn.Linear of `model` (the output head included) replaced by a RowScaledLinear."""
+def replace_linears(model, make: Callable[[torch.nn.Linear], torch.nn.Module]) -> None:
+    """Every nn.Linear of `model` (the output head included) replaced by `make(linear)`."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
-                setattr(module, name, RowScaledLinear(child, dtype))
+                setattr(module, name, make(child))
 
 
 def gemlite_quantize(model, kind: str) -> None:
@@ -150,11 +151,7 @@ def gemlite_quantize(model, kind: str) -> None:
         from gemlite import helper
     except ImportError:
         raise UserError(f"--quantize {kind} needs gemlite: pip install gemlite") from None
-    processor = getattr(helper, GEMLITE[kind])(device=weight.device, dtype=weight.dtype)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear:
-                setattr(module, name, processor.from_linear(child))
+    replace_linears(model, getattr(helper, GEMLITE[kind])(device=weight.device, dtype=weight.dtype).from_linear)
 
 
 def quantize_weights(model, kind: str):
@@ -168,7 +165,7 @@ def quantize_weights(model, kind: str):
     if kind not in QUANTIZATIONS:
         raise UserError(f"unknown quantisation {kind!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if kind in ROWWISE:
-        rowwise_quantize(model, ROWWISE[kind])
+        replace_linears(model, lambda linear: RowScaledLinear(linear, ROWWISE[kind]))
         return model
     if kind in GEMLITE:
         gemlite_quantize(model, kind)
