@@ -4,6 +4,7 @@ transformers' own continuous batching (`generate_batch`) beside them, in one run
 
     python benchmarks/decode_throughput.py                          # Llama-2-7B shape, one GPU
     python benchmarks/decode_throughput.py --quantize none,int8     # + torchao int8 weights
+    python benchmarks/decode_throughput.py --quantize none,none+fused   # + q/k/v and gate/up merged
     python benchmarks/decode_throughput.py --tiny                   # CPU smoke test (2 x 64 model)
     python benchmarks/decode_throughput.py --transformers_cb_site /tmp/site-cb   # CB rows with a newer
         # transformers (`make gpu-wheels CB=1`, then pip install --target /tmp/site-cb .whl-cb/*.whl)
@@ -64,9 +65,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common.errors import UserError  # noqa: E402
 from common.serving.api import ServerSettings, create_app  # noqa: E402
 from common.serving.engine import Engine  # noqa: E402
-from common.serving.loading import QUANTIZATIONS, quantize_weights, weight_bytes  # noqa: E402
+from common.serving.loading import QUANTIZATIONS, prepare_weights, weight_bytes, weights_variant  # noqa: E402
 from common.serving.sampling import SamplingParams  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, heads, vocab
@@ -332,7 +334,9 @@ def main() -> None:
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--clients", default="1,16,32,64", help="Concurrent streaming clients, comma-separated.")
     parser.add_argument("--quantize", default="none", help="Weights to serve: " + ", ".join(QUANTIZATIONS)
-                        + " (none: bf16; see common/serving/loading.py); comma-separated for several.")
+                        + " (none: bf16; see common/serving/loading.py), each optionally followed by '+fused' (q/k/v "
+                        "and gate/up merged first, serve.py --fuse_projections); comma-separated for several, "
+                        "e.g. none,none+fused,fp8_rowwise+fused.")
     parser.add_argument("--max_cache_len", type=int, default=None,
                         help="Engine cache slots (default: max(512, twice prompt + new tokens)). Warm-up compiles "
                              "one graph per 256-slot bucket up to it, so prompt + new tokens rounded up to 256 "
@@ -356,6 +360,10 @@ def main() -> None:
     tokens = args.tokens or (16 if args.tiny else 224)
     clients_list = [int(c) for c in args.clients.split(",")]
     kinds = args.quantize.split(",")
+    try:
+        variants = {name: weights_variant(name) for name in kinds}
+    except UserError as err:
+        parser.error(str(err))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)  # as the Engine does (common/serving/runtime.py)
@@ -412,8 +420,8 @@ def main() -> None:
     alone_bf16: list[list[int]] = []
     try:
         for kind in kinds if not args.only_transformers_cb else ():
-            served = model if kind == "none" else quantize_weights(copy.deepcopy(model), kind)
-            label = "bf16" if kind == "none" else kind
+            served = model if kind == "none" else prepare_weights(copy.deepcopy(model), *variants[kind])
+            label = kind.replace("none", "bf16")
             weights = weight_bytes(served)
             # the cache spans what a request needs, in the 256-slot buckets attention reads
             engine = Engine(served, tokenizer, "bench", max_batch=most,

@@ -39,8 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.decode_throughput import build_model, copy_bandwidth  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from common.serving.batcher import DECODE_ATTENTION, SlotCache, _cache_argument, _decode_step  # noqa: E402
-from common.serving.loading import QUANTIZATIONS, quantize_weights, weight_bytes  # noqa: E402
+from common.serving.loading import QUANTIZATIONS, prepare_weights, weight_bytes, weights_variant  # noqa: E402
 from common.serving.runtime import apply_serving_settings  # noqa: E402
 
 
@@ -107,13 +108,16 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true",
                         help="Profile the step compiled as the server compiles it, without CUDA graphs (see above).")
     parser.add_argument("--quantize", default="none",
-                        help="Weights, comma-separated: " + ", ".join(QUANTIZATIONS) + ". Default: none (bf16).")
+                        help="Weights, comma-separated: " + ", ".join(QUANTIZATIONS) + ", each optionally followed by "
+                             "'+fused' (q/k/v and gate/up merged first). Default: none (bf16).")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="outputs/benchmarks/profile_decode_step.json")
     args = parser.parse_args()
     kinds = args.quantize.split(",")
-    if set(kinds) - set(QUANTIZATIONS):
-        parser.error(f"unknown --quantize {sorted(set(kinds) - set(QUANTIZATIONS))}: choose from {QUANTIZATIONS}")
+    try:
+        variants = {kind: weights_variant(kind) for kind in kinds}
+    except UserError as err:
+        parser.error(str(err))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     base = build_model("tiny" if args.tiny else "llama2-7b", device)
     config = base.config
@@ -127,7 +131,7 @@ def main() -> None:
         apply_serving_settings(device, compile_decode=True)
     rows = []
     for kind in kinds:
-        model = base if kind == "none" else quantize_weights(copy.deepcopy(base), kind)
+        model = base if kind == "none" else prepare_weights(copy.deepcopy(base), *variants[kind])
         rows += profile_model(model, kind, args, widths, spans, kv_per_slot, bandwidth, device, dtype,
                               with_sdpa=kind == kinds[0])
         del model

@@ -29,6 +29,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common.serving.fusing import concat_linears  # noqa: E402
 from common.serving.loading import QUANTIZATIONS, quantize_weights, weight_bytes  # noqa: E402
 
 # Inductor settings a row can add to its quantisation's name, one or several ("none+freezing+cd-all"):
@@ -43,7 +44,9 @@ from common.serving.loading import QUANTIZATIONS, quantize_weights, weight_bytes
 # is at least 10,240.) "+freezing": the weights become constants of the compiled graph, and
 # inductor's freezing patterns merge products that share their input (q / k / v, gate / up) into one
 # product over the concatenated weights: fewer, larger matrix-vector products (the concatenated
-# copies are extra memory: 9 GB for a 7B shape's q, k, v, gate and up).
+# copies are extra memory: 9 GB for a 7B shape's q, k, v, gate and up). "+fused" is not an inductor
+# setting: q / k / v and gate / up merged in the module before quantising, as serve.py
+# --fuse_projections does (common/serving/fusing.py; no extra memory).
 SETTINGS = {"cd-all": {"coordinate_descent_check_all_directions": True},
             "autotune": {"max_autotune_gemm": True},
             "max-autotune": {"max_autotune": True},
@@ -55,15 +58,17 @@ SETTINGS = {"cd-all": {"coordinate_descent_check_all_directions": True},
 KINDS = (*QUANTIZATIONS, "int8_pack")
 
 
-def parse_variant(name: str) -> tuple[str, dict]:
-    """"int8_rowwise+cd-all" -> ("int8_rowwise", inductor settings); ValueError when unknown."""
+def parse_variant(name: str) -> tuple[str, dict, bool]:
+    """"int8_rowwise+fused+cd-all" -> ("int8_rowwise", inductor settings, fused); ValueError when unknown."""
     kind, *suffixes = name.split("+")
+    fused = "fused" in suffixes
+    suffixes = [s for s in suffixes if s != "fused"]
     if kind not in KINDS or any(s not in SETTINGS for s in suffixes):
         raise ValueError(name)
     settings: dict = {}
     for suffix in suffixes:
         settings |= SETTINGS[suffix]
-    return kind, settings
+    return kind, settings, fused
 
 
 DEFAULT = ("none", "none+autotune", "none+autotune-cd", "int8", "int8_pack", "fp8", "fp8_dynamic", "int4",
@@ -85,9 +90,17 @@ class DecoderLinears(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = layer["o"](layer["q"](x) + layer["k"](x) + layer["v"](x))
-            x = x + layer["down"](torch.nn.functional.silu(layer["gate"](x)) * layer["up"](x))
+            q, k, v = layer["qkv"](x).chunk(3, dim=-1) if "qkv" in layer else (layer["q"](x), layer["k"](x), layer["v"](x))
+            x = layer["o"](q + k + v)
+            gate, up = layer["gate_up"](x).chunk(2, dim=-1) if "gate_up" in layer else (layer["gate"](x), layer["up"](x))
+            x = x + layer["down"](torch.nn.functional.silu(gate) * up)
         return x
+
+    def fuse(self) -> None:
+        """q / k / v and gate / up merged into one product each (fusing.concat_linears)."""
+        for layer in self.layers:
+            layer["qkv"] = concat_linears([layer.pop("q"), layer.pop("k"), layer.pop("v")])
+            layer["gate_up"] = concat_linears([layer.pop("gate"), layer.pop("up")])
 
 
 class Int8PackLinear(nn.Module):
@@ -136,7 +149,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--variants", default=",".join(DEFAULT),
                         help="Rows to run, comma-separated: a quantisation (" + ", ".join(KINDS)
-                        + "), optionally followed by settings, each after a '+': " + ", ".join(SETTINGS)
+                        + "), optionally followed by settings, each after a '+': fused, " + ", ".join(SETTINGS)
                         + f". Default: {','.join(DEFAULT)}.")
     parser.add_argument("--tiny", action="store_true", help="2 layers 64 / 128 wide on the CPU, no compile.")
     parser.add_argument("--out", default="outputs/benchmarks/quantized_matvec.json")
@@ -160,9 +173,11 @@ def main() -> None:
             variants[name] = parse_variant(name)
         except ValueError:
             parser.error(f"unknown variant {name!r}")
-    for name, (kind, inductor_settings) in variants.items():
+    for name, (kind, inductor_settings, fused) in variants.items():
         model = DecoderLinears(layers, hidden, intermediate).to(device, dtype).eval()
         model.load_state_dict(reference.state_dict())
+        if fused:
+            model.fuse()
         row = {"quantize": name}
         with torch._inductor.config.patch(**inductor_settings):
             try:

@@ -24,9 +24,9 @@ OPTIONS = {name: ("--variants", variants) for name, variants in VARIANTS.items()
     # states need a GPU)
     "sft_memory": ("--shapes", "glm4-9b", "--methods", "lora,full", "--seqs", "64", "--checkpointing", "on"),
     # the CPU has no FP8 and no int4 kernel: those rows are GPU-only
-    "quantized_matvec": ("--variants", "none,int8,fp8,int8+autotune,int8_pack,int8_rowwise,fp8_rowwise+cd-all+max-autotune,none+freezing"),
+    "quantized_matvec": ("--variants", "none,int8,fp8,int8+autotune,int8_pack,int8_rowwise+fused,fp8_rowwise+cd-all+max-autotune,none+freezing"),
     "profile_decode_step": ("--widths", "1,4", "--spans", "256", "--compiled", "--quantize", "none,int8_rowwise"),
-    "decode_throughput": ("--clients", "1,4", "--quantize", "none,int8_rowwise")}
+    "decode_throughput": ("--clients", "1,4", "--quantize", "none,int8_rowwise+fused")}
 
 
 def records(node):

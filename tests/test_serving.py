@@ -22,6 +22,7 @@ from common.errors import UserError
 from common.serving.api import ApiError, Limiter
 from common.serving.batcher import batch_widths
 from common.serving.engine import Engine
+from common.serving.fusing import fuse_projections
 from common.serving.sampling import SamplingParams
 from common.serving.text import _partial_stop_length
 from common.serving.ui import fit_conversation
@@ -921,3 +922,49 @@ def test_a_quantised_adapter_model_is_served_close_to_the_unquantised_one(llama_
         int8.close()
     with pytest.raises(UserError, match="unknown quantisation"):
         Engine.from_pretrained(tmp_path / "adapter", device="cpu", base_model=base, quantize="int3")
+
+
+def test_merged_projections_serve_the_models_own_logits_and_tokens(engine, llama_engine, model_dir, tmp_path):
+    """serve.py --fuse_projections: each decoder layer's q/k/v and gate/up products become one
+    each (transformers' Phi3 modules) in a Llama (grouped-query attention) and a Qwen2 (q/k/v
+    biases, random here so that dropping or misplacing them shows): the same logits, the same
+    served greedy tokens as the unmerged model's `generate`, and --quantize then quantises the
+    merged products. Other families, and a Qwen2 whose layers differ in sliding window, are refused."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(4)
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(engine.tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)).eval()
+    with torch.no_grad():
+        for module in qwen2.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_()
+    prompt = engine.encode("今年以来，我国经济平稳发展")
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    for name, original in (("llama", llama_engine.model), ("qwen2", qwen2)):
+        path = tmp_path / name
+        original.save_pretrained(path)
+        engine.tokenizer.save_pretrained(path)
+        for quantize in ("none", "int8_rowwise"):
+            fused = Engine.from_pretrained(path, device="cpu", max_batch=2, fuse_projections=True, quantize=quantize)
+            try:
+                products = [type(m).__name__ for m in fused.model.model.layers[0].modules()
+                            if type(m).__name__ in ("Linear", "RowScaledLinear")]
+                assert products == [{"none": "Linear", "int8_rowwise": "RowScaledLinear"}[quantize]] * 4
+                if quantize == "none":
+                    attention = fused.model.model.layers[0].self_attn
+                    assert (attention.qkv_proj.bias is not None) == (name == "qwen2")
+                    with torch.no_grad():
+                        ids = torch.tensor([prompt])
+                        torch.testing.assert_close(fused.model(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
+                    assert _read_all([fused.stream(prompt, greedy)])[0] == _reference_greedy(original, prompt, 12)
+            finally:
+                fused.close()
+    with pytest.raises(UserError, match="implemented for Llama, Mistral, Qwen2 models only"):
+        Engine.from_pretrained(model_dir, device="cpu", fuse_projections=True)  # GPT-2
+    windowed = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=16, max_window_layers=1))
+    with pytest.raises(UserError, match="with and without a sliding window"):
+        fuse_projections(windowed)

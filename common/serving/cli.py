@@ -39,6 +39,11 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
                              "fp8_rowwise decodes one stream 1.22-1.36x faster than bf16, many streams slower (0.51x "
                              "at 16, 0.53x at 64); torchao's are slower at one stream too. Speed and quality per GPU: "
                              "benchmarks/RESULTS.md.")
+    parser.add_argument("--fuse_projections", action="store_true",
+                        help="Merge each decoder layer's q/k/v products into one and gate/up into one after loading "
+                             "(Llama, Mistral, Qwen2; transformers' Phi3 layers, which compute the same): fewer, "
+                             "larger matrix products per token, for the memory-bound decoding of few streams; "
+                             "before --quantize. Logits equal up to rounding. Speed not yet measured on a GPU here.")
     parser.add_argument("--decoder", default="auto", choices=["auto", "batch", "sequential"],
                         help="auto: requests decoded together (continuous batching) where the model allows it, else "
                              "one at a time (BLOOM's ALiBi); sequential: always one at a time (a model whose own "
@@ -100,7 +105,8 @@ def run_server(argv: list[str] | None, default_model: str, description: str,
     if args.max_concurrent < 1 or args.max_waiting < 0 or args.queue_timeout <= 0:
         raise UserError("need --max_concurrent >= 1, --max_waiting >= 0 and --queue_timeout > 0")
     engine = Engine.from_pretrained(args.model, args.served_model_name, args.template, args.device, args.dtype,
-                                    args.base_model, args.quantize, **_engine_options(args, args.max_concurrent))
+                                    args.base_model, args.quantize, args.fuse_projections,
+                                    **_engine_options(args, args.max_concurrent))
     settings = ServerSettings(args.max_concurrent, args.max_waiting, args.queue_timeout, args.max_request_bytes,
                               args.default_max_tokens, args.cors, _sampling_defaults(args))
     _warm_up(engine)
@@ -120,7 +126,7 @@ def run_chatbot(argv: list[str] | None, default_model: str, description: str, ti
     args = parser.parse_args(argv)
     defaults = _sampling_defaults(args)
     engine = Engine.from_pretrained(args.model, None, args.template, args.device, args.dtype, args.base_model,
-                                    args.quantize, **_engine_options(args, args.max_concurrent))
+                                    args.quantize, args.fuse_projections, **_engine_options(args, args.max_concurrent))
     _warm_up(engine)
     url = f"http://{args.host}:{args.port}"
     # the docstring's first paragraph names the default address: the page shows the real one

@@ -13,7 +13,7 @@ import torch
 
 from common.errors import UserError
 from common.serving.batcher import Batcher, SequentialDecoder, batcher_refusal, span_bucket
-from common.serving.loading import context_length, load_causal_lm, quantize_weights
+from common.serving.loading import context_length, load_causal_lm, prepare_weights
 from common.serving.runtime import apply_serving_settings
 from common.serving.sampling import SamplingParams, TokenLogprob, token_logprobs
 from common.serving.text import GenerationStream
@@ -137,13 +137,14 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, name: str | None = None, template: str | None = None,
                         device: str | None = None, dtype: str = "auto", base_model: str | None = None,
-                        quantize: str = "none", **engine_options) -> Engine:
+                        quantize: str = "none", fuse_projections: bool = False, **engine_options) -> Engine:
         """`template` default: the one the model was tuned with (its chat template, or an older
-        output's sft_template.json), if any. `quantize`: the weights quantised after loading
-        (an adapter merged first; see loading.quantize_weights).
+        output's sft_template.json), if any. `fuse_projections`: q/k/v and gate/up merged into one
+        product each after loading (an adapter merged first; see fusing.py). `quantize`: the
+        weights quantised after that (see loading.quantize_weights).
         `engine_options`: max_batch, max_cache_len, compile, decoder (see __init__)."""
         model, tokenizer = load_causal_lm(model_dir, device, dtype, base_model)
-        quantize_weights(model, quantize)
+        prepare_weights(model, quantize, fuse_projections)
         return cls(model, tokenizer, name or Path(model_dir).resolve().name, template or saved_template_name(model_dir),
                    **engine_options)
 

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.errors import UserError
+from common.serving.fusing import fuse_projections
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +194,23 @@ def quantize_weights(model, kind: str):
                                                    **own)}[kind]()
     quantize_(model, config)
     return model
+
+
+def prepare_weights(model, quantize: str = "none", fuse: bool = False):
+    """`model` as served: q/k/v and gate/up merged first when `fuse` (fusing.fuse_projections), then
+    its weights quantised (`quantize_weights`); in place."""
+    if fuse:
+        logger.info("merged q/k/v and gate/up in %d layers", fuse_projections(model))
+    return quantize_weights(model, quantize)
+
+
+def weights_variant(name: str) -> tuple[str, bool]:
+    """The benchmarks' names for what `prepare_weights` does: "fp8_rowwise+fused" -> ("fp8_rowwise",
+    True), "none" -> ("none", False); UserError when unknown."""
+    quantize, _, fused = name.partition("+")
+    if quantize not in QUANTIZATIONS or fused not in ("", "fused"):
+        raise UserError(f"unknown weights {name!r}: one of {', '.join(QUANTIZATIONS)}, optionally with '+fused'")
+    return quantize, fused == "fused"
 
 
 def weight_bytes(model) -> int:
