@@ -341,6 +341,11 @@ def main() -> None:
                         help="Engine cache slots (default: max(512, twice prompt + new tokens)). Warm-up compiles "
                              "one graph per 256-slot bucket up to it, so prompt + new tokens rounded up to 256 "
                              "measures the same steps with fewer compiles.")
+    parser.add_argument("--compile_cache", default=None, metavar="FILE",
+                        help="Compiled kernels: loaded before each engine's warm-up if the file exists, written "
+                             "after it (serve.py --compile_cache). A run that would take longer than one sitting "
+                             "allows can compile in one process and measure in the next; the warm-up rows then "
+                             "show the cached start.")
     parser.add_argument("--skip_static_generate", action="store_true")
     parser.add_argument("--skip_transformers_cb", action="store_true")
     parser.add_argument("--only_transformers_cb", action="store_true",
@@ -427,7 +432,7 @@ def main() -> None:
             engine = Engine(served, tokenizer, "bench", max_batch=most,
                             max_cache_len=args.max_cache_len or max(512, 2 * (args.prompt_tokens + tokens)))
             rows.append({"path": f"{label}: engine warm-up (compile every width x span)",
-                         "seconds": round(engine.warm_up(), 1)})
+                         "seconds": round(engine.warm_up(args.compile_cache), 1)})
             print(f"  {rows[-1]['path']}: {rows[-1]['seconds']} s", flush=True)
 
             def engine_one(i: int = 0, engine=engine) -> list[int]:
@@ -498,7 +503,8 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     header = (f"{device_name}, torch {torch.__version__}, transformers {transformers.__version__}, {shape} "
               f"({bf16_bytes / 1e9:.2f} GB of bf16 weights), greedy, {args.prompt_tokens}-token prompts, "
-              f"{tokens} new tokens, inductor PDL {getattr(inductor_config.triton, 'enable_pdl', 'absent')}")
+              f"{tokens} new tokens, inductor PDL {getattr(inductor_config.triton, 'enable_pdl', 'absent')}, "
+              f"compile cache {args.compile_cache or 'none'}")
     one = {}
     for row in rows:
         if "weight_bytes" in row and row["batch"] == 1:

@@ -5,6 +5,7 @@ limits, and the gradio chatbot in a real headless Chromium."""
 import asyncio
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -968,3 +969,39 @@ def test_merged_projections_serve_the_models_own_logits_and_tokens(engine, llama
         num_key_value_heads=2, use_sliding_window=True, sliding_window=16, max_window_layers=1))
     with pytest.raises(UserError, match="with and without a sliding window"):
         fuse_projections(windowed)
+
+
+WARM_START = """
+import json, sys
+import torch
+from torch._dynamo.utils import counters
+from common.serving.engine import Engine
+from common.serving.sampling import SamplingParams
+engine = Engine.from_pretrained(sys.argv[1], device="cpu", max_batch=1, max_cache_len=256, compile=True)
+engine.warm_up(sys.argv[2])
+stream = engine.stream(engine.encode("新华社北京电"), SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
+"".join(stream)
+engine.close()
+print(json.dumps({"tokens": stream.token_ids, "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "misses": counters["inductor"]["fxgraph_cache_miss"]}))
+"""
+
+
+def test_a_compile_cache_file_spares_another_machine_the_compiling(model_dir, tmp_path):
+    """serve.py --compile_cache FILE: the warm-up writes what it compiled to FILE; a process with
+    empty torch.compile caches of its own (another machine, here another cache folder) that
+    loads FILE finds every compiled graph there (no miss) and decodes the same tokens."""
+    cache = tmp_path / "kernels.bin"
+    runs = []
+    for machine in ("first", "second"):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / machine), "PYTHONPATH": str(REPO)}
+        result = subprocess.run([sys.executable, "-c", WARM_START, str(model_dir), str(cache)], env=env,
+                                capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        if machine == "first":
+            assert cache.stat().st_size > 0
+    first, second = runs
+    assert first["misses"] >= 1 and first["hits"] == 0
+    assert second["hits"] == first["misses"] and second["misses"] == 0
+    assert second["tokens"] == first["tokens"] and len(first["tokens"]) == 8

@@ -30,6 +30,11 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
                              "--max_concurrent, and a quarter of it when that is 8 or more) and attention span "
                              "before the server opens its port (minutes the first time, cached on disk for later "
                              "starts); decoding then runs several times faster.")
+    parser.add_argument("--compile_cache", default=None, metavar="FILE",
+                        help="With --compile: a file of compiled kernels, loaded before the warm-up if it exists and "
+                             "written after it. Copied to another machine with the same GPU, torch and triton, it "
+                             "spares that machine's start the kernels' generation and tuning (torch.compile's "
+                             "portable cache; on one machine its own cache on disk already does that).")
     parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
                         help="Quantise the weights after loading (a LoRA adapter is merged first): torchao's int8 / "
                              "fp8 weight-only, fp8_dynamic (FP8 tensor cores, H100 / H200), int4 weight-only; "
@@ -55,12 +60,14 @@ def _engine_options(args: argparse.Namespace, max_batch: int) -> dict:
             "compile": None if args.compile == "auto" else args.compile == "true", "decoder": args.decoder}
 
 
-def _warm_up(engine: Engine) -> None:
+def _warm_up(engine: Engine, compile_cache: str | None) -> None:
     """Compiled decoding: every shape compiled before the port opens (health checks wait for it)."""
     if engine.compile:
         print("compiling the decode step for every batch width and attention span "
               "(minutes the first time, cached on disk for later starts) ...", flush=True)
-        print(f"warm-up done in {engine.warm_up():.0f} s", flush=True)
+        print(f"warm-up done in {engine.warm_up(compile_cache):.0f} s", flush=True)
+    elif compile_cache:
+        print("--compile_cache is not used: the decode step is not compiled here (--compile)", flush=True)
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser, defaults: SamplingParams, title: str) -> None:
@@ -109,7 +116,7 @@ def run_server(argv: list[str] | None, default_model: str, description: str,
                                     **_engine_options(args, args.max_concurrent))
     settings = ServerSettings(args.max_concurrent, args.max_waiting, args.queue_timeout, args.max_request_bytes,
                               args.default_max_tokens, args.cors, _sampling_defaults(args))
-    _warm_up(engine)
+    _warm_up(engine, args.compile_cache)
     print(f"serving '{engine.name}' at http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
 
@@ -127,7 +134,7 @@ def run_chatbot(argv: list[str] | None, default_model: str, description: str, ti
     defaults = _sampling_defaults(args)
     engine = Engine.from_pretrained(args.model, None, args.template, args.device, args.dtype, args.base_model,
                                     args.quantize, args.fuse_projections, **_engine_options(args, args.max_concurrent))
-    _warm_up(engine)
+    _warm_up(engine, args.compile_cache)
     url = f"http://{args.host}:{args.port}"
     # the docstring's first paragraph names the default address: the page shows the real one
     summary = description.split("\n\n")[0].replace("http://127.0.0.1:7860", url)

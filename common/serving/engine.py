@@ -14,7 +14,7 @@ import torch
 from common.errors import UserError
 from common.serving.batcher import Batcher, SequentialDecoder, batcher_refusal, span_bucket
 from common.serving.loading import context_length, load_causal_lm, prepare_weights
-from common.serving.runtime import apply_serving_settings
+from common.serving.runtime import apply_serving_settings, load_compile_cache, save_compile_cache
 from common.serving.sampling import SamplingParams, TokenLogprob, token_logprobs
 from common.serving.text import GenerationStream
 from common.templates import (
@@ -107,14 +107,19 @@ class Engine:
                     self._decoder = SequentialDecoder(self.model, self.stop_token_ids, self.count_tokens)
             return self._decoder
 
-    def warm_up(self) -> float:
+    def warm_up(self, compile_cache: str | Path | None = None) -> float:
         """Run every decode shape a request can meet (each cache width x attention span) once,
         so that compiling them (minutes for a 7B model, the first time; torch.compile caches
-        the kernels on disk for later starts) is paid before the server reports healthy, not
-        by its first users. Returns the seconds it took."""
+        the kernels on this machine's disk for later starts) is paid before the server reports
+        healthy, not by its first users. `compile_cache`: a file of compiled kernels, loaded
+        first if it exists and written afterwards (runtime.load_compile_cache: copied to another
+        machine with the same GPU, torch and triton, it spares that machine the compiling).
+        Returns the seconds it took."""
         if not self.batched:
             return 0.0
         start = time.perf_counter()
+        if compile_cache and self.compile:
+            load_compile_cache(compile_cache)
         decoder = self.decoder
         spans = sorted({span_bucket(n, self.context_length) for n in range(2, self.context_length + 1)})
         greedy = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
@@ -127,6 +132,8 @@ class Engine:
                     for _ in stream:
                         pass
                 logger.info("warm-up: %d row(s) x %d slots done after %.1f s", width, span, time.perf_counter() - start)
+        if compile_cache and self.compile:
+            save_compile_cache(compile_cache)
         return time.perf_counter() - start
 
     def close(self) -> None:

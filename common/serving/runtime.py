@@ -4,9 +4,14 @@ process, so they are listed here rather than set where they first mattered."""
 
 from __future__ import annotations
 
+import gzip
+import logging
 import sys
+from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def apply_serving_settings(device: torch.device, compile_decode: bool) -> None:
@@ -26,3 +31,36 @@ def apply_serving_settings(device: torch.device, compile_decode: bool) -> None:
         from torch._inductor import config as inductor_config
 
         inductor_config.coordinate_descent_tuning = True
+
+
+def load_compile_cache(path: str | Path) -> int:
+    """Put the compiled kernels an earlier run saved in `path` (`save_compile_cache`) into this
+    machine's torch.compile caches, so that compiling the same graphs again finds them (their
+    generation and tuning skipped; kernels built by another torch, triton or GPU are not
+    matched, and are compiled anew). Returns how many artefacts it loaded (0: no file)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    info = torch.compiler.load_cache_artifacts(gzip.decompress(path.read_bytes()))
+    loaded = sum(len(found) for found in info.artifacts.values()) if info else 0
+    logger.info("compile cache %s: %d artefacts loaded", path, loaded)
+    return loaded
+
+
+def save_compile_cache(path: str | Path) -> int:
+    """Write what this process has compiled so far (also what it found in the caches) to `path`:
+    torch.compile's portable "mega-cache", gzipped (mostly generated source: a tiny model's compiled
+    on the CPU, 0.49 MB, took 0.06 MB). Returns how many artefacts (0: nothing compiled)."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return 0
+    data, info = saved
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(gzip.compress(data, compresslevel=6))
+    partial.replace(path)  # never a half-written cache
+    count = sum(len(found) for found in info.artifacts.values())
+    logger.info("compile cache %s: %d artefacts written (%.1f MB, %.1f MB gzipped)", path, count, len(data) / 1e6,
+                path.stat().st_size / 1e6)
+    return count
