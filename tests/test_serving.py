@@ -808,29 +808,40 @@ metric_list:
 # ------------------------------------------------------------------ quantised weights
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
 def test_a_row_scaled_linear_multiplies_by_its_8_bit_weight_times_the_row_scale_for_one_row_and_many(dtype):
-    """RowScaledLinear's two forms (one row under torch.compile: a float32 product scaled after;
-    otherwise the weight scaled first) both compute x @ (stored weight x row scale)^T + bias, and
-    the stored weight is the original one within the 8-bit format's rounding."""
+    """RowScaledLinear's forms all compute x @ (stored weight x row scale)^T + bias, the stored
+    weight being the original one within the 8-bit format's rounding: one row under torch.compile
+    (a float32 product scaled after), and many rows, which for fp8 weights go through
+    torch._scaled_mm with the activations rounded to e4m3 with a scale per row (int8 weights, and
+    fp8 ones whose sizes are not multiples of 16, are scaled first for a plain product)."""
     from common.serving.loading import RowScaledLinear
 
     torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 48)
-    scaled = RowScaledLinear(linear, dtype)
-    assert scaled.weight.dtype == dtype and scaled.scale.shape == (48, 1)
-    dequantised = scaled.weight.double() * scaled.scale.double()
-    error = (dequantised - linear.weight.double()).abs()
-    if dtype == torch.int8:
-        assert (error <= scaled.scale.double() / 2 + 1e-9).all()
-    else:  # e4m3: 3 mantissa bits
-        assert (error <= linear.weight.double().abs() / 16 + scaled.scale.double() * 2 ** -9).all()
     x = torch.randn(3, 2, 64)
-    expected = x.double() @ dequantised.T + linear.bias.double()
-    traced = torch.compile(scaled, backend="eager", fullgraph=True)  # the form the compiled decode step takes
-    with torch.no_grad():
-        for module in (scaled, traced):
-            many, one = module(x), module(x[:1, :1])
-            assert torch.allclose(many.double(), expected, atol=1e-5)
-            assert torch.allclose(one.double(), expected[:1, :1], atol=1e-5)
+    for out_features in (48, 40):
+        linear = torch.nn.Linear(64, out_features)
+        scaled = RowScaledLinear(linear, dtype)
+        assert scaled.weight.dtype == dtype and scaled.scale.shape == (out_features, 1)
+        assert scaled.fp8_products == (dtype == torch.float8_e4m3fn and out_features == 48)
+        dequantised = scaled.weight.double() * scaled.scale.double()
+        error = (dequantised - linear.weight.double()).abs()
+        if dtype == torch.int8:
+            assert (error <= scaled.scale.double() / 2 + 1e-9).all()
+        else:  # e4m3: 3 mantissa bits
+            assert (error <= linear.weight.double().abs() / 16 + scaled.scale.double() * 2 ** -9).all()
+        expected = x.double() @ dequantised.T + linear.bias.double()
+        many_rows = x
+        if scaled.fp8_products:
+            row_scale = x.abs().amax(dim=-1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max
+            many_rows = (x / row_scale).to(torch.float8_e4m3fn).double() * row_scale.double()
+            assert (many_rows - x).abs().max() > 1e-3  # the rounding shows
+        expected_many = many_rows.double() @ dequantised.T + linear.bias.double()
+        traced = torch.compile(scaled, backend="eager", fullgraph=True)  # the form the compiled decode step takes
+        with torch.no_grad():
+            for module in (scaled, traced):
+                many, one = module(x), module(x[:1, :1])
+                assert torch.allclose(many.double(), expected_many, atol=1e-5)
+                # one row: the float32 product when compiled, else the many-row form
+                assert torch.allclose(one.double(), (expected if module is traced else expected_many)[:1, :1], atol=1e-5)
 
 
 def test_gemlite_kinds_say_they_need_a_gpu(llama_engine):
@@ -841,13 +852,15 @@ def test_gemlite_kinds_say_they_need_a_gpu(llama_engine):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["int8_gemlite", "fp8_gemlite"])
-def test_gemlite_weights_are_half_the_bytes_and_decode_their_own_greedy_path(engine, kind):
-    """--quantize int8_gemlite / fp8_gemlite on a GPU: every linear layer is gemlite's, the weights
-    take about half their bf16 bytes, the logits stay close to bf16's, and the engine's compiled
-    decode step follows the quantised model's own greedy path (each streamed token the argmax of
-    one plain forward over prompt + stream, up to bf16 near-ties)."""
-    pytest.importorskip("gemlite")
+@pytest.mark.parametrize("kind", ["fp8_rowwise", "int8_gemlite", "fp8_gemlite"])
+def test_8_bit_weights_on_a_gpu_are_half_the_bytes_and_decode_their_own_greedy_path(engine, kind):
+    """--quantize fp8_rowwise / int8_gemlite / fp8_gemlite on a GPU: every linear layer is replaced,
+    the weights take about half their bf16 bytes, the logits stay close to bf16's, and the
+    engine's compiled decode step, with one request and with three together (fp8_rowwise's
+    FP8 tensor-core form for many rows), follows the quantised model's own greedy path (each
+    streamed token the argmax of one plain forward over prompt + stream, up to near-ties)."""
+    if "gemlite" in kind:
+        pytest.importorskip("gemlite")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from common.serving.loading import quantize_weights, weight_bytes
@@ -859,24 +872,30 @@ def test_gemlite_weights_are_half_the_bytes_and_decode_their_own_greedy_path(eng
     plain = plain.to("cuda", torch.bfloat16).eval()
     quantised = quantize_weights(copy.deepcopy(plain), kind)
     assert not any(type(m) is torch.nn.Linear for m in quantised.modules())
+    if kind == "fp8_rowwise":
+        assert quantised.model.layers[0].mlp.up_proj.fp8_products
     linear = sum(m.weight.numel() for m in plain.modules() if type(m) is torch.nn.Linear)
     assert weight_bytes(plain) - weight_bytes(quantised) >= 0.9 * linear  # 2 bytes -> 1 (+ a scale per row)
-    prompt = engine.encode("新华社北京电")
-    ids = torch.tensor([prompt], device="cuda")
+    prompts = [engine.encode(text) for text in ("新华社北京电", "今年以来，我国经济平稳发展", "记者")]
+    ids = torch.tensor([prompts[0]], device="cuda")
     with torch.no_grad():
         exact, approx = plain(ids).logits.float(), quantised(ids).logits.float()
     assert (approx - exact).norm() / exact.norm() < 0.1
     served = Engine(quantised, engine.tokenizer, kind, max_batch=4, compile=True)
+    greedy = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
     try:
         served.warm_up()
-        stream = served.stream(prompt, SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True))
-        tokens = _read_all([stream])[0]
+        streams = _read_all([served.stream(prompts[0], greedy)])
+        with served.decoder.condition:  # the three join together: the 4-row step
+            together = [served.stream(prompt, greedy) for prompt in prompts]
+        streams += _read_all(together)
     finally:
         served.close()
-    with torch.no_grad():
-        logits = quantised(torch.tensor([prompt + tokens[:-1]], device="cuda")).logits[0, len(prompt) - 1:].float()
-    gaps = logits.max(dim=-1).values - logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
-    assert len(tokens) == 16 and gaps.max().item() < 0.25
+    for prompt, tokens in zip([prompts[0], *prompts], streams):
+        with torch.no_grad():
+            logits = quantised(torch.tensor([prompt + tokens[:-1]], device="cuda")).logits[0, len(prompt) - 1:].float()
+        gaps = logits.max(dim=-1).values - logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
+        assert len(tokens) == 16 and gaps.max().item() < 0.25
 
 
 @pytest.mark.parametrize("kind", ["int8", "int8_rowwise"])

@@ -41,9 +41,10 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
                              "int8_rowwise / fp8_rowwise (8-bit weights with a scale per row, the product compiled by "
                              "torch); int8_gemlite / fp8_gemlite (gemlite's Triton kernels, CUDA only; needs "
                              "`pip install gemlite`; not yet measured here). Half the weight memory; on an H200 "
-                             "fp8_rowwise decodes one stream 1.22-1.36x faster than bf16, many streams slower (0.51x "
-                             "at 16, 0.53x at 64); torchao's are slower at one stream too. Speed and quality per GPU: "
-                             "benchmarks/RESULTS.md.")
+                             "fp8_rowwise decodes one stream 1.22-1.36x faster than bf16; many streams were slower "
+                             "(0.51x at 16, 0.53x at 64) before its many-row products moved to the FP8 tensor cores "
+                             "(Hopper and later; not yet measured); torchao's are slower at one stream too. Speed and "
+                             "quality per GPU: benchmarks/RESULTS.md.")
     parser.add_argument("--fuse_projections", action="store_true",
                         help="Merge each decoder layer's q/k/v products into one and gate/up into one after loading "
                              "(Llama, Mistral, Qwen2; transformers' Phi3 layers, which compute the same): fewer, "

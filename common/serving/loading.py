@@ -109,10 +109,14 @@ class RowScaledLinear(torch.nn.Module):
     kernel that reads the 8-bit weight, converts each element once to float32 and scales the
     product's output (int8 1.24x, fp8 1.34x bf16's products on an H200; converting the weight to
     bf16 and scaling it first, 1.21x for int8, costs more conversions per byte read). For many
-    rows the weight is turned back to the activations' dtype and scaled for cuBLAS, which writes
-    a bf16 copy first (0.49x). (Scaling the output of a bf16 product, torchao's int8 weight-only
-    form `(x @ w.to(bf16)) * scale`, is rewritten by inductor into aten._weight_int8pack_mm, whose
-    CUDA kernel took 58 ms for what bf16 does in 0.3 at 64 rows: benchmarks/RESULTS.md.)"""
+    rows an fp8 weight goes to the FP8 tensor cores (`torch._scaled_mm`, on Hopper and later GPUs
+    and on the CPU): the activations are rounded to e4m3 with a scale per row and both scales
+    applied to the float32 sums, so the product reads the 8-bit weight itself (not yet measured on
+    a GPU). Otherwise (int8, older GPUs, sizes that are not multiples of 16) the weight is turned
+    back to the activations' dtype and scaled for cuBLAS, which writes a bf16 copy first (0.49x on
+    an H200). (Scaling the output of a bf16 product, torchao's int8 weight-only form
+    `(x @ w.to(bf16)) * scale`, is rewritten by inductor into aten._weight_int8pack_mm, whose CUDA
+    kernel took 58 ms for what bf16 does in 0.3 at 64 rows: benchmarks/RESULTS.md.)"""
 
     def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
         super().__init__()
@@ -123,12 +127,33 @@ class RowScaledLinear(torch.nn.Module):
         self.weight = torch.nn.Parameter(stored.to(dtype), requires_grad=False)
         self.scale = torch.nn.Parameter(scale.to(linear.weight.dtype), requires_grad=False)
         self.bias = linear.bias
+        # decided on the device it is built on (the engine quantises a model where it runs)
+        self.fp8_products = _fp8_products(self.weight, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():  # (eager, it would copy the weight in float32)
             out = torch.nn.functional.linear(x.float(), self.weight.float()) * self.scale.float().view(-1)
             return (out if self.bias is None else out + self.bias).to(x.dtype)
+        if self.fp8_products and x.dtype == self.scale.dtype:
+            rows = x.reshape(-1, x.shape[-1]).float()
+            row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+            out = torch._scaled_mm((rows / row_scale).to(torch.float8_e4m3fn), self.weight.t(), scale_a=row_scale,
+                                   scale_b=self.scale.float().view(1, -1), out_dtype=x.dtype)
+            out = out.reshape(*x.shape[:-1], out.shape[-1])
+            return out if self.bias is None else out + self.bias
         return torch.nn.functional.linear(x, self.weight.to(x.dtype) * self.scale, self.bias)
+
+
+def _fp8_products(weight: torch.Tensor, activations: torch.dtype) -> bool:
+    """Whether torch._scaled_mm can multiply `activations` by this fp8 weight with scales per row
+    where it is: on the CPU, and on CUDA GPUs of compute capability 9.0 (Hopper) and later for
+    bf16 activations; both sizes multiples of 16."""
+    if weight.dtype != torch.float8_e4m3fn or weight.shape[0] % 16 or weight.shape[1] % 16:
+        return False
+    if weight.device.type == "cpu":
+        return True
+    return weight.device.type == "cuda" and activations == torch.bfloat16 and \
+        torch.cuda.get_device_capability(weight.device) >= (9, 0)
 
 
 def replace_linears(model, make: Callable[[torch.nn.Linear], torch.nn.Module]) -> None:
