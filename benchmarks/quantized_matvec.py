@@ -72,8 +72,8 @@ def parse_variant(name: str) -> tuple[str, dict, bool]:
 
 
 DEFAULT = ("none", "none+autotune", "none+autotune-cd", "int8", "int8_pack", "fp8", "fp8_dynamic", "int4",
-           "int8_rowwise+autotune", "int8_rowwise+autotune-cd", "fp8_rowwise+autotune-cd", "int8_gemlite",
-           "fp8_gemlite")
+           "int8_rowwise+autotune", "int8_rowwise+autotune-cd", "fp8_rowwise+autotune-cd", "none+fused",
+           "bf16_gemlite", "int8_gemlite", "fp8_gemlite", "int4_gemlite")
 
 
 class DecoderLinears(nn.Module):

@@ -845,20 +845,49 @@ def test_a_row_scaled_linear_multiplies_by_its_8_bit_weight_times_the_row_scale_
 
 
 def test_gemlite_kinds_say_they_need_a_gpu(llama_engine):
-    from common.serving.loading import quantize_weights
+    from common.serving.loading import GEMLITE, quantize_weights
 
-    with pytest.raises(UserError, match="needs a CUDA GPU"):
-        quantize_weights(copy.deepcopy(llama_engine.model), "int8_gemlite")
+    for kind in GEMLITE:
+        with pytest.raises(UserError, match=f"--quantize {kind} needs a CUDA GPU"):
+            quantize_weights(copy.deepcopy(llama_engine.model), kind)
+
+
+def test_int4_groups_round_each_group_of_a_row_to_16_levels_between_its_extremes():
+    """int4_gemlite's quantiser: every group of 64 columns of a row keeps its minimum and maximum
+    (levels 0 and 15) and every weight is within half a step of its level, weight ~ (W_q - zero) x scale."""
+    from common.serving.loading import int4_groups
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 256) * torch.linspace(0.1, 2, 8)[:, None]  # rows of different ranges
+    weight[3, 64:128] = 0.5  # a constant group: its step is tiny, not zero
+    w_q, scales, zeros = int4_groups(weight, 64)
+    assert w_q.dtype == torch.uint8 and w_q.shape == (8, 256) and int(w_q.max()) <= 15
+    assert scales.shape == zeros.shape == (8, 4)
+    step = scales.repeat_interleave(64, dim=1)
+    restored = (w_q.float() - zeros.repeat_interleave(64, dim=1)) * step
+    assert ((restored - weight).abs() <= step / 2 + 1e-5).all()
+    groups = w_q.reshape(8, 4, 64)
+    assert (groups.amin(-1)[torch.arange(8) != 3] == 0).all() and (groups.amax(-1)[torch.arange(8) != 3] == 15).all()
+    assert torch.allclose(scales[:, 0], (weight[:, :64].amax(1) - weight[:, :64].amin(1)) / 15)
+    with pytest.raises(UserError, match="not a multiple"):
+        int4_groups(torch.randn(4, 96), 64)
+
+
+# bytes each kind saves per weight of a bf16 linear layer at least, and the logits' relative error at most
+GPU_KINDS = {"fp8_rowwise": (0.9, 0.1), "int8_gemlite": (0.9, 0.1), "fp8_gemlite": (0.9, 0.1),
+             "int4_gemlite": (1.3, 0.3), "bf16_gemlite": (0.0, 0.01)}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["fp8_rowwise", "int8_gemlite", "fp8_gemlite"])
-def test_8_bit_weights_on_a_gpu_are_half_the_bytes_and_decode_their_own_greedy_path(engine, kind):
-    """--quantize fp8_rowwise / int8_gemlite / fp8_gemlite on a GPU: every linear layer is replaced,
-    the weights take about half their bf16 bytes, the logits stay close to bf16's, and the
-    engine's compiled decode step, with one request and with three together (fp8_rowwise's
-    FP8 tensor-core form for many rows), follows the quantised model's own greedy path (each
+@pytest.mark.parametrize("kind", list(GPU_KINDS))
+def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engine, kind):
+    """--quantize fp8_rowwise / int8_gemlite / fp8_gemlite / int4_gemlite / bf16_gemlite on a GPU:
+    every linear layer is replaced, the weights take the bytes their format says (about half of
+    bf16's for 8 bits, under a third for 4; bf16_gemlite's are bf16's), the logits stay close to
+    bf16's, and the engine's compiled decode step, with one request and with three together
+    (fp8_rowwise's FP8 tensor-core form for many rows), follows the model's own greedy path (each
     streamed token the argmax of one plain forward over prompt + stream, up to near-ties)."""
+    saved_per_weight, error = GPU_KINDS[kind]
     if "gemlite" in kind:
         pytest.importorskip("gemlite")
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -875,12 +904,13 @@ def test_8_bit_weights_on_a_gpu_are_half_the_bytes_and_decode_their_own_greedy_p
     if kind == "fp8_rowwise":
         assert quantised.model.layers[0].mlp.up_proj.fp8_products
     linear = sum(m.weight.numel() for m in plain.modules() if type(m) is torch.nn.Linear)
-    assert weight_bytes(plain) - weight_bytes(quantised) >= 0.9 * linear  # 2 bytes -> 1 (+ a scale per row)
+    saved = weight_bytes(plain) - weight_bytes(quantised)
+    assert saved >= saved_per_weight * linear if saved_per_weight else abs(saved) <= 0.01 * linear
     prompts = [engine.encode(text) for text in ("新华社北京电", "今年以来，我国经济平稳发展", "记者")]
     ids = torch.tensor([prompts[0]], device="cuda")
     with torch.no_grad():
         exact, approx = plain(ids).logits.float(), quantised(ids).logits.float()
-    assert (approx - exact).norm() / exact.norm() < 0.1
+    assert (approx - exact).norm() / exact.norm() < error
     served = Engine(quantised, engine.tokenizer, kind, max_batch=4, compile=True)
     greedy = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
     try:

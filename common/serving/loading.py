@@ -95,11 +95,13 @@ def context_length(model) -> int | None:
 
 # torchao weight-only / dynamic configs by name, 8-bit weights with a scale per output row
 # that the compiled step turns back to bf16 inside the product ("_rowwise", RowScaledLinear), and
-# gemlite's 8-bit weight-only layers (Triton kernels with a matrix-vector product for one row; CUDA
-# only): benchmarks/quantized_matvec.py measures them
+# gemlite's weight-only layers (Triton kernels with a matrix-vector product for one row; CUDA only):
+# its 8-bit ones, 4-bit in groups of INT4_GROUP, and the model's own 16-bit weights through its
+# kernels (not a quantisation). benchmarks/quantized_matvec.py measures them.
 TORCHAO_QUANTIZATIONS = ("int8", "fp8", "fp8_dynamic", "int4")
 ROWWISE = {"int8_rowwise": torch.int8, "fp8_rowwise": torch.float8_e4m3fn}
-GEMLITE = {"int8_gemlite": "A16W8_INT8", "fp8_gemlite": "A16W8_FP8"}  # gemlite.helper's processors
+GEMLITE = ("bf16_gemlite", "int8_gemlite", "fp8_gemlite", "int4_gemlite")
+INT4_GROUP = 64
 QUANTIZATIONS = ("none", *TORCHAO_QUANTIZATIONS, *ROWWISE, *GEMLITE)
 
 
@@ -164,20 +166,56 @@ def replace_linears(model, make: Callable[[torch.nn.Linear], torch.nn.Module]) -
                 setattr(module, name, make(child))
 
 
+def int4_groups(weight: torch.Tensor, group_size: int = INT4_GROUP):
+    """Round-to-nearest asymmetric 4-bit quantisation of a [rows, columns] weight in groups of
+    `group_size` columns: weight ~ (W_q - zeros) * scales, W_q in 0..15 (uint8, one per byte: gemlite
+    packs them), scales and zeros [rows, columns / group_size] in the weight's dtype."""
+    rows, columns = weight.shape
+    if columns % group_size:
+        raise UserError(f"4-bit groups of {group_size}: a layer's {columns} inputs are not a multiple of it")
+    groups = weight.detach().float().reshape(rows, columns // group_size, group_size)
+    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    scales = ((high - low) / 15).clamp(min=1e-8)
+    zeros = -low / scales
+    w_q = (groups / scales + zeros).round().clamp(0, 15).to(torch.uint8).reshape(rows, columns)
+    return w_q, scales.reshape(rows, -1).to(weight.dtype), zeros.reshape(rows, -1).to(weight.dtype)
+
+
 def gemlite_quantize(model, kind: str) -> None:
-    """Every nn.Linear of `model` (the output head included) replaced by gemlite's 8-bit
-    weight-only layer, a scale per output row (`GEMLITE`: int8 or fp8 e4m3 weights, activations
-    in the model's dtype). gemlite picks its kernel by the number of rows (a split-K
-    matrix-vector product for one or two) and autotunes each shape at its first call, which the
-    engine's warm-up makes."""
+    """Every nn.Linear of `model` (the output head included) replaced by gemlite's weight-only
+    layer: "int8_gemlite" / "fp8_gemlite" 8-bit weights with a scale per output row (its A16W8
+    processors), "int4_gemlite" 4-bit groups (`int4_groups`, loaded through its A16W4_HQQ_INT
+    processor), "bf16_gemlite" the 16-bit weights as they are; activations in the model's dtype.
+    gemlite picks its kernel by the number of rows (a split-K matrix-vector product for one or
+    two) and autotunes each shape at its first call, which the engine's warm-up makes."""
     weight = next(model.parameters())
     if weight.device.type != "cuda":
         raise UserError(f"--quantize {kind} needs a CUDA GPU: gemlite's kernels are Triton's")
     try:
-        from gemlite import helper
+        from gemlite import DType, GemLiteLinearTriton, helper
     except ImportError:
         raise UserError(f"--quantize {kind} needs gemlite: pip install gemlite") from None
-    replace_linears(model, getattr(helper, GEMLITE[kind])(device=weight.device, dtype=weight.dtype).from_linear)
+    device, dtype = weight.device, weight.dtype
+    if kind in ("int8_gemlite", "fp8_gemlite"):
+        processor = (helper.A16W8_INT8 if kind == "int8_gemlite" else helper.A16W8_FP8)(device=device, dtype=dtype)
+        replace_linears(model, processor.from_linear)
+    elif kind == "int4_gemlite":
+        processor = helper.A16W4_HQQ_INT(device=device, dtype=dtype)
+        replace_linears(model, lambda linear: processor.from_weights(*int4_groups(linear.weight), bias=linear.bias))
+    else:
+        def sixteen_bit(linear: torch.nn.Linear) -> torch.nn.Module:
+            layer = GemLiteLinearTriton(16, group_size=linear.in_features, in_features=linear.in_features,
+                                        out_features=linear.out_features, input_dtype=DType[_GEMLITE_16[dtype]],
+                                        output_dtype=DType[_GEMLITE_16[dtype]])
+            layer.pack(linear.weight.detach(), None, None, bias=linear.bias)
+            return layer
+
+        if dtype not in _GEMLITE_16:
+            raise UserError(f"--quantize {kind} needs bf16 or fp16 weights, not {dtype}")
+        replace_linears(model, sixteen_bit)
+
+
+_GEMLITE_16 = {torch.bfloat16: "BF16", torch.float16: "FP16"}
 
 
 def quantize_weights(model, kind: str):
