@@ -1,14 +1,17 @@
 """Merging the matrix products that read the same input: q, k and v into one, gate and up into one.
 
 Decoding one token for one client reads every weight once, in a few hundred matrix-vector
-products per step (seven per decoder layer in a Llama); each small product loses a little of the
-memory bandwidth at its start and end. Merged, a Llama layer runs four larger ones. The merged
+products per step (seven per decoder layer in a Llama), and the products read at 3.2-3.7 TB/s of an
+H200's ~4.2 (benchmarks/RESULTS.md): small products lose bandwidth at their start and end, so
+four larger ones per layer should read closer to it (not yet measured on a GPU: the '+fused' rows
+of benchmarks/quantized_matvec.py and decode_throughput.py --quantize none,none+fused). The merged
 layers are transformers' own: Phi3's attention (`qkv_proj`) and MLP (`gate_up_proj`) compute
 what Llama's do, with those products merged, so this only concatenates weights and swaps modules,
 in place, one layer at a time (no second copy of the model). `serve.py --fuse_projections`.
 
 Families: Llama (Baichuan converted to it), Mistral and Qwen2 (its q / k / v biases are
-concatenated too). Others (GLM's interleaved rotary, Qwen3's per-head norms, ...) are refused.
+concatenated too). Others (GLM's interleaved rotary, Qwen3's per-head norms, ...) are refused;
+GLM's MLP already merges gate and up.
 A fused model serves and scores as before (its logits equal up to rounding); its state dict has
 the merged names, so it is not for saving.
 """
