@@ -346,6 +346,10 @@ def main() -> None:
                              "after it (serve.py --compile_cache). A run that would take longer than one sitting "
                              "allows can compile in one process and measure in the next; the warm-up rows then "
                              "show the cached start.")
+    parser.add_argument("--warm_up_only", action="store_true",
+                        help="Only build and warm up each engine (with --compile_cache: fill the file), measuring "
+                             "nothing else: the first of two calls when compiling and measuring together would "
+                             "take longer than one allows.")
     parser.add_argument("--skip_static_generate", action="store_true")
     parser.add_argument("--skip_transformers_cb", action="store_true")
     parser.add_argument("--only_transformers_cb", action="store_true",
@@ -403,7 +407,9 @@ def main() -> None:
             return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                                   min_new_tokens=tokens, do_sample=False, pad_token_id=0, **kwargs)
 
-    if not args.only_transformers_cb:
+    if args.warm_up_only:
+        args.skip_static_generate = args.skip_transformers_cb = True
+    if not args.only_transformers_cb and not args.warm_up_only:
         generate()  # warm-up
         add("generate", 1, timed(generate), tokens)
     if not args.skip_static_generate and not args.only_transformers_cb and device.type == "cuda":
@@ -434,6 +440,10 @@ def main() -> None:
             rows.append({"path": f"{label}: engine warm-up (compile every width x span)",
                          "seconds": round(engine.warm_up(args.compile_cache), 1)})
             print(f"  {rows[-1]['path']}: {rows[-1]['seconds']} s", flush=True)
+            if args.warm_up_only:
+                engine.close()
+                del served, engine
+                continue
 
             def engine_one(i: int = 0, engine=engine) -> list[int]:
                 stream = engine.stream(prompt_ids[i], greedy)
