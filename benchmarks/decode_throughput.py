@@ -15,7 +15,8 @@ after a `--prompt_tokens` prompt; different prompts per client.
 
   generate                  `model.generate`, dynamic cache (what a user writes first)
   generate, static cache    `generate(cache_implementation="static")` (compiles the forward)
-  engine, batch 1           `Engine.stream`: the server's generation path, one request
+  engine, batch 1           `Engine.stream`: the server's generation path, one request (and its
+                            first token's latency without HTTP: the prompt's prefill)
   engine, N streams         N requests decoded together, read in one event loop as the server
                             reads them, without HTTP (server minus this = HTTP and SSE)
   server, N clients         N streaming clients at once over HTTP (spread over
@@ -445,15 +446,19 @@ def main() -> None:
                 del served, engine
                 continue
 
-            def engine_one(i: int = 0, engine=engine) -> list[int]:
+            first_tokens: list[float] = []  # seconds from the request to its first token, without HTTP
+
+            def engine_one(i: int = 0, engine=engine, first_tokens=first_tokens) -> list[int]:
+                start = time.perf_counter()
                 stream = engine.stream(prompt_ids[i], greedy)
                 for _ in stream:
-                    pass
+                    if len(first_tokens) < 3 and len(stream.token_ids) == 1:
+                        first_tokens.append(time.perf_counter() - start)
                 return stream.token_ids
 
-            # median of 3; then one more run, its steps timed
+            # median of 3 (their first tokens too); then one more run, its steps timed
             add(f"{label}: engine, batch 1", 1, sorted(timed(engine_one) for _ in range(3))[1], tokens,
-                **step_timing(engine, engine_one))
+                first_token_p50_s=round(percentile(first_tokens, 0.5), 4), **step_timing(engine, engine_one))
             for n in clients_list[1:]:
                 add(f"{label}: engine, {n} streams (no HTTP)", n, engine_streams(engine, prompt_ids[:n], greedy), n * tokens,
                     **step_timing(engine, partial(engine_streams, engine, prompt_ids[:n], greedy)))
