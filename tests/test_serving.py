@@ -854,18 +854,20 @@ def test_gemlite_kinds_say_they_need_a_gpu(llama_engine):
 
 def test_int4_groups_round_each_group_of_a_row_to_16_levels_between_its_extremes():
     """int4_gemlite's quantiser: every group of 64 columns of a row keeps its minimum and maximum
-    (levels 0 and 15) and every weight is within half a step of its level, weight ~ (W_q - zero) x scale."""
+    (levels 0 and 15; a group that does not span 0 is stretched to it) and every weight is within
+    half a step of its level, weight ~ (W_q - zero) x scale, the zero point in 0..15."""
     from common.serving.loading import int4_groups
 
     torch.manual_seed(0)
     weight = torch.randn(8, 256) * torch.linspace(0.1, 2, 8)[:, None]  # rows of different ranges
-    weight[3, 64:128] = 0.5  # a constant group: its step is tiny, not zero
+    weight[3, 64:128] = 0.5  # a constant group: levels from 0 to 0.5
     w_q, scales, zeros = int4_groups(weight, 64)
     assert w_q.dtype == torch.uint8 and w_q.shape == (8, 256) and int(w_q.max()) <= 15
     assert scales.shape == zeros.shape == (8, 4)
     step = scales.repeat_interleave(64, dim=1)
     restored = (w_q.float() - zeros.repeat_interleave(64, dim=1)) * step
     assert ((restored - weight).abs() <= step / 2 + 1e-5).all()
+    assert (zeros >= 0).all() and (zeros <= 15).all() and torch.allclose(restored[3, 64:128], weight[3, 64:128])
     groups = w_q.reshape(8, 4, 64)
     assert (groups.amin(-1)[torch.arange(8) != 3] == 0).all() and (groups.amax(-1)[torch.arange(8) != 3] == 15).all()
     assert torch.allclose(scales[:, 0], (weight[:, :64].amax(1) - weight[:, :64].amin(1)) / 15)

@@ -169,12 +169,14 @@ def replace_linears(model, make: Callable[[torch.nn.Linear], torch.nn.Module]) -
 def int4_groups(weight: torch.Tensor, group_size: int = INT4_GROUP):
     """Round-to-nearest asymmetric 4-bit quantisation of a [rows, columns] weight in groups of
     `group_size` columns: weight ~ (W_q - zeros) * scales, W_q in 0..15 (uint8, one per byte: gemlite
-    packs them), scales and zeros [rows, columns / group_size] in the weight's dtype."""
+    packs them), scales and zeros [rows, columns / group_size] in the weight's dtype. Each group's
+    16 levels span its minimum to its maximum, stretched to include 0 (so a zero point lies in
+    0..15, which bf16 holds to 1/16, and a constant group is kept exactly)."""
     rows, columns = weight.shape
     if columns % group_size:
         raise UserError(f"4-bit groups of {group_size}: a layer's {columns} inputs are not a multiple of it")
     groups = weight.detach().float().reshape(rows, columns // group_size, group_size)
-    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    low, high = groups.amin(dim=-1, keepdim=True).clamp(max=0), groups.amax(dim=-1, keepdim=True).clamp(min=0)
     scales = ((high - low) / 15).clamp(min=1e-8)
     zeros = -low / scales
     w_q = (groups / scales + zeros).round().clamp(0, 15).to(torch.uint8).reshape(rows, columns)
