@@ -204,20 +204,18 @@ def gemlite_quantize(model, kind: str) -> None:
     elif kind == "int4_gemlite":
         processor = helper.A16W4_HQQ_INT(device=device, dtype=dtype)
         replace_linears(model, lambda linear: processor.from_weights(*int4_groups(linear.weight), bias=linear.bias))
-    else:
+    else:  # bf16_gemlite: the weights as they are, no scales
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise UserError(f"--quantize {kind} needs bf16 or fp16 weights, not {dtype}")
+        sixteen = DType.BF16 if dtype == torch.bfloat16 else DType.FP16
+
         def sixteen_bit(linear: torch.nn.Linear) -> torch.nn.Module:
             layer = GemLiteLinearTriton(16, group_size=linear.in_features, in_features=linear.in_features,
-                                        out_features=linear.out_features, input_dtype=DType[_GEMLITE_16[dtype]],
-                                        output_dtype=DType[_GEMLITE_16[dtype]])
+                                        out_features=linear.out_features, input_dtype=sixteen, output_dtype=sixteen)
             layer.pack(linear.weight.detach(), None, None, bias=linear.bias)
             return layer
 
-        if dtype not in _GEMLITE_16:
-            raise UserError(f"--quantize {kind} needs bf16 or fp16 weights, not {dtype}")
         replace_linears(model, sixteen_bit)
-
-
-_GEMLITE_16 = {torch.bfloat16: "BF16", torch.float16: "FP16"}
 
 
 def quantize_weights(model, kind: str):
@@ -279,14 +277,12 @@ def weights_variant(name: str) -> tuple[str, bool]:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the model's weights as stored: its parameters (a quantised tensor: its data and
-    scales) and the tensors that modules keep as plain attributes (gemlite's packed weights)."""
+    """Bytes of the model's parameters as stored (a quantised tensor: its data and scales; gemlite's
+    layers keep their packed weights, scales and zero points as parameters)."""
     total = 0
     for parameter in model.parameters():
         flatten = getattr(parameter, "__tensor_flatten__", None)
         tensors = [parameter] if flatten is None else [getattr(parameter, name) for name in flatten()[0]]
         total += sum(t.numel() * t.element_size() for t in tensors)
-    for module in model.modules():
-        total += sum(t.numel() * t.element_size() for t in vars(module).values() if isinstance(t, torch.Tensor))
     return total
 
