@@ -183,8 +183,7 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
     if config_class is not None and not isinstance(getattr(config_class, "head_dim", None), property):
         # some configs (GLM: 128) fix head_dim instead of deriving it from the sizes
         sizes["head_dim"] = model_args.hidden_size // model_args.num_attention_heads
-    if model_args.intermediate_size:
-        sizes["intermediate_size"] = model_args.intermediate_size
+    sizes.update(family_sizes(model_args))
     try:
         config = AutoConfig.for_model(
             model_args.model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -194,6 +193,32 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
         raise UserError(f"--model_type {model_args.model_type}: {err}") from None
     return with_attention_fallback(lambda attn: AutoModelForCausalLM.from_config(config, attn_implementation=attn),
                                    model_args.attn_implementation)
+
+
+def family_sizes(model_args: ModelArguments) -> dict:
+    """The MLP width and key/value heads of a new model under its family's own config names.
+    transformers' configs keep names they do not know without a word, so a size that a family
+    spells differently, or cannot take, would be dropped silently: GPT-2 calls the MLP width
+    n_inner and Falcon ffn_hidden_size; Falcon has one key/value head (multi_query) or one per
+    head; BLOOM's MLP is always 4 x hidden_size; GPT-2, GPT-NeoX and BLOOM have no grouped-query
+    attention."""
+    family, heads = model_args.model_type, model_args.num_attention_heads
+    kv_heads = model_args.num_key_value_heads or heads
+    sizes = {}
+    if family in ("gpt2", "gpt_neox", "bloom") and kv_heads != heads:
+        raise UserError(f"--model_type {family} has no grouped-query attention: leave --num_key_value_heads unset")
+    if family == "falcon":
+        if kv_heads not in (1, heads):
+            raise UserError("--model_type falcon takes --num_key_value_heads 1 (multi-query attention) or unset "
+                            "(one per head)")
+        sizes["multi_query"] = kv_heads == 1
+    width = model_args.intermediate_size
+    if width:
+        if family == "bloom" and width != 4 * model_args.hidden_size:
+            raise UserError(f"--model_type bloom's MLP is 4 x hidden_size ({4 * model_args.hidden_size}): "
+                            "leave --intermediate_size unset")
+        sizes[{"gpt2": "n_inner", "falcon": "ffn_hidden_size"}.get(family, "intermediate_size")] = width
+    return sizes
 
 
 def with_attention_fallback(make_model, attn_implementation: str):

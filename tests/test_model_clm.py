@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -245,21 +246,57 @@ def test_deepspeed_zero2_on_two_cpu_processes_matches_one_process(two_sources, t
     assert zero2["valid"]["a"]["after"]["loss"] == pytest.approx(one["valid"]["a"]["after"]["loss"], rel=1e-3)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gpt_neox", "bloom", "falcon", "gpt2", "glm"])
-def test_new_models_of_each_family_are_built_to_the_asked_sizes(model_type, tokenizer):
+# (family, key/value heads asked, MLP width asked, MLP width built): each family's config names
+# the sizes its own way (train.family_sizes); BLOOM's MLP is 4 x hidden_size, Falcon's heads 1 or all
+FAMILIES = [("llama", 2, 64, 64), ("qwen2", 2, 64, 64), ("mistral", 2, 64, 64), ("glm", 2, 64, 64),
+            ("gpt_neox", None, 64, 64), ("gpt2", None, 64, 64), ("falcon", 1, 64, 64), ("falcon", None, 64, 64),
+            ("bloom", None, None, 128)]
+
+
+def built_sizes(model) -> tuple[int, int]:
+    """(key/value heads, MLP width) read from layer 0's weights: the query/key/value projections'
+    outputs (separate or fused) are (heads + 2 x kv heads) x head size; the MLP's last product reads
+    the MLP width (GPT-2's Conv1D stores its weight transposed)."""
+    query_key_value, width = 0, None
+    for name, weight in model.named_parameters():
+        if ".0." not in name or weight.dim() != 2:
+            continue
+        outputs = weight.shape[1] if type(model).__name__.startswith("GPT2") else weight.shape[0]
+        if any(part in name for part in ("q_proj", "k_proj", "v_proj", "query_key_value", "c_attn")):
+            query_key_value += outputs
+        if any(part in name for part in ("down_proj", "dense_4h_to_h", "mlp.c_proj")):
+            width = weight.shape[0] if type(model).__name__.startswith("GPT2") else weight.shape[1]
+    return (query_key_value // 8 - 4) // 2, width
+
+
+@pytest.mark.parametrize(("model_type", "kv_heads", "asked_width", "width"), FAMILIES)
+def test_new_models_of_each_family_are_built_to_the_asked_sizes(model_type, kv_heads, asked_width, width, tokenizer):
     from conftest import load_recipe_module
 
     train = load_recipe_module("model_clm", "train")
     args = train.ModelArguments(model_type=model_type, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, intermediate_size=64)
+                                num_key_value_heads=kv_heads, intermediate_size=asked_width)
     model = train.build_model(args, tokenizer, block_size=16)  # BLOOM has no SDPA: falls back to eager
+    assert model.config.model_type == model_type
     assert (model.config.num_hidden_layers, model.config.hidden_size) == (2, 32)
-    if isinstance(getattr(model.config, "head_dim", None), int):  # GLM's config fixes 128 unless told
-        assert model.config.head_dim * 4 == 32
+    assert built_sizes(model) == (kv_heads or 4, width)  # head size 8: GLM's config fixes 128 unless told
     assert model.get_input_embeddings().num_embeddings >= len(tokenizer)
     ids = torch.randint(0, len(tokenizer), (2, 16))
     loss = model(input_ids=ids, labels=ids).loss
     assert torch.isfinite(loss) and abs(loss.item() - np.log(model.config.vocab_size)) < 1.0  # near uniform at init
+
+
+@pytest.mark.parametrize(("model_type", "kv_heads", "asked_width", "message"), [
+    ("gpt2", 2, None, "no grouped-query attention"), ("bloom", None, 64, "4 x hidden_size (128)"),
+    ("falcon", 2, None, "1 (multi-query attention) or unset")])
+def test_sizes_a_family_cannot_take_are_refused(model_type, kv_heads, asked_width, message, tokenizer):
+    from conftest import load_recipe_module
+
+    train = load_recipe_module("model_clm", "train")
+    args = train.ModelArguments(model_type=model_type, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=kv_heads, intermediate_size=asked_width)
+    with pytest.raises(UserError, match=re.escape(message)):
+        train.build_model(args, tokenizer, block_size=16)
 
 
 def test_continued_pretraining_from_a_local_checkpoint_with_gradient_checkpointing(two_sources, tmp_path):
