@@ -166,7 +166,7 @@ def test_prepare_train_resume_on_builtin_data(tmp_path):
     run_script("chinese_gpt2/prepare_data.py", "--output_dir", data, "--vocab_size", "2000")
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)
-    run_script("chinese_gpt2/train.py", config, "--data_dir", data, "--output_dir", out)
+    first = run_script("chinese_gpt2/train.py", config, "--data_dir", data, "--output_dir", out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert (out / "loss.png").stat().st_size > 10_000  # the loss curves beside metrics.json
     assert metrics["train"]["steps"] == 40
@@ -183,6 +183,8 @@ def test_prepare_train_resume_on_builtin_data(tmp_path):
     resumed = run_script("chinese_gpt2/train.py", config, "--data_dir", data, "--output_dir", out,
                          "--resume_from_checkpoint", "last", "--max_steps", "60")
     assert "resuming from " + str(out / "checkpoint-40") in resumed.stderr
+    # it trained steps 41-60 only: one loss logged every 5 steps (a fresh run would log 12)
+    assert (first.stdout.count("'loss'"), resumed.stdout.count("'loss'")) == (40 // 5, 20 // 5)
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 60
     state = json.loads((out / "checkpoint-60" / "trainer_state.json").read_text())
     assert state["global_step"] == 60

@@ -339,6 +339,8 @@ def test_single_bfloat16_file_and_dtype_option(convert, tmp_path):
     with pytest.raises(SystemExit):  # an existing model is not overwritten by accident
         convert.main(["--input", str(source), "--output", str(tmp_path / "fp32")])
     convert.main(["--input", str(source), "--output", str(tmp_path / "fp32"), "--overwrite", "--verify"])
+    with safe_open(str(tmp_path / "fp32" / "model.safetensors"), "pt") as f:  # the defaults' output replaced it
+        assert torch.equal(f.get_tensor("lm_head.weight"), expected)
 
 
 def test_one_big_file_is_split_by_max_shard_size(convert, tmp_path):

@@ -157,7 +157,9 @@ def test_official_template_masks_replies_and_end_markers_only(artefacts, qwen2):
             continue
         trained = tokenizer.decode([t for t in encoded.labels if t != IGNORE_INDEX])
         assert trained == "".join(m["content"] + "<|im_end|>\n" for m in messages if m["role"] == "assistant")
-        for start, at in zip(encoded.reply_starts, [i for i, m in enumerate(messages) if m["role"] == "assistant"]):
+        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        assert len(encoded.reply_starts) == len(replies)
+        for start, at in zip(encoded.reply_starts, replies):
             prompt = encode_chat(tokenizer, template, messages[:at], add_generation_prompt=True).input_ids
             assert encoded.input_ids[:start] == prompt  # serving prompts exactly what training saw
 
