@@ -208,12 +208,29 @@ def quick_cpu_sampling():
         torch.multinomial = original
 
 
+@contextmanager
+def plain_generation(model):
+    """Within the block, `model.generate` uses only the settings its call passes: transformers fills
+    every setting a call leaves unset from the model's generation_config.json, so a converted
+    Baichuan2-Chat (repetition_penalty 1.05, top_p 0.85) would be scored under its chat defaults,
+    not greedily, and differently from what the server says at temperature 0."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's HF model
+    saved, inner.generation_config = inner.generation_config, GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
 @torch.inference_mode()
 def generate_replies(model, tokenizer, template: ChatTemplate, conversations: list[list[dict]],
                      max_new_tokens: int = 64, batch_size: int = 32, desc: str = "generating",
                      temperature: float = 0.0) -> list[str]:
     """Replies to the last user turn of each conversation, prompted exactly as in training
-    (`encode_chat`), in left-padded batches: greedy, or sampled at `temperature` > 0."""
+    (`encode_chat`), in left-padded batches: greedy, or sampled at `temperature` > 0 (and nothing
+    else of the model's generation_config: `plain_generation`)."""
     stop_ids, stop_texts = stop_criteria(tokenizer, template)
     clean = display_cleaner(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
@@ -232,7 +249,7 @@ def generate_replies(model, tokenizer, template: ChatTemplate, conversations: li
             mask[row, longest - len(prompts[i]):] = 1
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
             {"do_sample": False}
-        with quick_cpu_sampling():
+        with quick_cpu_sampling(), plain_generation(model):
             out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **sampling,
                                  max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad)
         for row, i in enumerate(batch):

@@ -200,9 +200,16 @@ def test_dpo_end_to_end_raises_the_chosen_reward(tiny_chat_model, tmp_path):
     first, last = metrics["train"]["first_logged_loss"], metrics["train"]["last_logged_loss"]
     assert abs(first - 0.693) < 0.03 and last < first - 0.05
     valid = metrics["valid"]
-    assert {"rewards/accuracies", "rewards/margins"} <= valid["dpo"].keys()
     assert valid["start"]["n"] == valid["tuned"]["n"] > 0
-    assert metrics["test"]["start"] is not None and metrics["test"]["tuned"] is not None
+    # TRL's held-out reward margin (the reference: the adapter off, i.e. the start model) is beta times how far
+    # the chosen-minus-rejected log-probability gap moved, which preference_accuracy measured before and after
+    moved = valid["tuned"]["mean_logp_gap"] - valid["start"]["mean_logp_gap"]
+    assert valid["dpo"]["rewards/margins"] == pytest.approx(metrics["beta"] * moved, rel=1e-3)
+    assert 0 <= valid["dpo"]["rewards/accuracies"] <= 1
+    test = metrics["test"]
+    for task, change in test["change"].items():  # both models scored on the same items
+        assert test["start"][task]["n"] == test["tuned"][task]["n"] == change["n"] >= change["better"] + change["worse"]
+    assert sum(change["n"] for change in test["change"].values()) == 8  # --eval_samples
     assert (out / "adapter_config.json").is_file()  # a plain start: the adapter is the result
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_chat_model)
     assert "held-out pairs, chosen more likely" in result.stdout
@@ -469,4 +476,7 @@ def test_grpo_moves_the_policy_towards_the_reward(tiny_chat_model, tmp_path):
     after = float(first_token_probs(out, held_out, start)[0][target])
     assert after > before + 0.15, (before, after)
     assert (out / "rewards.png").stat().st_size > 10_000
-    assert metrics["test"]["change"] is not None  # held-out items scored before and after
+    test = metrics["test"]  # held-out items scored before and after, the same 8 items (--eval_samples)
+    assert sum(change["n"] for change in test["change"].values()) == 8
+    for task, change in test["change"].items():
+        assert test["start"][task]["n"] == test["tuned"][task]["n"] == change["n"] >= change["better"] + change["worse"]

@@ -453,7 +453,9 @@ def test_sft_on_the_converted_model_with_the_baichuan2_template(tuned, baichuan2
     assert metrics["template"] == "baichuan2" and metrics["finetuning_type"] == "lora"
     assert "added the template's markers" not in tuned["stdout"]  # the converted vocabulary has them
     assert metrics["valid"]["loss_after"] < metrics["valid"]["loss_before"] - 0.5
-    assert metrics["test"]["base"] is not None and metrics["test"]["tuned"] is not None
+    counts = {model: {task: scores["n"] for task, scores in metrics["test"][model].items()} for model in ("base", "tuned")}
+    assert counts["base"] == counts["tuned"] and sum(counts["tuned"].values()) == 8, counts  # --eval_samples
+    assert all(e["tuned"] for e in metrics["examples"]) and any(e["base"] != e["tuned"] for e in metrics["examples"])
     assert (tuned["adapter"] / "loss.png").stat().st_size > 10_000
     # the adapter carries the template as Jinja that renders the training ids, and its end tokens as eos
     tokenizer = AutoTokenizer.from_pretrained(tuned["adapter"])
@@ -472,6 +474,7 @@ def test_sft_on_the_converted_model_with_the_baichuan2_template(tuned, baichuan2
 
 
 def test_served_chat_equals_generate_on_the_merged_model(tuned):
+    from common.instructions import plain_generation
     from common.serving.engine import Engine
     from common.serving.sampling import SamplingParams
 
@@ -483,12 +486,19 @@ def test_served_chat_equals_generate_on_the_merged_model(tuned):
         assert prompt[0] == user and prompt[-1] == assistant and stop == ()  # the marker stops by id
         assert user in engine.stop_token_ids
         ids = torch.tensor([prompt])
-        expected = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                         eos_token_id=engine.stop_token_ids, pad_token_id=0)[0, len(prompt):].tolist()
+        with plain_generation(engine.model):  # greedy, not the converted model's repetition_penalty 1.05
+            expected = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                             do_sample=False, eos_token_id=engine.stop_token_ids,
+                                             pad_token_id=0)[0, len(prompt):].tolist()
         stream = engine.stream(prompt, SamplingParams(max_new_tokens=12, temperature=0))
         text = "".join(stream)
         assert stream.token_ids == expected and text == engine.clean(
             engine.tokenizer.decode(expected, skip_special_tokens=True))
+        # the replies train.py scored (its examples) are what the saved adapter says when served greedily
+        for example in tuned["metrics"]["examples"]:
+            ids, stop = engine.chat_ids([{"role": "user", "content": example["prompt"]}])
+            served = "".join(engine.stream(ids, SamplingParams(max_new_tokens=8, temperature=0, stop=stop)))
+            assert served.strip() == example["tuned"], example
     finally:
         engine.close()
 
