@@ -201,7 +201,7 @@ def main() -> None:
               f"{row['data_share']:>11.1%}{row['data_share_within_epoch']:>9.1%}{starts:>16}"
               f"{row['free_images_per_s']:>10.0f}{ratio:>12}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"environment": header, "config": str(GPU_CONFIG.relative_to(REPO)),
+    args.out.write_text(json.dumps({"environment": header, "config": str((TINY_CONFIG if args.tiny else GPU_CONFIG).relative_to(REPO)),
                                     "steps": {"warmup": args.warmup_steps, "synced": args.synced_steps,
                                               "free": args.free_steps}, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -189,9 +189,9 @@ def main() -> None:
             print(f"{row['variant']:<19} failed: {row['error']}")
             continue
         ratio = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
-        if one_gpu:  # tokens/s against the one-GPU recipe times the GPU count
+        if one_gpu and row["variant"] != "baseline":  # tokens/s against the one-GPU recipe times the GPU count
             row["scaling_efficiency"] = row["tokens_per_s"] / (row["gpus"] * one_gpu["tokens_per_s"])
-        scaling = f"{row['scaling_efficiency']:.1%}" if one_gpu else "-"
+        scaling = f"{row['scaling_efficiency']:.1%}" if "scaling_efficiency" in row else "-"
         memory = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "-"
         print(f"{row['variant']:<19}{row['gpus']:>5}{row['batch']:>6} x {row['accumulation']:<3}{row['tokens_per_s']:>11,}"
               f"{row['mfu']:>9.1%}{memory:>10}{ratio:>12}{scaling:>9}")
