@@ -166,6 +166,18 @@ def test_predict_cli_gives_labels_and_probabilities(trained):
     assert (predictions["p_negative"] + predictions["p_positive"]).round(5).eq(1).all()
     assert (predictions["probability"] >= 0.5).all()
 
+    # on the test split predict.py is the model train.py evaluated: its accuracy is metrics.json's (a
+    # label lost, swapped or a head left untrained would not be), its label the likelier class
+    names = json.loads((trained["data"] / "labels.json").read_text())["names"]
+    test = pd.read_csv(trained["data"] / "test.csv")
+    run_script("chinese_classifier/predict.py", "--model", trained["model"], "--file", trained["data"] / "test.csv",
+               "--output", out)
+    predictions = pd.read_csv(out)
+    assert (predictions["label"] == [names[p] for p in predictions[["p_negative", "p_positive"]].to_numpy().argmax(1)]).all()
+    accuracy = (predictions["label"] == test["label"].map(names.__getitem__)).mean()
+    metrics = json.loads((trained["model"] / "metrics.json").read_text())
+    assert accuracy == pytest.approx(metrics["model"]["test_accuracy"], abs=1.5 / len(test))  # (one near-tie may flip)
+
     printed = run_script("chinese_classifier/predict.py", "--model", trained["model"], "很好")
     line = json.loads(printed.stdout.strip().splitlines()[-1])
     assert line["text"] == "很好" and line["label"] in {"negative", "positive"}
@@ -198,6 +210,12 @@ def test_server_answers_good_requests(server, trained):
     # Same text, same answer, alone or padded in a batch (up to float rounding).
     assert len(batch) == 2 and batch[0]["label"] == prediction["label"]
     assert batch[0]["probability"] == pytest.approx(prediction["probability"], abs=1e-5)
+    # the server answers what predict.py says for the same texts
+    printed = run_script("chinese_classifier/predict.py", "--model", trained["model"], "非常好用，推荐", "很差")
+    for line, served in zip(printed.stdout.strip().splitlines()[-2:], batch, strict=True):
+        offline = json.loads(line)
+        assert served["label"] == offline["label"]
+        assert served["probability"] == pytest.approx(offline["probability"], abs=1e-5)
 
 
 @pytest.mark.parametrize("body,status", [
