@@ -398,7 +398,7 @@ def health(url: str) -> dict:
     return httpx.get(f"{url}/health", timeout=5).json()
 
 
-def test_openai_client_completions_and_chat(client, server):
+def test_openai_client_completions_and_chat(client, server, engine):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     done = client.completions.create(model="tiny", prompt="新华社北京电", max_tokens=12, temperature=0)
     assert done.object == "text_completion" and done.choices[0].finish_reason in ("length", "stop")
@@ -408,12 +408,15 @@ def test_openai_client_completions_and_chat(client, server):
     streamed = client.completions.create(model="tiny", prompt="新华社北京电", max_tokens=12, temperature=0, stream=True)
     chunks = list(streamed)
     assert "".join(c.choices[0].text for c in chunks) == text  # the stream spells the same greedy text
+    assert text == engine.complete("新华社北京电", SamplingParams(max_new_tokens=12, temperature=0))  # the engine's
     assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
 
     messages = [{"role": "user", "content": "你好"}]
     chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
     assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
     reply = chat.choices[0].message.content
+    ids, stop = engine.chat_ids(messages)  # the server prompts as the engine's template does
+    assert reply and reply == "".join(engine.stream(ids, SamplingParams(max_new_tokens=10, temperature=0, stop=stop)))
     stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
