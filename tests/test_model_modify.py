@@ -197,3 +197,11 @@ def test_expansion_of_a_fast_tokenizer_adds_tokens(bpe_model, tmp_path):
     assert new_tok.tokenize(word) == [word] and len(old_tok.tokenize(word)) > 1
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.get_input_embeddings().num_embeddings == report["vocabulary"]["after"] == len(new_tok)
+    # the old vocabulary's rows are untouched (same logits on old tokens); a new token starts at its spelling's mean
+    assert report["unchanged"]["compared"] > 0 and report["unchanged"]["max_logit_diff_old_vocabulary"] < 1e-5
+    original, before = AutoModelForCausalLM.from_pretrained(bpe_model), report["vocabulary"]["before"]
+    old_rows = original.get_input_embeddings().weight
+    torch.testing.assert_close(model.get_input_embeddings().weight[:before], old_rows)
+    spelling = old_tok(word, add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(model.get_input_embeddings().weight[new_tok.convert_tokens_to_ids(word)],
+                               old_rows[spelling].mean(0))
