@@ -257,4 +257,6 @@ def test_generate_cli_refuses_bad_input(tiny_lm, tmp_path):
     result = run_script("chinese_gpt2/generate.py", "--model", tiny_lm, check=False)
     assert result.returncode == 2 and "no prompt" in result.stderr
     ok = run_script("chinese_gpt2/generate.py", "新华社", "--model", tiny_lm, "--max_new_tokens", "4")
-    assert ok.stdout.strip().splitlines()[-1].startswith("新华社")
+    model, tokenizer = load_causal_lm(tiny_lm, device="cpu")  # the command line's default: greedy
+    expected = generate_module.generate(model, tokenizer, ["新华社"], generate_module.generation_settings("greedy", 4))
+    assert ok.stdout.strip().splitlines()[-1] == expected[0] != "新华社"
