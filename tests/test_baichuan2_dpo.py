@@ -319,6 +319,11 @@ def test_full_dpo_from_an_sft_adapter_trains_every_weight(tiny_chat_model, tmp_p
     tuned = AutoModelForCausalLM.from_pretrained(out).state_dict()  # a plain model, the adapter merged in
     moved = [k for k in start if not torch.equal(start[k], tuned[k])]
     assert "model.embed_tokens.weight" in moved and any("mlp" in k for k in moved)
+    # it started from the SFT model (base + adapter), not from the base: a weight the adapter changed is
+    # much nearer its SFT value than its base value after three small steps
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_model).state_dict()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert (tuned[name] - start[name]).norm() < (tuned[name] - base[name]).norm() / 4
 
 
 def test_paired_change_counts_items_and_gives_the_exact_sign_test():
