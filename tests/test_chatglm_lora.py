@@ -129,7 +129,20 @@ def test_merge_is_verified_and_serves_like_the_adapter(workdir, tuned):
     assert report["adapter_effect_max_abs_logit_change"] > 0.1  # the adapter matters, so parity means something
     assert "verified" in result.stdout
     assert not (workdir / "merged" / "adapter_config.json").exists()
-    AutoModelForCausalLM.from_pretrained(workdir / "merged")  # a plain checkpoint
+    merged = AutoModelForCausalLM.from_pretrained(workdir / "merged")  # a plain checkpoint
+    # ... with the logits of the adapter over its base as PEFT itself loads it (not through our loader)
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(workdir / "base")
+    lora_tokenizer = AutoTokenizer.from_pretrained(workdir / "lora")
+    base.resize_token_embeddings(len(lora_tokenizer))
+    ids = torch.tensor([encode_chat(lora_tokenizer, get_template("glm4"), [{"role": "user", "content": QUESTION}],
+                                    add_generation_prompt=True).input_ids])
+    with torch.no_grad():
+        plain = base.eval()(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, workdir / "lora").eval()(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-4, rtol=0)
+    assert (adapted - plain).abs().max() > 0.1  # the adapter matters, so the equality means something
     # the merged model carries glm4 (whose role markers training added) as Jinja: any stack's ids are training's
     tokenizer = AutoTokenizer.from_pretrained(workdir / "merged")
     conversation = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": QUESTION},
