@@ -5,6 +5,7 @@ import itertools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,6 +169,12 @@ def test_predict_ranks_texts_and_searches_a_folder_with_a_reused_index(trained, 
     # the cached embedding of an image equals a fresh one
     fresh = searcher.embed_images(searcher.load(paths[0])[None])[0]
     assert torch.allclose(embeddings[0], fresh, atol=1e-5)
+    # the search's answer is the three images whose fresh embeddings are closest to the text's
+    fresh = searcher.embed_images(np.stack([searcher.load(folder / f"{i}.jpg") for i in range(5)]))
+    scores = (fresh @ searcher.embed_texts(["左上角有一个红色的圆形"])[0]).tolist()
+    best = sorted(range(5), key=lambda i: -scores[i])[:3]
+    assert [p.name for p, _ in first] == [f"{i}.jpg" for i in best]
+    assert [s for _, s in first] == pytest.approx([scores[i] for i in best], abs=1e-5)
     result = run_script("chinese_clip/predict.py", "--model", trained / "model", check=False)
     assert result.returncode == 2 and "either --image" in result.stderr
 
@@ -191,7 +198,11 @@ def test_app_answers_over_http(trained):
         assert set(confidences) == {"左下角有一个紫色的菱形", "图中有两个蓝色的正方形"}
         assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-3)
         gallery = client.predict("左上角有一个红色的圆形", 4, api_name="/search")
-        assert len(gallery) == 4
+        predict = load_recipe_module("chinese_clip", "predict")
+        expected = predict.CLIPSearcher(trained / "model", device="cpu").search(
+            "左上角有一个红色的圆形", trained / "data/source/images/test", top_k=4, index_path=trained / "index.npz")
+        assert [item["caption"] for item in gallery] == [f"{score:.3f}" for _, score in expected]
+        assert [Path(item["image"]).name for item in gallery] == [path.name for path, _ in expected]
     finally:
         process.terminate()
         process.wait(timeout=20)
