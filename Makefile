@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed
 # Real tokenizers and official chat templates for the tests: the pinned llama-cpp-python sdist (sha256
 # checked), downloaded once into .cache/ (ignored), only its vocabularies and templates extracted.
 REAL_ARTEFACTS := .cache/real_artefacts/validation.json
+LLAMA_CPP := $(VENV)/.llama_cpp
 
 .PHONY: setup real-artefacts gpu-wheels browser demo demo-classifier demo-clm demo-sft demo-baichuan demo-dpo demo-grpo demo-pipeline demo-modify test check-results check-results-all lint clean
 
@@ -135,10 +136,18 @@ browser:
 	export DEBIAN_FRONTEND=noninteractive; \
 	$$SUDO apt-get install -y -q $(CHROMIUM_PKGS) || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $(CHROMIUM_PKGS); }
 
-real-artefacts: $(REAL_ARTEFACTS)
+real-artefacts: $(REAL_ARTEFACTS) $(LLAMA_CPP)
 
 $(REAL_ARTEFACTS): tests/real_artefacts.py | $(STAMP)
 	$(PY) tests/real_artefacts.py
+
+# llama.cpp itself, for the test that runs the exported GGUF files: llama-cpp-python built from the same
+# pinned sdist, CPU only, portable (not tuned to this CPU), once per venv
+$(LLAMA_CPP): | $(REAL_ARTEFACTS)
+	@echo "building llama-cpp-python from .cache/real_artefacts (once: about 5 minutes on 2 cores)"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF" \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q .cache/real_artefacts/llama_cpp_python-*.tar.gz
+	touch $@
 
 # two worker processes, each taking whole test files (module fixtures are built once): 849 s instead of
 # 1,341 s one at a time on 2 cores (2026-12-04)

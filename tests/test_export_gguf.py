@@ -11,7 +11,7 @@ Weights are float16 values stored as float32, so an f16 GGUF is lossless and mus
 Qwen2 and Llama are loaded back with transformers (`from_pretrained(dir, gguf_file=...)`, model and
 tokenizer). Transformers has no loader for llama.cpp's `chatglm` architecture, so the GLM files are
 read with gguf's reader: every tensor against the original, every setting against config.json.
-With llama-cpp-python importable, llama.cpp itself runs all three (skipped otherwise; README: how).
+llama.cpp itself (llama-cpp-python, which `make real-artefacts` builds from the same sdist) runs all three.
 Reading a GGUF with a 150k-token vocabulary takes gguf's reader about 10 s (transformers reads a file
 twice to load a model): most of this file's time, spread over both cores by running the three exports,
 then the two read-backs, side by side.
@@ -214,9 +214,11 @@ def test_transformers_reads_back_the_same_model_tokenizer_and_template(exported,
 
 
 def test_llama_cpp_runs_the_exported_files(exported, tmp_path):
-    """llama.cpp itself: the GGUF's tokenizer gives our ids, its logits are the model's. Needs the
-    llama_cpp package (`pip install llama-cpp-python==0.3.36`, built from the same sdist)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    """llama.cpp itself: the GGUF's tokenizer gives our ids, its logits are the model's."""
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.fail("llama.cpp's Python package is missing: run `make real-artefacts`")
     from gguf import GGUFReader
 
     def run(path, ids):
