@@ -90,10 +90,13 @@ def test_lora_sft_learns_and_reports(workdir, tuned):
     assert len(examples) == 6 and any(e["base"] != e["tuned"] for e in examples) and all(e["tuned"] for e in examples)
     # the scored replies are what the saved adapter says when served greedily (same prompt, template, stops)
     engine = Engine.from_pretrained(out, device="cpu")
-    for example in examples:
-        ids, stop = engine.chat_ids([{"role": "user", "content": example["prompt"]}])
-        served = "".join(engine.stream(ids, SamplingParams(max_new_tokens=12, temperature=0, stop=stop)))
-        assert served.strip() == example["tuned"], example
+    try:
+        for example in examples:
+            ids, stop = engine.chat_ids([{"role": "user", "content": example["prompt"]}])
+            served = "".join(engine.stream(ids, SamplingParams(max_new_tokens=12, temperature=0, stop=stop)))
+            assert served.strip() == example["tuned"], example
+    finally:
+        engine.close()
     assert tuned["data"]["train"]["kept_whole"] > 0 and tuned["data"]["packing"] is True
     assert tuned["data"]["train_rows"] < tuned["data"]["train"]["kept_whole"]  # several conversations per row
     assert (out / "adapter_model.safetensors").is_file() and not (out / "sft_template.json").exists()
