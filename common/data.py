@@ -83,6 +83,14 @@ def read_lines(path: str | Path) -> list[str]:
 
 def read_columns(path: Path) -> list[str]:
     """The column names of a CSV header or of the first JSON(L) record."""
+    try:
+        return _read_columns(path)
+    except UnicodeDecodeError:  # (text is decoded in blocks: the bad line may come after the header)
+        check_utf8(path)  # names the line
+        raise
+
+
+def _read_columns(path: Path) -> list[str]:
     if path.suffix.lower() == ".csv":
         with path.open(encoding="utf-8-sig", newline="") as f:
             header = next(csv.reader(f), None)
@@ -196,6 +204,9 @@ def unit_texts(unit: dict, column: str | None) -> Iterator[str]:
             for chunk in pd.read_csv(path, usecols=[column], dtype=str, keep_default_na=False,
                                      chunksize=10_000, encoding="utf-8-sig"):
                 yield from chunk[column]
+        except UnicodeDecodeError:
+            check_utf8(path)  # names the line
+            raise
         except (pd.errors.ParserError, ValueError) as err:
             raise UserError(f"{path}: not a well-formed CSV with a '{column}' column: {err}") from None
         return

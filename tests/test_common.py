@@ -148,6 +148,20 @@ def test_bad_files_give_messages_naming_file_and_line(tmp_path):
         load_files(str(write(tmp_path / "bad.jsonl", "{oops\n")), ["text"])
 
 
+def test_raw_texts_of_a_csv_that_is_not_utf8_name_the_line(tmp_path):
+    """The language-model corpora reader (model_clm, chinese_gpt2): a bad byte in the block read with the
+    header, or far past it (pandas' chunks), is named by line, not a UnicodeDecodeError traceback."""
+    from common.data import make_units, unit_texts
+
+    for name, body, line in (("near.csv", b"content\n" + "很好".encode("gbk") + b"\n", 2),
+                             ("far.csv", b"content\n" + ("好" * 30_000).encode() + b"\n\xff\n", 3)):
+        path = tmp_path / name
+        path.write_bytes(body)
+        [unit] = make_units([path], 1 << 20)
+        with pytest.raises(UserError, match=f"{name}: line {line} is not valid UTF-8"):
+            list(unit_texts(unit, None))
+
+
 def test_read_lines_skips_blank_lines_and_names_bad_files(tmp_path):
     from common.data import read_lines
 
