@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     # both models prompted as the tuned one was trained
-    template = resolve_template(args.template, load_tokenizer(args.model), args.model) or get_template("baichuan2")
+    template = resolve_template(args.template, load_tokenizer(args.model, made_by="baichuan2_dpo/train.py"),
+                                args.model) or get_template("baichuan2")
     data_dir = Path(args.data_dir)
     scoring = ScoredDataArguments(data_dir=str(data_dir), eval_samples=args.eval_samples)
     items = scored_test_items(scoring, PREPARE)

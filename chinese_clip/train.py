@@ -239,7 +239,7 @@ def zero_shot_metrics(model, tokenizer, text_features: torch.Tensor, image_featu
 def build_trainer(data_args: DataArguments, model_args: ModelArguments, training_args: CLIPTrainingArguments,
                   trainer_class: type[CLIPTrainer] = CLIPTrainer) -> CLIPTrainer:
     """Tokenizer, train split, model (towers frozen as asked) and the Trainer over them."""
-    tokenizer = load_tokenizer(Path(data_args.data_dir) / "tokenizer")
+    tokenizer = load_tokenizer(Path(data_args.data_dir) / "tokenizer", made_by="chinese_clip/prepare_data.py")
     train = ImageTextSplit(Path(data_args.data_dir), "train", tokenizer, data_args.max_text_length)
     model = build_model(model_args, len(tokenizer), train.images.size, tokenizer.pad_token_id)
     if model_args.freeze_text and model_args.freeze_vision:

@@ -63,14 +63,16 @@ def build_chinese_tokenizer(
     return tokenizer
 
 
-def load_tokenizer(path: str | Path, add_special_tokens: bool = True) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | Path, add_special_tokens: bool = True, made_by: str | None = None) -> PreTrainedTokenizerBase:
     """Load a local tokenizer directory; optionally add missing pad / bos / eos tokens.
+    `made_by`: the command that writes the directory, named when it is missing.
 
     After adding tokens, resize the model's embeddings to `len(tokenizer)`.
     """
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"tokenizer directory not found: {path} (recipes never download)")
+        raise UserError(f"tokenizer directory not found: {path} " + (f"(run {made_by} first)" if made_by else
+                                                                      "(recipes never download)"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as err:

@@ -234,3 +234,12 @@ def test_a_script_run_leaves_at_once_after_ending_its_group_a_library_call_keeps
     result = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == expected
+
+
+def test_a_missing_tokenizer_names_what_writes_it(tmp_path):
+    from common.tokenizer import load_tokenizer
+
+    with pytest.raises(UserError, match=r"none \(run chinese_clip/prepare_data.py first\)"):
+        load_tokenizer(tmp_path / "none", made_by="chinese_clip/prepare_data.py")
+    with pytest.raises(UserError, match=r"none \(recipes never download\)"):
+        load_tokenizer(tmp_path / "none")

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
     start = time.time()
     data_dir = Path(data_args.data_dir)
-    tokenizer = load_tokenizer(data_dir / "tokenizer")
+    tokenizer = load_tokenizer(data_dir / "tokenizer", made_by="vit_gpt2_captioning/prepare_data.py")
     train = CaptionSplit(data_dir, "train", tokenizer, data_args.max_caption_tokens)
     held_out = CaptionSplit(data_dir, data_args.eval_split, tokenizer, data_args.max_caption_tokens)
     model = build_model(model_args, tokenizer, train.images.size)
