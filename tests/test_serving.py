@@ -560,9 +560,24 @@ def test_64_streaming_clients_a_quarter_leaving_all_others_complete(model_dir, t
 
 @pytest.mark.parametrize("flag", ["--model", "--model_name_or_path"])  # the second as train.py names it
 def test_serve_cli_refuses_a_missing_model(tmp_path, flag):
-    result = subprocess.run([sys.executable, str(REPO / "chinese_gpt2/serve.py"), flag, str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(REPO / "chinese_gpt2/serve.py"), flag, str(tmp_path),
+                             "--port", str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and f"no model in {tmp_path}" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["serve.py", "chatbot.py"])
+def test_a_taken_port_is_refused_before_the_model_loads(tmp_path, script):
+    """(not after minutes of loading and compiling: the missing model would be named first otherwise)"""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        result = subprocess.run([sys.executable, str(REPO / "chinese_gpt2" / script), "--model", str(tmp_path),
+                                 "--port", str(port)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use (another program listens there" in result.stderr
 
 
 # ------------------------------------------------------------ chatbot in a browser

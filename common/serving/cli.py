@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 
 from common.errors import UserError
 from common.serving.api import ServerSettings, create_app
@@ -62,6 +64,23 @@ def _engine_options(args: argparse.Namespace, max_batch: int) -> dict:
             "compile": None if args.compile == "auto" else args.compile == "true", "decoder": args.decoder}
 
 
+def _check_address_free(host: str, port: int) -> None:
+    """Fail now when another program listens on host:port, not after loading the model and
+    compiling its decode step (minutes on a GPU). As the servers bind (SO_REUSEADDR), a port
+    that a stopped server left in TIME_WAIT counts as free."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as err:
+        raise UserError(f"--host {host}: {err.strerror}") from None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            taken = " (another program listens there: pick another --port)" if err.errno == errno.EADDRINUSE else ""
+            raise UserError(f"cannot listen on {host}:{port}: {err.strerror}{taken}") from None
+
+
 def _warm_up(engine: Engine, compile_cache: str | None) -> None:
     """Compiled decoding: every shape compiled before the port opens (health checks wait for it)."""
     if engine.compile:
@@ -113,6 +132,7 @@ def run_server(argv: list[str] | None, default_model: str, description: str,
     args = parser.parse_args(argv)
     if args.max_concurrent < 1 or args.max_waiting < 0 or args.queue_timeout <= 0:
         raise UserError("need --max_concurrent >= 1, --max_waiting >= 0 and --queue_timeout > 0")
+    _check_address_free(args.host, args.port)
     engine = Engine.from_pretrained(args.model, args.served_model_name, args.template, args.device, args.dtype,
                                     args.base_model, args.quantize, args.fuse_projections,
                                     **_engine_options(args, args.max_concurrent))
@@ -133,6 +153,7 @@ def run_chatbot(argv: list[str] | None, default_model: str, description: str, ti
     parser.add_argument("--max_concurrent", type=int, default=4, help="Chats answered at once (decoded together).")
     _sampling_arguments(parser, defaults or SamplingParams(), "initial generation settings (the UI's sliders change them)")
     args = parser.parse_args(argv)
+    _check_address_free(args.host, args.port)
     defaults = _sampling_defaults(args)
     engine = Engine.from_pretrained(args.model, None, args.template, args.device, args.dtype, args.base_model,
                                     args.quantize, args.fuse_projections, **_engine_options(args, args.max_concurrent))
