@@ -13,7 +13,6 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -391,6 +390,8 @@ def server(model_dir, tmp_path_factory):
 
 @pytest.fixture
 def client(server):
+    import openai  # (here, not at the top: the GPU image lacks it, and the GPU tests need none)
+
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
@@ -460,6 +461,8 @@ def test_bad_requests_get_4xx(server, body, status, message):
 
 
 def test_openai_client_sees_bad_requests_as_errors(client):
+    import openai
+
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[{"role": "assistant", "content": "hi"}])
     with pytest.raises(openai.NotFoundError):
