@@ -897,35 +897,49 @@ def test_int4_groups_round_each_group_of_a_row_to_16_levels_between_its_extremes
 
 
 # bytes each kind saves per weight of a bf16 linear layer at least, and the logits' relative error at most
+# (the names as the benchmarks give them: loading.weights_variant)
 GPU_KINDS = {"fp8_rowwise": (0.9, 0.1), "int8_gemlite": (0.9, 0.1), "fp8_gemlite": (0.9, 0.1),
-             "int4_gemlite": (1.3, 0.3), "bf16_gemlite": (0.0, 0.01)}
+             "int4_gemlite": (1.3, 0.3), "bf16_gemlite": (0.0, 0.01), "none+triton": (0.0, 0.01),
+             "none+fused+triton": (0.0, 0.01), "fp8_rowwise+fused+triton": (0.9, 0.1), "int8_rowwise+triton": (0.9, 0.1)}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", list(GPU_KINDS))
 def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engine, kind):
-    """--quantize fp8_rowwise / int8_gemlite / fp8_gemlite / int4_gemlite / bf16_gemlite on a GPU:
-    every linear layer is replaced, the weights take the bytes their format says (about half of
-    bf16's for 8 bits, under a third for 4; bf16_gemlite's are bf16's), the logits stay close to
-    bf16's, and the engine's compiled decode step, with one request and with three together
-    (fp8_rowwise's FP8 tensor-core form for many rows), follows the model's own greedy path (each
-    streamed token the argmax of one plain forward over prompt + stream, up to near-ties)."""
+    """--quantize fp8_rowwise / int8_gemlite / fp8_gemlite / int4_gemlite / bf16_gemlite on a GPU,
+    and --matvec triton (with --fuse_projections for some): every linear layer is replaced, the
+    weights take the bytes their format says (about half of bf16's for 8 bits, under a third for
+    4; bf16's for bf16_gemlite and bf16 through the Triton kernel), the logits stay close to bf16's,
+    and the engine's compiled decode step, with one request and with three together (fp8_rowwise's
+    FP8 tensor-core form for many rows), follows the model's own greedy path (each streamed token
+    the argmax of one plain forward over prompt + stream, up to near-ties)."""
     saved_per_weight, error = GPU_KINDS[kind]
     if "gemlite" in kind:
         pytest.importorskip("gemlite")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from common.serving.loading import quantize_weights, weight_bytes
+    from common.serving.loading import (
+        MatvecLinear,
+        RowScaledLinear,
+        prepare_weights,
+        weight_bytes,
+        weights_variant,
+    )
 
     torch.manual_seed(3)
     plain = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(engine.tokenizer), hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0))
     plain = plain.to("cuda", torch.bfloat16).eval()
-    quantised = quantize_weights(copy.deepcopy(plain), kind)
+    quantize, fused, matvec = weights_variant(kind)
+    quantised = prepare_weights(copy.deepcopy(plain), quantize, fused, matvec)
     assert not any(type(m) is torch.nn.Linear for m in quantised.modules())
-    if kind == "fp8_rowwise":
-        assert quantised.model.layers[0].mlp.up_proj.fp8_products
+    if quantize == "fp8_rowwise":
+        assert quantised.model.layers[0].mlp.down_proj.fp8_products
+    if matvec == "triton":  # every product of one row goes through the kernel
+        assert all(isinstance(m, MatvecLinear) or getattr(m, "triton_matvec", False)
+                   for m in quantised.modules() if isinstance(m, (MatvecLinear, RowScaledLinear)))
+        assert sum(isinstance(m, (MatvecLinear, RowScaledLinear)) for m in quantised.modules()) == (4 if fused else 7) * 2 + 1
     linear = sum(m.weight.numel() for m in plain.modules() if type(m) is torch.nn.Linear)
     saved = weight_bytes(plain) - weight_bytes(quantised)
     assert saved >= saved_per_weight * linear if saved_per_weight else abs(saved) <= 0.01 * linear
@@ -933,8 +947,11 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
     ids = torch.tensor([prompts[0]], device="cuda")
     with torch.no_grad():
         exact, approx = plain(ids).logits.float(), quantised(ids).logits.float()
+        if matvec == "triton":  # one row: the kernel's products (a prompt's many rows are cuBLAS's)
+            exact_one, approx_one = plain(ids[:, :1]).logits.float(), quantised(ids[:, :1]).logits.float()
+            assert (approx_one - exact_one).norm() / exact_one.norm() < error
     assert (approx - exact).norm() / exact.norm() < error
-    served = Engine(quantised, engine.tokenizer, kind, max_batch=4, compile=True)
+    served = Engine(quantised, engine.tokenizer, kind, max_batch=4, max_cache_len=256, compile=True)  # 2 graphs
     greedy = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
     try:
         served.warm_up()
@@ -949,6 +966,33 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
             logits = quantised(torch.tensor([prompt + tokens[:-1]], device="cuda")).logits[0, len(prompt) - 1:].float()
         gaps = logits.max(dim=-1).values - logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
         assert len(tokens) == 16 and gaps.max().item() < 0.25
+
+
+@pytest.mark.gpu
+def test_triton_matvec_multiplies_one_row_as_float64_does():
+    """matvec.py's kernel on shapes its blocks do not divide (rows not a multiple of 4 or 8,
+    columns not of the loop's step), with and without a scale per row and a bias, 16- and 8-bit
+    weights; the same inside torch.compile (a CUDA-graphed step's form)."""
+    import common.serving.matvec  # noqa: F401  (registers the operator)
+
+    torch.manual_seed(0)
+    matvec = torch.ops.serving.matvec
+    for n, k in ((4096, 4096), (1030, 1000), (6, 4100), (37, 64)):
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+        for dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.int8):
+            weight = torch.randn(n, k, device="cuda") * 2
+            weight = weight.round().clamp(-127, 127).to(dtype) if dtype == torch.int8 else weight.to(dtype)
+            scale = None if dtype == torch.bfloat16 else torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
+            bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+            for b in (None, bias):
+                expected = x.double().view(-1) @ weight.double().T
+                expected = (expected if scale is None else expected * scale.double()) + (0 if b is None else b.double())
+                compiled = torch.compile(lambda *args: matvec(*args), fullgraph=True, dynamic=False)
+                for fn in (matvec, compiled):
+                    out = fn(x, weight, scale, b)
+                    assert out.shape == (1, 1, n) and out.dtype == torch.bfloat16
+                    # the float32 sums rounded once to bf16 (8 bits of mantissa)
+                    assert ((out.double().view(-1) - expected).abs() <= expected.abs() / 128 + 1e-2).all(), (n, k, dtype)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int8_rowwise"])
@@ -1077,3 +1121,21 @@ def test_a_compile_cache_file_spares_another_machine_the_compiling(model_dir, tm
     assert first["misses"] >= 1 and first["hits"] == 0
     assert second["hits"] == first["misses"] and second["misses"] == 0
     assert second["tokens"] == first["tokens"] and len(first["tokens"]) == 8
+
+
+def test_matvec_choice_is_checked_and_auto_keeps_the_cpu_on_inductor(llama_engine):
+    """--matvec: auto leaves a CPU model's linear layers as they are (the Triton kernel is CUDA's);
+    triton on the CPU, or over torchao's weights, is refused with the reason; the benchmarks'
+    names map to prepare_weights' arguments."""
+    from common.serving.loading import prepare_weights, weights_variant
+
+    model = prepare_weights(copy.deepcopy(llama_engine.model), "none", False, "auto")
+    assert sum(type(m) is torch.nn.Linear for m in model.modules()) == 7 * 2 + 1
+    with pytest.raises(UserError, match="--matvec triton: it needs a CUDA GPU"):
+        prepare_weights(copy.deepcopy(llama_engine.model), "int8_rowwise", False, "triton")
+    with pytest.raises(UserError, match="unknown matvec"):
+        prepare_weights(copy.deepcopy(llama_engine.model), "none", False, "cublas")
+    assert weights_variant("fp8_rowwise+fused+triton") == ("fp8_rowwise", True, "triton")
+    assert weights_variant("none") == ("none", False, "inductor")
+    with pytest.raises(UserError, match="unknown weights"):
+        weights_variant("none+cublas")

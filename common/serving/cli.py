@@ -9,7 +9,7 @@ import socket
 from common.errors import UserError
 from common.serving.api import ServerSettings, create_app
 from common.serving.engine import DEFAULT_CACHE_LEN, Engine
-from common.serving.loading import QUANTIZATIONS
+from common.serving.loading import MATVEC, QUANTIZATIONS
 from common.serving.sampling import SamplingParams
 from common.serving.ui import build_chat_ui
 
@@ -54,6 +54,13 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
                              "larger matrix products per token; before --quantize. Logits equal up to rounding. "
                              "H200, 7B shape, bf16: one client 1.25x (218 vs 175 tokens/s), 64 clients 8,465 "
                              "tokens/s (benchmarks/RESULTS.md, 2026-12-05).")
+    parser.add_argument("--matvec", default="auto", choices=MATVEC,
+                        help="What multiplies one row of activations by each weight (the decode step of one client, "
+                             "which reads every weight once): triton (a Triton kernel, common/serving/matvec.py; "
+                             "CUDA, bf16 / fp16 weights or --quantize int8_rowwise / fp8_rowwise), inductor "
+                             "(torch.compile's generated reductions), auto (triton where it can). H200, 7B shape, "
+                             "merged products, one client: bf16 1.07x inductor's (237.2 vs 221.0 tokens/s), "
+                             "fp8_rowwise 331.5 tokens/s (benchmarks/RESULTS.md, 2026-12-05).")
     parser.add_argument("--decoder", default="auto", choices=["auto", "batch", "sequential"],
                         help="auto: requests decoded together (continuous batching) where the model allows it, else "
                              "one at a time (BLOOM's ALiBi); sequential: always one at a time (a model whose own "
@@ -135,7 +142,7 @@ def run_server(argv: list[str] | None, default_model: str, description: str,
         raise UserError("need --max_concurrent >= 1, --max_waiting >= 0 and --queue_timeout > 0")
     _check_address_free(args.host, args.port)
     engine = Engine.from_pretrained(args.model, args.served_model_name, args.template, args.device, args.dtype,
-                                    args.base_model, args.quantize, args.fuse_projections,
+                                    args.base_model, args.quantize, args.fuse_projections, args.matvec,
                                     **_engine_options(args, args.max_concurrent))
     settings = ServerSettings(args.max_concurrent, args.max_waiting, args.queue_timeout, args.max_request_bytes,
                               args.default_max_tokens, args.cors, _sampling_defaults(args))
@@ -157,7 +164,8 @@ def run_chatbot(argv: list[str] | None, default_model: str, description: str, ti
     _check_address_free(args.host, args.port)
     defaults = _sampling_defaults(args)
     engine = Engine.from_pretrained(args.model, None, args.template, args.device, args.dtype, args.base_model,
-                                    args.quantize, args.fuse_projections, **_engine_options(args, args.max_concurrent))
+                                    args.quantize, args.fuse_projections, args.matvec,
+                                    **_engine_options(args, args.max_concurrent))
     _warm_up(engine, args.compile_cache)
     url = f"http://{args.host}:{args.port}"
     # the docstring's first paragraph names the default address: the page shows the real one

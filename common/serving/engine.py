@@ -144,14 +144,16 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, name: str | None = None, template: str | None = None,
                         device: str | None = None, dtype: str = "auto", base_model: str | None = None,
-                        quantize: str = "none", fuse_projections: bool = False, **engine_options) -> Engine:
+                        quantize: str = "none", fuse_projections: bool = False, matvec: str = "auto",
+                        **engine_options) -> Engine:
         """`template` default: the one the model was tuned with (its chat template, or an older
         output's sft_template.json), if any. `fuse_projections`: q/k/v and gate/up merged into one
         product each after loading (an adapter merged first; see fusing.py). `quantize`: the
-        weights quantised after that (see loading.quantize_weights).
+        weights quantised after that (see loading.quantize_weights). `matvec`: what multiplies one
+        row of activations by a weight (loading.prepare_weights).
         `engine_options`: max_batch, max_cache_len, compile, decoder (see __init__)."""
         model, tokenizer = load_causal_lm(model_dir, device, dtype, base_model)
-        prepare_weights(model, quantize, fuse_projections)
+        prepare_weights(model, quantize, fuse_projections, matvec)
         return cls(model, tokenizer, name or Path(model_dir).resolve().name, template or saved_template_name(model_dir),
                    **engine_options)
 

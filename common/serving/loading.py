@@ -131,8 +131,11 @@ class RowScaledLinear(torch.nn.Module):
         self.bias = linear.bias
         # decided on the device it is built on (the engine quantises a model where it runs)
         self.fp8_products = _fp8_products(self.weight, linear.weight.dtype)
+        self.triton_matvec = False  # one row through matvec.py's kernel (prepare_weights' matvec="triton")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() == 1 and self.triton_matvec:
+            return torch.ops.serving.matvec(x, self.weight, self.scale.view(-1), self.bias)
         if x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():  # (eager, it would copy the weight in float32)
             out = torch.nn.functional.linear(x.float(), self.weight.float()) * self.scale.float().view(-1)
             return (out if self.bias is None else out + self.bias).to(x.dtype)
@@ -144,6 +147,20 @@ class RowScaledLinear(torch.nn.Module):
             out = out.reshape(*x.shape[:-1], out.shape[-1])
             return out if self.bias is None else out + self.bias
         return torch.nn.functional.linear(x, self.weight.to(x.dtype) * self.scale, self.bias)
+
+
+class MatvecLinear(torch.nn.Module):
+    """A 16-bit linear layer (the same weight and bias) whose product with one row of activations
+    is matvec.py's Triton kernel; more rows go to cuBLAS as before."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() == 1:
+            return torch.ops.serving.matvec(x, self.weight, None, self.bias)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 def _fp8_products(weight: torch.Tensor, activations: torch.dtype) -> bool:
@@ -259,21 +276,63 @@ def quantize_weights(model, kind: str):
     return model
 
 
-def prepare_weights(model, quantize: str = "none", fuse: bool = False):
+MATVEC = ("auto", "inductor", "triton")
+
+
+def triton_matvec_refusal(model, quantize: str) -> str | None:
+    """Why matvec.py's kernel cannot multiply this model's one-row products; None when it can."""
+    weight = next(model.parameters())
+    if weight.device.type != "cuda":
+        return "it needs a CUDA GPU (its kernel is Triton's)"
+    capability = torch.cuda.get_device_capability(weight.device)
+    if quantize == "none" and weight.dtype not in (torch.bfloat16, torch.float16):
+        return f"it multiplies bf16 / fp16 weights, not {weight.dtype}"
+    if quantize not in ("none", *ROWWISE):
+        return f"it serves bf16 / fp16 weights or int8_rowwise / fp8_rowwise, not --quantize {quantize}"
+    if capability < ((8, 9) if quantize == "fp8_rowwise" else (8, 0)):
+        return f"its {'fp8' if quantize == 'fp8_rowwise' else 'bf16'} loads need a newer GPU than compute capability {capability}"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "it needs triton (installed with torch's CUDA builds)"
+    return None
+
+
+def prepare_weights(model, quantize: str = "none", fuse: bool = False, matvec: str = "auto"):
     """`model` as served: q/k/v and gate/up merged first when `fuse` (fusing.fuse_projections), then
-    its weights quantised (`quantize_weights`); in place."""
+    its weights quantised (`quantize_weights`); in place. `matvec`: what computes the products of
+    one row of activations (one client's decode step): "inductor" (torch.compile's generated
+    reductions; cuBLAS uncompiled), "triton" (matvec.py's kernel: CUDA, bf16 / fp16 weights or
+    int8_rowwise / fp8_rowwise; a merged 7B bf16 step on an H200 took 4.05 ms of GPU time against
+    inductor's 4.22 in the same run: benchmarks/RESULTS.md), "auto" (triton where it can, else inductor)."""
+    if matvec not in MATVEC:
+        raise UserError(f"unknown matvec {matvec!r}: choose one of {', '.join(MATVEC)}")
     if fuse:
         logger.info("merged q/k/v and gate/up in %d layers", fuse_projections(model))
-    return quantize_weights(model, quantize)
+    quantize_weights(model, quantize)
+    refusal = None if matvec == "inductor" else triton_matvec_refusal(model, quantize)
+    if matvec == "triton" and refusal:
+        raise UserError(f"--matvec triton: {refusal}")
+    if matvec != "inductor" and not refusal:
+        import common.serving.matvec  # noqa: F401  (registers torch.ops.serving.matvec)
+
+        if quantize == "none":
+            replace_linears(model, MatvecLinear)
+        for module in model.modules():
+            if isinstance(module, RowScaledLinear):
+                module.triton_matvec = True
+    return model
 
 
-def weights_variant(name: str) -> tuple[str, bool]:
-    """The benchmarks' names for what `prepare_weights` does: "fp8_rowwise+fused" -> ("fp8_rowwise",
-    True), "none" -> ("none", False); UserError when unknown."""
-    quantize, _, fused = name.partition("+")
-    if quantize not in QUANTIZATIONS or fused not in ("", "fused"):
-        raise UserError(f"unknown weights {name!r}: one of {', '.join(QUANTIZATIONS)}, optionally with '+fused'")
-    return quantize, fused == "fused"
+def weights_variant(name: str) -> tuple[str, bool, str]:
+    """The benchmarks' names for what `prepare_weights` does: "fp8_rowwise+fused+triton" ->
+    ("fp8_rowwise", True, "triton"), "none" -> ("none", False, "inductor") (the benchmarks name the
+    Triton kernel, which serve.py uses by default where it can); UserError when unknown."""
+    quantize, *options = name.split("+")
+    if quantize not in QUANTIZATIONS or any(option not in ("fused", "triton") for option in options):
+        raise UserError(f"unknown weights {name!r}: one of {', '.join(QUANTIZATIONS)}, optionally with '+fused' "
+                        "and / or '+triton'")
+    return quantize, "fused" in options, "triton" if "triton" in options else "inductor"
 
 
 def weight_bytes(model) -> int:
