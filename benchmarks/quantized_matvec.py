@@ -17,10 +17,12 @@ such. Prints a table and writes JSON to --out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.serving.fusing import concat_linears  # noqa: E402
-from common.serving.loading import QUANTIZATIONS, quantize_weights, weight_bytes  # noqa: E402
+from common.serving.loading import QUANTIZATIONS, prepare_weights, weight_bytes  # noqa: E402
 
 # Inductor settings a row can add to its quantisation's name, one or several ("none+freezing+cd-all"):
 # "+autotune" autotunes inductor's Triton matmul templates (max_autotune_gemm), which can fuse the
@@ -58,22 +60,24 @@ SETTINGS = {"cd-all": {"coordinate_descent_check_all_directions": True},
 KINDS = (*QUANTIZATIONS, "int8_pack")
 
 
-def parse_variant(name: str) -> tuple[str, dict, bool]:
-    """"int8_rowwise+fused+cd-all" -> ("int8_rowwise", inductor settings, fused); ValueError when unknown."""
+def parse_variant(name: str) -> tuple[str, dict, bool, bool]:
+    """"int8_rowwise+fused+cd-all" -> ("int8_rowwise", inductor settings, fused, triton); ValueError when
+    unknown. "+triton": one row's products through common/serving/matvec.py's kernel (serve.py --matvec)."""
     kind, *suffixes = name.split("+")
-    fused = "fused" in suffixes
-    suffixes = [s for s in suffixes if s != "fused"]
-    if kind not in KINDS or any(s not in SETTINGS for s in suffixes):
+    fused, triton = "fused" in suffixes, "triton" in suffixes
+    suffixes = [s for s in suffixes if s not in ("fused", "triton")]
+    if kind not in KINDS or any(s not in SETTINGS for s in suffixes) or (triton and kind == "int8_pack"):
         raise ValueError(name)
     settings: dict = {}
     for suffix in suffixes:
         settings |= SETTINGS[suffix]
-    return kind, settings, fused
+    return kind, settings, fused, triton
 
 
 DEFAULT = ("none", "none+autotune", "none+autotune-cd", "int8", "int8_pack", "fp8", "fp8_dynamic", "int4",
            "int8_rowwise+autotune", "int8_rowwise+autotune-cd", "fp8_rowwise+autotune-cd", "none+fused",
-           "bf16_gemlite", "int8_gemlite", "fp8_gemlite", "int4_gemlite")
+           "none+fused+triton", "fp8_rowwise+fused+triton", "bf16_gemlite", "int8_gemlite", "fp8_gemlite",
+           "int4_gemlite")
 
 
 class DecoderLinears(nn.Module):
@@ -143,17 +147,136 @@ def time_pass(fn, x: torch.Tensor, device: torch.device) -> float:
     return statistics.median(rounds)
 
 
+# --sweep_matvec: the shapes of a 7B Llama's merged products (and its output head), [out, in]
+MERGED_SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
+                 "head": (32000, 4096)}
+
+
+def graph_seconds(calls: list, replays: int = 20) -> float:
+    """Median seconds per call of `calls` (closures) captured in one CUDA graph and replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / replays / len(calls))
+    return statistics.median(times)
+
+
+def sweep_matvec(out: Path) -> None:
+    """matvec.py's kernel over launch parameters for each merged shape, bf16 and fp8 weights with a
+    scale per row, against inductor's one-row product (max-autotune, coordinate descent, as the
+    engine compiles it), each product reading a different copy of its weight in turn (600 MB of
+    copies: L2 holds none of them, as in a decode step); then the 32 layers' products in one
+    CUDA graph, the kernel with the parameters `launch_parameters` picks, against inductor's."""
+    import torch.nn.functional as F
+
+    from common.serving.matvec import launch, launch_parameters
+
+    device = torch.device("cuda")
+    copy_from = torch.empty(2 * 1024**3, dtype=torch.uint8, device=device)
+    copy_to = torch.empty_like(copy_from)
+    copy_s = graph_seconds([partial(copy_to.copy_, copy_from)], replays=5)
+    result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "copy_GB_per_s": round(2 * copy_from.numel() / copy_s / 1e9)}
+    del copy_from, copy_to
+    print(f"copy bandwidth {result['copy_GB_per_s']} GB/s", flush=True)
+    xs = {k: torch.randn(k, device=device, dtype=torch.bfloat16) for k in (4096, 11008)}
+
+    def weights(shape, kind, copies):
+        made = []
+        for _ in range(copies):
+            w = torch.randn(shape, device=device, dtype=torch.bfloat16) * 0.02
+            scale = w.float().abs().amax(1) / 448
+            made.append((w, None) if kind == "bf16" else ((w.float() / scale[:, None]).to(torch.float8_e4m3fn),
+                                                           scale.to(torch.bfloat16)))
+        return made
+
+    def inductor(kind):
+        if kind == "bf16":
+            return torch.compile(lambda x, w, s: F.linear(x, w), mode="max-autotune-no-cudagraphs", dynamic=False)
+        return torch.compile(lambda x, w, s: (F.linear(x.float(), w.float()) * s.float()).to(x.dtype),
+                             mode="max-autotune-no-cudagraphs", dynamic=False)
+
+    for kind in ("bf16", "fp8"):
+        compiled = inductor(kind)
+        for name, (n, k) in MERGED_SHAPES.items():
+            size = n * k * (2 if kind == "bf16" else 1)
+            made = weights((n, k), kind, max(2, -(-600_000_000 // size)))
+            outs = [torch.empty(n, device=device, dtype=torch.bfloat16) for _ in made]
+            x = xs[k]
+            rows = []
+            for block_n, block_k, warps, stages in itertools.product((2, 4, 8, 16), (512, 1024, 2048, 4096),
+                                                                       (4, 8), (1, 3)):
+                if block_n * block_k > 32768:
+                    continue
+                seconds = graph_seconds([partial(launch, x, w, o, s, None, block_n, block_k, warps, stages)
+                                         for (w, s), o in zip(made, outs)])
+                rows.append([round(seconds * 1e6, 2), block_n, block_k, warps, stages])
+            rows.sort()
+            chosen = list(launch_parameters(n, k, made[0][0].element_size()))
+            chosen_us = next(row[0] for row in rows if row[1:] == chosen)
+            inductor_us = graph_seconds([partial(compiled, x[None], w, s) for w, s in made]) * 1e6
+            result[f"{kind} {name}"] = {
+                "shape": [n, k], "MB": round(size / 1e6, 1), "inductor_us": round(inductor_us, 2),
+                "chosen": chosen, "chosen_us": chosen_us, "best": rows[0][1:], "best_us": rows[0][0],
+                "chosen_GB_per_s": round(size / chosen_us / 1e3), "inductor_GB_per_s": round(size / inductor_us / 1e3),
+                "all_us": rows}
+            print(f"{kind} {name} {n} x {k}: inductor {inductor_us:.1f} us, kernel {chosen_us:.1f} us with {chosen} "
+                  f"(best {rows[0][0]:.1f} us with {rows[0][1:]})", flush=True)
+            del made, outs
+        layers = [{name: weights(MERGED_SHAPES[name], kind, 1)[0] for name in ("qkv", "o", "gate_up", "down")}
+                  for _ in range(32)]
+        size = sum(w.numel() * w.element_size() for layer in layers for w, _ in layer.values())
+        outs = {name: torch.empty(MERGED_SHAPES[name][0], device=device, dtype=torch.bfloat16) for name in MERGED_SHAPES}
+        kernel = [partial(launch, xs[w.shape[1]], w, outs[name], s, None, *launch_parameters(*w.shape, w.element_size()))
+                  for layer in layers for name, (w, s) in layer.items()]
+        generated = [partial(compiled, xs[w.shape[1]][None], w, s) for layer in layers for w, s in layer.values()]
+        for label, calls in (("kernel", kernel), ("inductor", generated)):
+            ms = graph_seconds(calls, replays=10) * len(calls) * 1e3
+            result[f"{kind} 32 layers, {label}"] = {"ms": round(ms, 3), "GB_per_s": round(size / ms / 1e6),
+                                                    "share_of_copy": round(size / ms / 1e6 / result["copy_GB_per_s"], 3)}
+            print(f"{kind}: 32 layers' products, {label}: {ms:.3f} ms "
+                  f"({result[f'{kind} 32 layers, {label}']['share_of_copy']:.1%} of the copy bandwidth)", flush=True)
+        del layers
+        torch.cuda.empty_cache()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--variants", default=",".join(DEFAULT),
                         help="Rows to run, comma-separated: a quantisation (" + ", ".join(KINDS)
-                        + "), optionally followed by settings, each after a '+': fused, " + ", ".join(SETTINGS)
+                        + "), optionally followed by settings, each after a '+': fused, triton, " + ", ".join(SETTINGS)
                         + f". Default: {','.join(DEFAULT)}.")
     parser.add_argument("--tiny", action="store_true", help="2 layers 64 / 128 wide on the CPU, no compile.")
+    parser.add_argument("--sweep_matvec", action="store_true",
+                        help="Instead: common/serving/matvec.py's Triton kernel over its launch parameters for each "
+                             "merged product of a 7B shape (bf16 and fp8 weights), against inductor's, then 32 layers' "
+                             "products in one CUDA graph (one GPU; a few minutes).")
     parser.add_argument("--out", default="outputs/benchmarks/quantized_matvec.json")
     args = parser.parse_args()
+    if args.sweep_matvec:
+        if not torch.cuda.is_available():
+            parser.error("--sweep_matvec needs a CUDA GPU")
+        sweep_matvec(Path(args.out))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     layers, hidden, intermediate = (2, 64, 128) if args.tiny else (args.layers, 4096, 11008)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -173,7 +296,7 @@ def main() -> None:
             variants[name] = parse_variant(name)
         except ValueError:
             parser.error(f"unknown variant {name!r}")
-    for name, (kind, inductor_settings, fused) in variants.items():
+    for name, (kind, inductor_settings, fused, triton) in variants.items():
         model = DecoderLinears(layers, hidden, intermediate).to(device, dtype).eval()
         model.load_state_dict(reference.state_dict())
         if fused:
@@ -184,7 +307,7 @@ def main() -> None:
                 if kind == "int8_pack":
                     int8_pack(model)
                 else:
-                    quantize_weights(model, kind)
+                    prepare_weights(model, kind, matvec="triton" if triton else "inductor")
                 row["weight_GB"] = round(weight_bytes(model) / 1e9, 3)
                 with torch.inference_mode():
                     for batch, x in inputs.items():
