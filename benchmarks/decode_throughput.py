@@ -5,6 +5,7 @@ transformers' own continuous batching (`generate_batch`) beside them, in one run
     python benchmarks/decode_throughput.py                          # Llama-2-7B shape, one GPU
     python benchmarks/decode_throughput.py --quantize none,int8     # + torchao int8 weights
     python benchmarks/decode_throughput.py --quantize none,none+fused   # + q/k/v and gate/up merged
+    python benchmarks/decode_throughput.py --quantize none+fused,none+fused+triton   # + the one-row kernel
     python benchmarks/decode_throughput.py --tiny                   # CPU smoke test (2 x 64 model)
     python benchmarks/decode_throughput.py --transformers_cb_site /tmp/site-cb   # CB rows with a newer
         # transformers (`make gpu-wheels CB=1`, then pip install --target /tmp/site-cb .whl-cb/*.whl)
@@ -336,8 +337,9 @@ def main() -> None:
     parser.add_argument("--clients", default="1,16,32,64", help="Concurrent streaming clients, comma-separated.")
     parser.add_argument("--quantize", default="none", help="Weights to serve: " + ", ".join(QUANTIZATIONS)
                         + " (none: bf16; see common/serving/loading.py), each optionally followed by '+fused' (q/k/v "
-                        "and gate/up merged first, serve.py --fuse_projections); comma-separated for several, "
-                        "e.g. none,none+fused,fp8_rowwise+fused.")
+                        "and gate/up merged first, serve.py --fuse_projections) and '+triton' (one row's products "
+                        "through common/serving/matvec.py's kernel, what serve.py's --matvec auto does on a GPU; "
+                        "without it inductor's); comma-separated for several, e.g. none+fused,none+fused+triton.")
     parser.add_argument("--max_cache_len", type=int, default=None,
                         help="Engine cache slots (default: max(512, twice prompt + new tokens)). Warm-up compiles "
                              "one graph per 256-slot bucket up to it, so prompt + new tokens rounded up to 256 "
