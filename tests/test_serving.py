@@ -947,7 +947,7 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
     ids = torch.tensor([prompts[0]], device="cuda")
     with torch.no_grad():
         exact, approx = plain(ids).logits.float(), quantised(ids).logits.float()
-        if matvec == "triton":  # one row: the kernel's products (a prompt's many rows are cuBLAS's)
+        if matvec == "triton":  # one row: the 8-bit kernels' products (bf16's eager ones are cuBLAS's)
             exact_one, approx_one = plain(ids[:, :1]).logits.float(), quantised(ids[:, :1]).logits.float()
             assert (approx_one - exact_one).norm() / exact_one.norm() < error
     assert (approx - exact).norm() / exact.norm() < error

@@ -151,14 +151,15 @@ class RowScaledLinear(torch.nn.Module):
 
 class MatvecLinear(torch.nn.Module):
     """A 16-bit linear layer (the same weight and bias) whose product with one row of activations
-    is matvec.py's Triton kernel; more rows go to cuBLAS as before."""
+    is matvec.py's Triton kernel inside a compiled (CUDA-graphed) step; more rows, and eager calls
+    (whose launch from Python costs more than cuBLAS's), go to cuBLAS as before."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() == 1:
+        if x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():
             return torch.ops.serving.matvec(x, self.weight, None, self.bias)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
