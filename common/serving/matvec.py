@@ -5,7 +5,7 @@ A token for one client reads every weight once, so the step's speed is how close
 read to the memory's bandwidth. Inductor turns a one-row product into a generated reduction whose
 launch parameters it tunes (runtime.py, batcher.py); this kernel is the same arithmetic with the
 tile, warp count and loop pipelining chosen for the shapes of a decoder layer by measurement
-(benchmarks/matvec_kernel.py), for bf16 / fp16 weights and for 8-bit weights (int8, fp8 e4m3)
+(`benchmarks/quantized_matvec.py --sweep_matvec`), for bf16 / fp16 weights and for 8-bit weights (int8, fp8 e4m3)
 with a scale per output row (loading.RowScaledLinear), the weight converted to float32 as it is
 read and the scale applied to the sums. It is registered as a torch operator
 (`torch.library.triton_op`), so the compiled, CUDA-graphed decode step contains it like its own
@@ -58,10 +58,10 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, scale: torc
 
 def launch_parameters(n: int, k: int, element_size: int) -> tuple[int, int, int, int]:
     """(rows per program, columns per loop step, warps, pipelined loop stages) for a [n, k] weight
-    of `element_size`-byte elements. Chosen on one H200 over 2 x 3 x 2 x 2 (+ more) configurations
-    for the merged products of a 7B Llama (q/k/v 12288 x 4096, o 4096 x 4096, gate/up 22016 x 4096,
-    down 4096 x 11008, the output head 32000 x 4096): within 5% of each shape's best
-    (benchmarks/RESULTS.md)."""
+    of `element_size`-byte elements. On one H200 (2026-12-05), of 2-16 rows, 512-2048 columns (4096
+    for 8 bits), 4 or 8 warps and 1 or 3 stages, these were the fastest for each merged product of a
+    7B Llama (q/k/v 12288 x 4096, o 4096 x 4096, gate/up 22016 x 4096, down 4096 x 11008), bf16 and
+    fp8, and within 5% of the fastest for its output head (32000 x 4096): benchmarks/RESULTS.md."""
     if element_size >= 2:
         block_n, block_k, warps, stages = 4, 2048 if k % 2048 == 0 else 1024, 4, 1
     else:  # 8-bit weights: more rows per program, loads pipelined over three stages
