@@ -318,11 +318,12 @@ def prepare_weights(model, quantize: str = "none", fuse: bool = False, matvec: s
     if matvec != "inductor" and not refusal:
         import common.serving.matvec  # noqa: F401  (registers torch.ops.serving.matvec)
 
+        # (a layer with an odd number of outputs, such as an output head over 50,257 tokens, keeps inductor's)
         if quantize == "none":
-            replace_linears(model, MatvecLinear)
+            replace_linears(model, lambda linear: MatvecLinear(linear) if linear.out_features % 2 == 0 else linear)
         for module in model.modules():
             if isinstance(module, RowScaledLinear):
-                module.triton_matvec = True
+                module.triton_matvec = module.weight.shape[0] % 2 == 0
     return model
 
 

@@ -62,6 +62,8 @@ def launch_parameters(n: int, k: int, element_size: int) -> tuple[int, int, int,
     for 8 bits), 4 or 8 warps and 1 or 3 stages, these were the fastest for each merged product of a
     7B Llama (q/k/v 12288 x 4096, o 4096 x 4096, gate/up 22016 x 4096, down 4096 x 11008), bf16 and
     fp8, and within 5% of the fastest for its output head (32000 x 4096): benchmarks/RESULTS.md."""
+    if n % 2:
+        raise ValueError(f"matvec: {n} output rows, not a multiple of 2 (the fewest rows a program takes)")
     if element_size >= 2:
         block_n, block_k, warps, stages = 4, 2048 if k % 2048 == 0 else 1024, 4, 1
     else:  # 8-bit weights: more rows per program, loads pipelined over three stages
