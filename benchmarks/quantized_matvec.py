@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.serving.fusing import concat_linears  # noqa: E402
-from common.serving.loading import QUANTIZATIONS, prepare_weights, weight_bytes  # noqa: E402
+from common.serving.loading import QUANTIZATIONS, RowScaledLinear, prepare_weights, weight_bytes  # noqa: E402
 
 # Inductor settings a row can add to its quantisation's name, one or several ("none+freezing+cd-all"):
 # "+autotune" autotunes inductor's Triton matmul templates (max_autotune_gemm), which can fuse the
@@ -197,12 +197,15 @@ def sweep_matvec(out: Path) -> None:
     xs = {k: torch.randn(k, device=device, dtype=torch.bfloat16) for k in (4096, 11008)}
 
     def weights(shape, kind, copies):
+        """`copies` random (weight, scale per row or None) pairs: bf16, or fp8 as fp8_rowwise stores them."""
         made = []
         for _ in range(copies):
-            w = torch.randn(shape, device=device, dtype=torch.bfloat16) * 0.02
-            scale = w.float().abs().amax(1) / 448
-            made.append((w, None) if kind == "bf16" else ((w.float() / scale[:, None]).to(torch.float8_e4m3fn),
-                                                           scale.to(torch.bfloat16)))
+            linear = nn.Linear(shape[1], shape[0], bias=False, device=device, dtype=torch.bfloat16)
+            if kind == "bf16":
+                made.append((linear.weight.detach(), None))
+            else:
+                scaled = RowScaledLinear(linear, torch.float8_e4m3fn)
+                made.append((scaled.weight.detach(), scaled.scale.detach().view(-1)))
         return made
 
     def inductor(kind):
@@ -241,7 +244,7 @@ def sweep_matvec(out: Path) -> None:
         layers = [{name: weights(MERGED_SHAPES[name], kind, 1)[0] for name in ("qkv", "o", "gate_up", "down")}
                   for _ in range(32)]
         size = sum(w.numel() * w.element_size() for layer in layers for w, _ in layer.values())
-        outs = {name: torch.empty(MERGED_SHAPES[name][0], device=device, dtype=torch.bfloat16) for name in MERGED_SHAPES}
+        outs = {name: torch.empty(MERGED_SHAPES[name][0], device=device, dtype=torch.bfloat16) for name in layers[0]}
         kernel = [partial(launch, xs[w.shape[1]], w, outs[name], s, None, *launch_parameters(*w.shape, w.element_size()))
                   for layer in layers for name, (w, s) in layer.items()]
         generated = [partial(compiled, xs[w.shape[1]][None], w, s) for layer in layers for w, s in layer.values()]
