@@ -2,8 +2,9 @@
 server at 1 / 16 / 32 / 64 concurrent streaming clients, bf16 and quantised weights, and
 transformers' own continuous batching (`generate_batch`) beside them, in one run.
 
-    python benchmarks/decode_throughput.py                          # Llama-2-7B shape, one GPU
-    python benchmarks/decode_throughput.py --quantize none,int8     # + torchao int8 weights
+    python benchmarks/decode_throughput.py                          # Llama-2-7B shape, one GPU, serve.py's
+        # defaults in bf16 and fp8_rowwise (q/k/v and gate/up merged, one row's products by the Triton kernel)
+    python benchmarks/decode_throughput.py --quantize none,int8     # the model's own layers, + torchao int8
     python benchmarks/decode_throughput.py --quantize none,none+fused   # + q/k/v and gate/up merged
     python benchmarks/decode_throughput.py --quantize none+fused,none+fused+triton   # + the one-row kernel
     python benchmarks/decode_throughput.py --tiny                   # CPU smoke test (2 x 64 model)
@@ -28,7 +29,7 @@ after a `--prompt_tokens` prompt; different prompts per client.
 Each engine is warmed up first (`Engine.warm_up`, what serve.py does before it opens its port:
 every batch width x attention span compiled). The memory-bandwidth bound is the weights' bytes
 read once per token at the copy bandwidth measured here. Quantised rows add their weight
-bytes, greedy agreement with bf16 (common prefix of the first 8 clients' streams, decoded
+bytes, greedy agreement with bf16 (the first bf16 kind; common prefix of the first 8 clients' streams, decoded
 alone) and the perplexity of one held-out random token sequence under each (random weights:
 that number only says how far quantisation moves the distribution). Correctness of the
 concurrent streams: each streamed token is checked against one plain forward over prompt +
@@ -73,6 +74,8 @@ from common.serving.engine import Engine  # noqa: E402
 from common.serving.loading import QUANTIZATIONS, prepare_weights, weight_bytes, weights_variant  # noqa: E402
 from common.serving.sampling import SamplingParams  # noqa: E402
 
+# serve.py's defaults on an H100 / H200 (--fuse_projections auto, --matvec auto), bf16 and 8-bit weights
+GPU_DEFAULT = "none+fused+triton,fp8_rowwise+fused+triton"
 SHAPES = {  # hidden, intermediate, layers, heads, vocab
     "llama2-7b": (4096, 11008, 32, 32, 32000),
     "baichuan2-7b": (4096, 11008, 32, 32, 125696),
@@ -335,11 +338,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None, help="New tokens per request (default: 224; 16 with --tiny).")
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--clients", default="1,16,32,64", help="Concurrent streaming clients, comma-separated.")
-    parser.add_argument("--quantize", default="none", help="Weights to serve: " + ", ".join(QUANTIZATIONS)
+    parser.add_argument("--quantize", default=None, help="Weights to serve: " + ", ".join(QUANTIZATIONS)
                         + " (none: bf16; see common/serving/loading.py), each optionally followed by '+fused' (q/k/v "
-                        "and gate/up merged first, serve.py --fuse_projections) and '+triton' (one row's products "
-                        "through common/serving/matvec.py's kernel, what serve.py's --matvec auto does on a GPU; "
-                        "without it inductor's); comma-separated for several, e.g. none+fused,none+fused+triton.")
+                        "and gate/up merged first) and '+triton' (one row's products through common/serving/matvec.py's "
+                        "kernel; without it inductor's); comma-separated for several, e.g. none+fused,none+fused+triton. "
+                        f"Default: what serve.py does by default on a GPU, in bf16 and 8 bits ({GPU_DEFAULT}); none "
+                        "with --tiny or without a GPU.")
     parser.add_argument("--max_cache_len", type=int, default=None,
                         help="Engine cache slots (default: max(512, twice prompt + new tokens)). Warm-up compiles "
                              "one graph per 256-slot bucket up to it, so prompt + new tokens rounded up to 256 "
@@ -371,12 +375,13 @@ def main() -> None:
     shape = "tiny" if args.tiny else args.shape
     tokens = args.tokens or (16 if args.tiny else 224)
     clients_list = [int(c) for c in args.clients.split(",")]
-    kinds = args.quantize.split(",")
+    on_gpu = torch.cuda.is_available() and not args.tiny
+    kinds = (args.quantize or (GPU_DEFAULT if on_gpu else "none")).split(",")
     try:
         variants = {name: weights_variant(name) for name in kinds}
     except UserError as err:
         parser.error(str(err))
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    device = torch.device("cuda" if on_gpu else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)  # as the Engine does (common/serving/runtime.py)
 
@@ -465,7 +470,7 @@ def main() -> None:
                 add(f"{label}: engine, {n} streams (no HTTP)", n, engine_streams(engine, prompt_ids[:n], greedy), n * tokens,
                     **step_timing(engine, partial(engine_streams, engine, prompt_ids[:n], greedy)))
             alone = [engine_one(i) for i in range(checked)]
-            if kind == "none":
+            if variants[kind][0] == "none" and not alone_bf16:  # the first bf16 kind: the reference
                 alone_bf16 = alone
             quality[label] = {"weight_GB": round(weights / 1e9, 2),
                               "held_out_perplexity": round(perplexity(served, held_out), 2),

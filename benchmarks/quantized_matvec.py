@@ -310,7 +310,7 @@ def main() -> None:
                 if kind == "int8_pack":
                     int8_pack(model)
                 else:
-                    prepare_weights(model, kind, matvec="triton" if triton else "inductor")
+                    prepare_weights(model, kind, "off", "triton" if triton else "inductor")  # (merged above: model.fuse)
                 row["weight_GB"] = round(weight_bytes(model) / 1e9, 3)
                 with torch.inference_mode():
                     for batch, x in inputs.items():

@@ -939,7 +939,7 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
     if matvec == "triton":  # every product of one row goes through the kernel
         assert all(isinstance(m, MatvecLinear) or getattr(m, "triton_matvec", False)
                    for m in quantised.modules() if isinstance(m, (MatvecLinear, RowScaledLinear)))
-        assert sum(isinstance(m, (MatvecLinear, RowScaledLinear)) for m in quantised.modules()) == (4 if fused else 7) * 2 + 1
+        assert sum(isinstance(m, (MatvecLinear, RowScaledLinear)) for m in quantised.modules()) == (4 if fused == "on" else 7) * 2 + 1
     linear = sum(m.weight.numel() for m in plain.modules() if type(m) is torch.nn.Linear)
     saved = weight_bytes(plain) - weight_bytes(quantised)
     assert saved >= saved_per_weight * linear if saved_per_weight else abs(saved) <= 0.01 * linear
@@ -968,34 +968,63 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
         assert len(tokens) == 16 and gaps.max().item() < 0.25
 
 
-@pytest.mark.gpu
-def test_triton_matvec_multiplies_one_row_as_float64_does():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_triton_matvec_multiplies_one_row_as_float64_does(device):
     """matvec.py's kernel on shapes its blocks do not divide (rows not a multiple of 4 or 8,
     columns not of the loop's step), with and without a scale per row and a bias, 16- and 8-bit
-    weights; the same inside torch.compile (a CUDA-graphed step's form). An odd number of rows is
-    refused (prepare_weights leaves such a layer to inductor)."""
-    import common.serving.matvec  # noqa: F401  (registers the operator)
-
+    weights. On the GPU also inside torch.compile (a CUDA-graphed step's form); on the CPU through
+    Triton's interpreter (the kernel's arithmetic, masks and launch parameters, not its compiled
+    form or speed). An odd number of rows is refused (prepare_weights leaves it to inductor)."""
+    pytest.importorskip("common.serving.matvec", reason="needs triton")
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # the interpreter is chosen as triton is imported: this test again, in a process of its own
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              f"{__file__}::test_triton_matvec_multiplies_one_row_as_float64_does[cpu]"],
+                             env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+        assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-5000:] + run.stderr[-2000:]
+        return
+    functions = [torch.ops.serving.matvec]
+    shapes = ((16, 4096), (1030, 1000), (6, 4100), (38, 64))
+    if device == "cuda":
+        functions.append(torch.compile(lambda *args: torch.ops.serving.matvec(*args), fullgraph=True, dynamic=False))
+        shapes = ((4096, 4096), *shapes[1:])
     torch.manual_seed(0)
-    matvec = torch.ops.serving.matvec
-    for n, k in ((4096, 4096), (1030, 1000), (6, 4100), (38, 64)):
-        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+    for n, k in shapes:
+        x = torch.randn(1, 1, k, device=device, dtype=torch.bfloat16)
         for dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.int8):
-            weight = torch.randn(n, k, device="cuda") * 2
+            weight = torch.randn(n, k, device=device) * 2
             weight = weight.round().clamp(-127, 127).to(dtype) if dtype == torch.int8 else weight.to(dtype)
-            scale = None if dtype == torch.bfloat16 else torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
-            bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+            scale = None if dtype == torch.bfloat16 else torch.rand(n, device=device, dtype=torch.bfloat16) + 0.5
+            bias = torch.randn(n, device=device, dtype=torch.bfloat16)
             for b in (None, bias):
                 expected = x.double().view(-1) @ weight.double().T
                 expected = (expected if scale is None else expected * scale.double()) + (0 if b is None else b.double())
-                compiled = torch.compile(lambda *args: matvec(*args), fullgraph=True, dynamic=False)
-                for fn in (matvec, compiled):
+                for fn in functions:
                     out = fn(x, weight, scale, b)
                     assert out.shape == (1, 1, n) and out.dtype == torch.bfloat16
                     # the float32 sums rounded once to bf16 (8 bits of mantissa)
                     assert ((out.double().view(-1) - expected).abs() <= expected.abs() / 128 + 1e-2).all(), (n, k, dtype)
     with pytest.raises(ValueError, match="not a multiple of 2"):
-        matvec(x, torch.randn(37, x.shape[-1], device="cuda", dtype=torch.bfloat16))
+        functions[0](x, torch.randn(37, x.shape[-1], device=device, dtype=torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_defaults_merge_the_products_and_take_the_kernel():
+    """serve.py's defaults (--fuse_projections auto, --matvec auto) on a CUDA Llama in bf16: q/k/v
+    and gate/up merged, every product of one row through the Triton kernel; int8_rowwise /
+    fp8_rowwise merged too, torchao's quantisations (merged speed not measured) not."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from common.serving.loading import MatvecLinear, fuse_wanted, prepare_weights
+
+    plain = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).to("cuda", torch.bfloat16)
+    served = prepare_weights(copy.deepcopy(plain))
+    layer = served.model.layers[1]
+    assert type(layer.self_attn).__name__ == "Phi3Attention" and type(layer.mlp).__name__ == "Phi3MLP"
+    assert all(isinstance(m, MatvecLinear) for m in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, served.lm_head))
+    assert fuse_wanted(plain, "fp8_rowwise", "auto") and not fuse_wanted(plain, "int8", "auto")
+    assert not fuse_wanted(plain, "none", "off")
 
 
 @pytest.mark.parametrize("kind", ["int8", "int8_rowwise"])
@@ -1067,7 +1096,7 @@ def test_merged_projections_serve_the_models_own_logits_and_tokens(engine, llama
         original.save_pretrained(path)
         engine.tokenizer.save_pretrained(path)
         for quantize in ("none", "int8_rowwise"):
-            fused = Engine.from_pretrained(path, device="cpu", max_batch=2, fuse_projections=True, quantize=quantize)
+            fused = Engine.from_pretrained(path, device="cpu", max_batch=2, fuse_projections="on", quantize=quantize)
             try:
                 products = [type(m).__name__ for m in fused.model.model.layers[0].modules()
                             if type(m).__name__ in ("Linear", "RowScaledLinear")]
@@ -1082,7 +1111,7 @@ def test_merged_projections_serve_the_models_own_logits_and_tokens(engine, llama
             finally:
                 fused.close()
     with pytest.raises(UserError, match="implemented for Llama, Mistral, Qwen2 models only"):
-        Engine.from_pretrained(model_dir, device="cpu", fuse_projections=True)  # GPT-2
+        Engine.from_pretrained(model_dir, device="cpu", fuse_projections="on")  # GPT-2
     windowed = Qwen2ForCausalLM(Qwen2Config(
         vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, use_sliding_window=True, sliding_window=16, max_window_layers=1))
@@ -1127,18 +1156,22 @@ def test_a_compile_cache_file_spares_another_machine_the_compiling(model_dir, tm
 
 
 def test_matvec_choice_is_checked_and_auto_keeps_the_cpu_on_inductor(llama_engine):
-    """--matvec: auto leaves a CPU model's linear layers as they are (the Triton kernel is CUDA's);
-    triton on the CPU, or over torchao's weights, is refused with the reason; the benchmarks'
-    names map to prepare_weights' arguments."""
-    from common.serving.loading import prepare_weights, weights_variant
+    """--matvec and --fuse_projections: auto leaves a CPU model's linear layers as they are (the
+    Triton kernel is CUDA's, merging is measured there); --matvec triton on the CPU, or over
+    torchao's weights, is refused with the reason; the benchmarks' names map to prepare_weights'
+    arguments."""
+    from common.serving.loading import fuse_wanted, prepare_weights, weights_variant
 
-    model = prepare_weights(copy.deepcopy(llama_engine.model), "none", False, "auto")
+    model = prepare_weights(copy.deepcopy(llama_engine.model), "none")  # serve.py's defaults: auto, auto
     assert sum(type(m) is torch.nn.Linear for m in model.modules()) == 7 * 2 + 1
+    assert fuse_wanted(model, "none", "on") and not fuse_wanted(model, "none", "auto")
+    with pytest.raises(UserError, match="unknown fuse_projections"):
+        fuse_wanted(model, "none", "yes")
     with pytest.raises(UserError, match="--matvec triton: it needs a CUDA GPU"):
-        prepare_weights(copy.deepcopy(llama_engine.model), "int8_rowwise", False, "triton")
+        prepare_weights(copy.deepcopy(llama_engine.model), "int8_rowwise", "off", "triton")
     with pytest.raises(UserError, match="unknown matvec"):
-        prepare_weights(copy.deepcopy(llama_engine.model), "none", False, "cublas")
-    assert weights_variant("fp8_rowwise+fused+triton") == ("fp8_rowwise", True, "triton")
-    assert weights_variant("none") == ("none", False, "inductor")
+        prepare_weights(copy.deepcopy(llama_engine.model), "none", "off", "cublas")
+    assert weights_variant("fp8_rowwise+fused+triton") == ("fp8_rowwise", "on", "triton")
+    assert weights_variant("none") == ("none", "off", "inductor")
     with pytest.raises(UserError, match="unknown weights"):
         weights_variant("none+cublas")

@@ -9,7 +9,7 @@ import socket
 from common.errors import UserError
 from common.serving.api import ServerSettings, create_app
 from common.serving.engine import DEFAULT_CACHE_LEN, Engine
-from common.serving.loading import MATVEC, QUANTIZATIONS
+from common.serving.loading import FUSE, MATVEC, QUANTIZATIONS
 from common.serving.sampling import SamplingParams
 from common.serving.ui import build_chat_ui
 
@@ -48,12 +48,13 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
                              "(0.51x at 16, 0.53x at 64) before its many-row products moved to the FP8 tensor cores "
                              "(Hopper and later; not yet measured); torchao's are slower at one stream too. Speed and "
                              "quality per GPU: benchmarks/RESULTS.md.")
-    parser.add_argument("--fuse_projections", action="store_true",
+    parser.add_argument("--fuse_projections", nargs="?", const="on", default="auto", choices=FUSE,
                         help="Merge each decoder layer's q/k/v products into one and gate/up into one after loading "
                              "(Llama, Mistral, Qwen2; transformers' Phi3 layers, which compute the same): fewer, "
                              "larger matrix products per token; before --quantize. Logits equal up to rounding. "
                              "H200, 7B shape, bf16: one client 1.25x (218 vs 175 tokens/s), 64 clients 8,465 "
-                             "tokens/s (benchmarks/RESULTS.md, 2026-12-05).")
+                             "tokens/s (benchmarks/RESULTS.md, 2026-12-05). auto (the default): on CUDA for those "
+                             "families with bf16 / fp16 or int8_rowwise / fp8_rowwise weights; the flag alone: on.")
     parser.add_argument("--matvec", default="auto", choices=MATVEC,
                         help="What multiplies one row of activations by each weight (the decode step of one client, "
                              "which reads every weight once): triton (a Triton kernel, common/serving/matvec.py; "

@@ -144,13 +144,14 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, name: str | None = None, template: str | None = None,
                         device: str | None = None, dtype: str = "auto", base_model: str | None = None,
-                        quantize: str = "none", fuse_projections: bool = False, matvec: str = "auto",
+                        quantize: str = "none", fuse_projections: str = "auto", matvec: str = "auto",
                         **engine_options) -> Engine:
         """`template` default: the one the model was tuned with (its chat template, or an older
-        output's sft_template.json), if any. `fuse_projections`: q/k/v and gate/up merged into one
-        product each after loading (an adapter merged first; see fusing.py). `quantize`: the
-        weights quantised after that (see loading.quantize_weights). `matvec`: what multiplies one
-        row of activations by a weight (loading.prepare_weights).
+        output's sft_template.json), if any. `fuse_projections` ("auto", "on", "off"): q/k/v and
+        gate/up merged into one product each after loading (an adapter merged first; fusing.py,
+        loading.fuse_wanted). `quantize`: the weights quantised after that (see
+        loading.quantize_weights). `matvec`: what multiplies one row of activations by a weight
+        (loading.prepare_weights).
         `engine_options`: max_batch, max_cache_len, compile, decoder (see __init__)."""
         model, tokenizer = load_causal_lm(model_dir, device, dtype, base_model)
         prepare_weights(model, quantize, fuse_projections, matvec)

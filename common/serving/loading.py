@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.errors import UserError
-from common.serving.fusing import fuse_projections
+from common.serving.fusing import fuse_projections, fusion_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -300,8 +300,25 @@ def triton_matvec_refusal(model, quantize: str) -> str | None:
     return None
 
 
-def prepare_weights(model, quantize: str = "none", fuse: bool = False, matvec: str = "auto"):
-    """`model` as served: q/k/v and gate/up merged first when `fuse` (fusing.fuse_projections), then
+FUSE = ("auto", "on", "off")
+
+
+def fuse_wanted(model, quantize: str, fuse: str) -> bool:
+    """Whether `prepare_weights` merges q/k/v and gate/up (fusing.py): "on" / "off" as said;
+    "auto" on CUDA for the families fusing.py merges, with bf16 / fp16 or int8_rowwise /
+    fp8_rowwise weights (on an H200 one client went from 175.1 to 218.0 tokens/s, 64 clients gave
+    8,465: benchmarks/RESULTS.md; the other quantisations' merged speeds are not measured, and the
+    CPU keeps the model's own layers)."""
+    if fuse not in FUSE:
+        raise UserError(f"unknown fuse_projections {fuse!r}: choose one of {', '.join(FUSE)}")
+    if fuse != "auto":
+        return fuse == "on"
+    return (next(model.parameters()).device.type == "cuda" and quantize in ("none", *ROWWISE)
+            and fusion_refusal(model) is None)
+
+
+def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: str = "auto"):
+    """`model` as served: q/k/v and gate/up merged first as `fuse` says (`fuse_wanted`), then
     its weights quantised (`quantize_weights`); in place. `matvec`: what computes the products of
     one row of activations (one client's decode step): "inductor" (torch.compile's generated
     reductions; cuBLAS uncompiled), "triton" (matvec.py's kernel: CUDA, bf16 / fp16 weights or
@@ -309,7 +326,7 @@ def prepare_weights(model, quantize: str = "none", fuse: bool = False, matvec: s
     inductor's 4.22 in the same run: benchmarks/RESULTS.md), "auto" (triton where it can, else inductor)."""
     if matvec not in MATVEC:
         raise UserError(f"unknown matvec {matvec!r}: choose one of {', '.join(MATVEC)}")
-    if fuse:
+    if fuse_wanted(model, quantize, fuse):
         logger.info("merged q/k/v and gate/up in %d layers", fuse_projections(model))
     quantize_weights(model, quantize)
     refusal = None if matvec == "inductor" else triton_matvec_refusal(model, quantize)
@@ -327,15 +344,16 @@ def prepare_weights(model, quantize: str = "none", fuse: bool = False, matvec: s
     return model
 
 
-def weights_variant(name: str) -> tuple[str, bool, str]:
+def weights_variant(name: str) -> tuple[str, str, str]:
     """The benchmarks' names for what `prepare_weights` does: "fp8_rowwise+fused+triton" ->
-    ("fp8_rowwise", True, "triton"), "none" -> ("none", False, "inductor") (the benchmarks name the
-    Triton kernel, which serve.py uses by default where it can); UserError when unknown."""
+    ("fp8_rowwise", "on", "triton"), "none" -> ("none", "off", "inductor") (the benchmarks name
+    the merged products and the Triton kernel, which serve.py uses by default where it can);
+    UserError when unknown."""
     quantize, *options = name.split("+")
     if quantize not in QUANTIZATIONS or any(option not in ("fused", "triton") for option in options):
         raise UserError(f"unknown weights {name!r}: one of {', '.join(QUANTIZATIONS)}, optionally with '+fused' "
                         "and / or '+triton'")
-    return quantize, "fused" in options, "triton" if "triton" in options else "inductor"
+    return quantize, "on" if "fused" in options else "off", "triton" if "triton" in options else "inductor"
 
 
 def weight_bytes(model) -> int:

@@ -9,7 +9,7 @@ tile, warp count and loop pipelining chosen for the shapes of a decoder layer by
 with a scale per output row (loading.RowScaledLinear), the weight converted to float32 as it is
 read and the scale applied to the sums. It is registered as a torch operator
 (`torch.library.triton_op`), so the compiled, CUDA-graphed decode step contains it like its own
-kernels. CUDA only: this module imports Triton.
+kernels. CUDA only (this module imports Triton), but for a CPU test through Triton's interpreter.
 """
 
 from typing import Optional
