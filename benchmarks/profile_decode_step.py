@@ -109,8 +109,9 @@ def main() -> None:
                         help="Profile the step compiled as the server compiles it, without CUDA graphs (see above).")
     parser.add_argument("--quantize", default="none",
                         help="Weights, comma-separated: " + ", ".join(QUANTIZATIONS) + ", each optionally followed by "
-                             "'+fused' (q/k/v and gate/up merged first) and / or '+triton' (one row's products through "
-                             "common/serving/matvec.py's kernel). Default: none (bf16).")
+                             "'+fused' (q/k/v and gate/up merged first), '+triton' (one row's products through "
+                             "common/serving/matvec.py's kernel) and / or '+attn' (the step's attention through "
+                             "common/serving/decode_attention.py's kernel). Default: none (bf16).")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="outputs/benchmarks/profile_decode_step.json")
     args = parser.parse_args()

@@ -900,14 +900,16 @@ def test_int4_groups_round_each_group_of_a_row_to_16_levels_between_its_extremes
 # (the names as the benchmarks give them: loading.weights_variant)
 GPU_KINDS = {"fp8_rowwise": (0.9, 0.1), "int8_gemlite": (0.9, 0.1), "fp8_gemlite": (0.9, 0.1),
              "int4_gemlite": (1.3, 0.3), "bf16_gemlite": (0.0, 0.01), "none+triton": (0.0, 0.01),
-             "none+fused+triton": (0.0, 0.01), "fp8_rowwise+fused+triton": (0.9, 0.1), "int8_rowwise+triton": (0.9, 0.1)}
+             "none+fused+triton": (0.0, 0.01), "fp8_rowwise+fused+triton": (0.9, 0.1), "int8_rowwise+triton": (0.9, 0.1),
+             "none+fused+triton+attn": (0.0, 0.01)}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", list(GPU_KINDS))
 def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engine, kind):
     """--quantize fp8_rowwise / int8_gemlite / fp8_gemlite / int4_gemlite / bf16_gemlite on a GPU,
-    and --matvec triton (with --fuse_projections for some): every linear layer is replaced, the
+    and --matvec triton (with --fuse_projections for some; with --decode_attention triton for one,
+    whose test model groups two query heads per key/value head): every linear layer is replaced, the
     weights take the bytes their format says (about half of bf16's for 8 bits, under a third for
     4; bf16's for bf16_gemlite and bf16 through the Triton kernel), the logits stay close to bf16's,
     and the engine's compiled decode step, with one request and with three together (fp8_rowwise's
@@ -931,9 +933,10 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
         vocab_size=(len(engine.tokenizer) + 7) // 8 * 8, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0))
     plain = plain.to("cuda", torch.bfloat16).eval()
-    quantize, fused, matvec = weights_variant(kind)
-    quantised = prepare_weights(copy.deepcopy(plain), quantize, fused, matvec)
+    quantize, fused, matvec, attention = weights_variant(kind)
+    quantised = prepare_weights(copy.deepcopy(plain), quantize, fused, matvec, attention)
     assert not any(type(m) is torch.nn.Linear for m in quantised.modules())
+    assert (quantised.config._attn_implementation == "serving_decode") == (attention == "triton")
     if quantize == "fp8_rowwise":
         assert quantised.model.layers[0].mlp.down_proj.fp8_products
     if matvec == "triton":  # every product of one row goes through the kernel
@@ -968,20 +971,27 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
         assert len(tokens) == 16 and gaps.max().item() < 0.25
 
 
+def _reran_in_triton_interpreter(request) -> bool:
+    """For a CPU test of our Triton kernels: False when this process runs them through Triton's
+    interpreter already; else the test is run again in a process of its own that does (the
+    interpreter is chosen as triton is imported), it must pass there, and True."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                         cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-5000:] + run.stderr[-2000:]
+    return True
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_triton_matvec_multiplies_one_row_as_float64_does(device):
+def test_triton_matvec_multiplies_one_row_as_float64_does(device, request):
     """matvec.py's kernel on shapes its blocks do not divide (rows not a multiple of 4 or 8,
     columns not of the loop's step), with and without a scale per row and a bias, 16- and 8-bit
     weights. On the GPU also inside torch.compile (a CUDA-graphed step's form); on the CPU through
     Triton's interpreter (the kernel's arithmetic, masks and launch parameters, not its compiled
     form or speed). An odd number of rows is refused (prepare_weights leaves it to inductor)."""
     pytest.importorskip("common.serving.matvec", reason="needs triton")
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        # the interpreter is chosen as triton is imported: this test again, in a process of its own
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                              f"{__file__}::test_triton_matvec_multiplies_one_row_as_float64_does[cpu]"],
-                             env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-        assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-5000:] + run.stderr[-2000:]
+    if device == "cpu" and _reran_in_triton_interpreter(request):
         return
     functions = [torch.ops.serving.matvec]
     shapes = ((16, 4096), (1030, 1000), (6, 4100), (38, 64))
@@ -1006,6 +1016,49 @@ def test_triton_matvec_multiplies_one_row_as_float64_does(device):
                     assert ((out.double().view(-1) - expected).abs() <= expected.abs() / 128 + 1e-2).all(), (n, k, dtype)
     with pytest.raises(ValueError, match="not a multiple of 2"):
         functions[0](x, torch.randn(37, x.shape[-1], device=device, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_decode_attention_kernel_attends_as_float64_sdpa_does(device, request):
+    """decode_attention.py's kernel: one query per row over the first `span` slots of a longer
+    cache (the views SlotCache gives), each row masked after its own position, grouped-query
+    heads, spans that are not a multiple of the kernel's block, with and without a mask; against
+    SDPA in float64. On the GPU also inside torch.compile; on the CPU through Triton's interpreter.
+    Calls it does not take (two queries, a head size not a power of 2, a boolean mask) are left
+    to SDPA."""
+    pytest.importorskip("common.serving.decode_attention", reason="needs triton")
+    if device == "cpu" and _reran_in_triton_interpreter(request):
+        return
+    from common.serving.decode_attention import takes
+
+    functions = [torch.ops.serving.decode_attention]
+    if device == "cuda":
+        functions.append(torch.compile(lambda *args: torch.ops.serving.decode_attention(*args),
+                                       fullgraph=True, dynamic=False))
+    torch.manual_seed(0)
+    for rows, heads, kv_heads, span, dims in ((1, 32, 32, 256, 128), (3, 8, 2, 100, 64), (2, 4, 1, 1, 32)):
+        keys, values = (torch.randn(rows, kv_heads, 300, dims, device=device, dtype=torch.bfloat16) for _ in "kv")
+        k, v = keys[:, :, :span], values[:, :, :span]
+        q = torch.randn(rows, heads, 1, dims, device=device, dtype=torch.bfloat16)
+        position = torch.randint(0, span, (rows, 1), device=device)
+        position[0] = span - 1
+        visible = torch.arange(span, device=device) <= position
+        mask = torch.zeros(visible.shape, dtype=torch.bfloat16, device=device)
+        mask = mask.masked_fill_(~visible, torch.finfo(torch.bfloat16).min)[:, None, None, :]
+        assert takes(q, k, v, mask)
+        group = heads // kv_heads
+        for m in (mask, None):
+            expected = torch.nn.functional.scaled_dot_product_attention(
+                q.double(), k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1),
+                attn_mask=None if m is None else m.double(), scale=dims ** -0.5).transpose(1, 2)
+            for fn in functions:
+                out = fn(q, k, v, m, dims ** -0.5)
+                assert out.shape == (rows, 1, heads, dims) and out.dtype == torch.bfloat16
+                # float32 sums rounded once to bf16
+                assert ((out.double() - expected).abs() <= expected.abs() / 128 + 2e-3).all(), (rows, heads, span, m is None)
+    assert not takes(q.expand(-1, -1, 2, -1), k, v, mask)
+    assert not takes(q[..., :24], k[..., :24], v[..., :24], mask)
+    assert not takes(q, k, v, mask > 0)
 
 
 @pytest.mark.gpu
@@ -1155,11 +1208,12 @@ def test_a_compile_cache_file_spares_another_machine_the_compiling(model_dir, tm
     assert second["tokens"] == first["tokens"] and len(first["tokens"]) == 8
 
 
-def test_matvec_choice_is_checked_and_auto_keeps_the_cpu_on_inductor(llama_engine):
+def test_kernel_choices_are_checked_and_auto_keeps_the_cpu_on_inductor(llama_engine):
     """--matvec and --fuse_projections: auto leaves a CPU model's linear layers as they are (the
-    Triton kernel is CUDA's, merging is measured there); --matvec triton on the CPU, or over
-    torchao's weights, is refused with the reason; the benchmarks' names map to prepare_weights'
-    arguments."""
+    Triton kernel is CUDA's, merging is measured there); --matvec triton and --decode_attention
+    triton on the CPU are refused with the reason; the benchmarks' names map to prepare_weights'
+    arguments. decode_attention.py's attention function leaves what its kernel does not compute
+    (here: anything outside a compiled CUDA step) to SDPA: the same logits."""
     from common.serving.loading import fuse_wanted, prepare_weights, weights_variant
 
     model = prepare_weights(copy.deepcopy(llama_engine.model), "none")  # serve.py's defaults: auto, auto
@@ -1171,7 +1225,18 @@ def test_matvec_choice_is_checked_and_auto_keeps_the_cpu_on_inductor(llama_engin
         prepare_weights(copy.deepcopy(llama_engine.model), "int8_rowwise", "off", "triton")
     with pytest.raises(UserError, match="unknown matvec"):
         prepare_weights(copy.deepcopy(llama_engine.model), "none", "off", "cublas")
-    assert weights_variant("fp8_rowwise+fused+triton") == ("fp8_rowwise", "on", "triton")
-    assert weights_variant("none") == ("none", "off", "inductor")
+    with pytest.raises(UserError, match="--decode_attention triton: it needs a CUDA GPU"):
+        prepare_weights(copy.deepcopy(llama_engine.model), "none", "off", "inductor", "triton")
+    with pytest.raises(UserError, match="unknown decode attention"):
+        prepare_weights(copy.deepcopy(llama_engine.model), "none", "off", "inductor", "flash")
+    assert weights_variant("fp8_rowwise+fused+triton+attn") == ("fp8_rowwise", "on", "triton", "triton")
+    assert weights_variant("none") == ("none", "off", "inductor", "sdpa")
+    decode_attention = pytest.importorskip("common.serving.decode_attention", reason="needs triton")
+    model = copy.deepcopy(llama_engine.model)
+    model.set_attn_implementation(decode_attention.NAME)
+    assert model.config._attn_implementation == decode_attention.NAME
+    ids = torch.tensor([llama_engine.encode("今年以来，我国经济平稳发展")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, llama_engine.model(ids).logits, atol=0, rtol=0)
     with pytest.raises(UserError, match="unknown weights"):
         weights_variant("none+cublas")

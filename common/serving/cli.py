@@ -9,7 +9,7 @@ import socket
 from common.errors import UserError
 from common.serving.api import ServerSettings, create_app
 from common.serving.engine import DEFAULT_CACHE_LEN, Engine
-from common.serving.loading import FUSE, MATVEC, QUANTIZATIONS
+from common.serving.loading import ATTENTION, FUSE, MATVEC, QUANTIZATIONS
 from common.serving.sampling import SamplingParams
 from common.serving.ui import build_chat_ui
 
@@ -62,6 +62,10 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
                              "(torch.compile's generated reductions), auto (triton where it can). H200, 7B shape, "
                              "merged products, one client: bf16 1.07x inductor's (237.2 vs 221.0 tokens/s), "
                              "fp8_rowwise 331.5 tokens/s (benchmarks/RESULTS.md, 2026-12-05).")
+    parser.add_argument("--decode_attention", default="sdpa", choices=ATTENTION,
+                        help="The decode step's attention (one new token per request over its cache): sdpa (the "
+                             "model's own, PyTorch's kernels) or triton (a Triton kernel, "
+                             "common/serving/decode_attention.py; CUDA; its speed not yet measured).")
     parser.add_argument("--decoder", default="auto", choices=["auto", "batch", "sequential"],
                         help="auto: requests decoded together (continuous batching) where the model allows it, else "
                              "one at a time (BLOOM's ALiBi); sequential: always one at a time (a model whose own "
@@ -143,7 +147,7 @@ def run_server(argv: list[str] | None, default_model: str, description: str,
         raise UserError("need --max_concurrent >= 1, --max_waiting >= 0 and --queue_timeout > 0")
     _check_address_free(args.host, args.port)
     engine = Engine.from_pretrained(args.model, args.served_model_name, args.template, args.device, args.dtype,
-                                    args.base_model, args.quantize, args.fuse_projections, args.matvec,
+                                    args.base_model, args.quantize, args.fuse_projections, args.matvec, args.decode_attention,
                                     **_engine_options(args, args.max_concurrent))
     settings = ServerSettings(args.max_concurrent, args.max_waiting, args.queue_timeout, args.max_request_bytes,
                               args.default_max_tokens, args.cors, _sampling_defaults(args))
@@ -165,7 +169,7 @@ def run_chatbot(argv: list[str] | None, default_model: str, description: str, ti
     _check_address_free(args.host, args.port)
     defaults = _sampling_defaults(args)
     engine = Engine.from_pretrained(args.model, None, args.template, args.device, args.dtype, args.base_model,
-                                    args.quantize, args.fuse_projections, args.matvec,
+                                    args.quantize, args.fuse_projections, args.matvec, args.decode_attention,
                                     **_engine_options(args, args.max_concurrent))
     _warm_up(engine, args.compile_cache)
     url = f"http://{args.host}:{args.port}"

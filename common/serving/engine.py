@@ -145,16 +145,16 @@ class Engine:
     def from_pretrained(cls, model_dir: str | Path, name: str | None = None, template: str | None = None,
                         device: str | None = None, dtype: str = "auto", base_model: str | None = None,
                         quantize: str = "none", fuse_projections: str = "auto", matvec: str = "auto",
-                        **engine_options) -> Engine:
+                        decode_attention: str = "sdpa", **engine_options) -> Engine:
         """`template` default: the one the model was tuned with (its chat template, or an older
         output's sft_template.json), if any. `fuse_projections` ("auto", "on", "off"): q/k/v and
         gate/up merged into one product each after loading (an adapter merged first; fusing.py,
         loading.fuse_wanted). `quantize`: the weights quantised after that (see
-        loading.quantize_weights). `matvec`: what multiplies one row of activations by a weight
-        (loading.prepare_weights).
+        loading.quantize_weights). `matvec`: what multiplies one row of activations by a weight,
+        `decode_attention`: the decode step's attention (loading.prepare_weights).
         `engine_options`: max_batch, max_cache_len, compile, decoder (see __init__)."""
         model, tokenizer = load_causal_lm(model_dir, device, dtype, base_model)
-        prepare_weights(model, quantize, fuse_projections, matvec)
+        prepare_weights(model, quantize, fuse_projections, matvec, decode_attention)
         return cls(model, tokenizer, name or Path(model_dir).resolve().name, template or saved_template_name(model_dir),
                    **engine_options)
 

@@ -278,25 +278,37 @@ def quantize_weights(model, kind: str):
 
 
 MATVEC = ("auto", "inductor", "triton")
+ATTENTION = ("sdpa", "triton")
+
+
+def triton_refusal(model) -> str | None:
+    """Why our Triton kernels (matvec.py, decode_attention.py) cannot run where this model is;
+    None when they can."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return "it needs a CUDA GPU (its kernel is Triton's)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 0):  # bf16 (tuned on Hopper)
+        return f"it needs a GPU of compute capability (8, 0) or later, not {capability}"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "it needs triton (installed with torch's CUDA builds)"
+    return None
 
 
 def triton_matvec_refusal(model, quantize: str) -> str | None:
     """Why matvec.py's kernel cannot multiply this model's one-row products; None when it can."""
     weight = next(model.parameters())
-    if weight.device.type != "cuda":
-        return "it needs a CUDA GPU (its kernel is Triton's)"
-    capability = torch.cuda.get_device_capability(weight.device)
+    refusal = triton_refusal(model)
+    if refusal:
+        return refusal
     if quantize == "none" and weight.dtype not in (torch.bfloat16, torch.float16):
         return f"it multiplies bf16 / fp16 weights, not {weight.dtype}"
     if quantize not in ("none", *ROWWISE):
         return f"it serves bf16 / fp16 weights or int8_rowwise / fp8_rowwise, not --quantize {quantize}"
-    needed = (8, 9) if quantize == "fp8_rowwise" else (8, 0)  # fp8 conversions; bf16 (tuned on Hopper)
-    if capability < needed:
-        return f"it needs a GPU of compute capability {needed} or later, not {capability}"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "it needs triton (installed with torch's CUDA builds)"
+    if quantize == "fp8_rowwise" and torch.cuda.get_device_capability(weight.device) < (8, 9):
+        return "its fp8 conversions need a GPU of compute capability (8, 9) or later"
     return None
 
 
@@ -317,15 +329,19 @@ def fuse_wanted(model, quantize: str, fuse: str) -> bool:
             and fusion_refusal(model) is None)
 
 
-def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: str = "auto"):
+def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: str = "auto", attention: str = "sdpa"):
     """`model` as served: q/k/v and gate/up merged first as `fuse` says (`fuse_wanted`), then
     its weights quantised (`quantize_weights`); in place. `matvec`: what computes the products of
     one row of activations (one client's decode step): "inductor" (torch.compile's generated
     reductions; cuBLAS uncompiled), "triton" (matvec.py's kernel: CUDA, bf16 / fp16 weights or
     int8_rowwise / fp8_rowwise; a merged 7B bf16 step on an H200 took 4.05 ms of GPU time against
-    inductor's 4.22 in the same run: benchmarks/RESULTS.md), "auto" (triton where it can, else inductor)."""
+    inductor's 4.22 in the same run: benchmarks/RESULTS.md), "auto" (triton where it can, else inductor).
+    `attention`: the decode step's attention, "sdpa" (the model's own, PyTorch's kernels) or
+    "triton" (decode_attention.py's kernel; CUDA; not yet measured)."""
     if matvec not in MATVEC:
         raise UserError(f"unknown matvec {matvec!r}: choose one of {', '.join(MATVEC)}")
+    if attention not in ATTENTION:
+        raise UserError(f"unknown decode attention {attention!r}: choose one of {', '.join(ATTENTION)}")
     if fuse_wanted(model, quantize, fuse):
         logger.info("merged q/k/v and gate/up in %d layers", fuse_projections(model))
     quantize_weights(model, quantize)
@@ -341,19 +357,30 @@ def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: s
         for module in model.modules():
             if isinstance(module, RowScaledLinear):
                 module.triton_matvec = module.weight.shape[0] % 2 == 0
+    if attention == "triton":
+        refusal = triton_refusal(model)
+        if refusal:
+            raise UserError(f"--decode_attention triton: {refusal}")
+        from common.serving.decode_attention import NAME
+
+        model.set_attn_implementation(NAME)
+        if model.config._attn_implementation != NAME:
+            raise UserError(f"--decode_attention triton: {type(model).__name__} does not take transformers' "
+                            "attention functions")
     return model
 
 
-def weights_variant(name: str) -> tuple[str, str, str]:
-    """The benchmarks' names for what `prepare_weights` does: "fp8_rowwise+fused+triton" ->
-    ("fp8_rowwise", "on", "triton"), "none" -> ("none", "off", "inductor") (the benchmarks name
-    the merged products and the Triton kernel, which serve.py uses by default where it can);
-    UserError when unknown."""
+def weights_variant(name: str) -> tuple[str, str, str, str]:
+    """The benchmarks' names for what `prepare_weights` does: "fp8_rowwise+fused+triton+attn" ->
+    ("fp8_rowwise", "on", "triton", "triton"), "none" -> ("none", "off", "inductor", "sdpa") (the
+    benchmarks name the merged products and the Triton kernel, which serve.py uses by default
+    where it can); UserError when unknown."""
     quantize, *options = name.split("+")
-    if quantize not in QUANTIZATIONS or any(option not in ("fused", "triton") for option in options):
-        raise UserError(f"unknown weights {name!r}: one of {', '.join(QUANTIZATIONS)}, optionally with '+fused' "
-                        "and / or '+triton'")
-    return quantize, "on" if "fused" in options else "off", "triton" if "triton" in options else "inductor"
+    if quantize not in QUANTIZATIONS or any(option not in ("fused", "triton", "attn") for option in options):
+        raise UserError(f"unknown weights {name!r}: one of {', '.join(QUANTIZATIONS)}, optionally with '+fused', "
+                        "'+triton' and / or '+attn'")
+    return (quantize, "on" if "fused" in options else "off", "triton" if "triton" in options else "inductor",
+            "triton" if "attn" in options else "sdpa")
 
 
 def weight_bytes(model) -> int:
