@@ -1126,6 +1126,42 @@ def test_a_quantised_adapter_model_is_served_close_to_the_unquantised_one(llama_
         Engine.from_pretrained(tmp_path / "adapter", device="cpu", base_model=base, quantize="int3")
 
 
+def test_a_sliding_window_model_is_served_its_own_tokens(engine):
+    """A Mistral whose tokens see only the last 4 (transformers' sliding_window) decodes in the
+    batcher what its own `generate` does, alone and beside a request with a shorter prompt (the
+    padded prefill); without the window its greedy tokens differ, so the window is what this
+    checks. A Qwen2 whose layers mix windowed and full attention is served one request at a
+    time (the batcher's one mask cannot be both), with its own tokens too."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(5)
+    shape = dict(vocab_size=len(engine.tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
+    mistral = MistralForCausalLM(MistralConfig(sliding_window=4, **shape)).eval()
+    prompts = [engine.encode("今年以来，我国经济平稳发展"), engine.encode("记者")]
+    greedy = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    expected = [_reference_greedy(mistral, prompt, 10) for prompt in prompts]
+    unwindowed = copy.deepcopy(mistral)
+    unwindowed.config.sliding_window = None
+    assert _reference_greedy(unwindowed, prompts[0], 10) != expected[0]
+    served = Engine(mistral, engine.tokenizer, "mistral", max_batch=2, compile=False)
+    try:
+        assert served.batched
+        assert _read_all([served.stream(prompts[0], greedy)]) == expected[:1]
+        with served.decoder.condition:  # the two join together: one padded prefill
+            together = [served.stream(prompt, greedy) for prompt in prompts]
+        assert _read_all(together) == expected
+    finally:
+        served.close()
+    mixed = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, sliding_window=4, max_window_layers=1, **shape)).eval()
+    served = Engine(mixed, engine.tokenizer, "qwen2", max_batch=2, compile=False)
+    try:
+        assert not served.batched
+        assert _read_all([served.stream(prompts[0], greedy)]) == [_reference_greedy(mixed, prompts[0], 10)]
+    finally:
+        served.close()
+
+
 def test_merged_projections_serve_the_models_own_logits_and_tokens(engine, llama_engine, model_dir, tmp_path):
     """serve.py --fuse_projections: each decoder layer's q/k/v and gate/up products become one
     each (transformers' Phi3 modules) in a Llama (grouped-query attention) and a Qwen2 (q/k/v

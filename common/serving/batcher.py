@@ -163,10 +163,28 @@ class _Step:
     ready: torch.cuda.Event | None = None
 
 
+def attention_kinds(model) -> set[str]:
+    """What its layers attend to, as transformers' masks say: "full_attention" (every earlier
+    token), "sliding_attention" (the last `config.sliding_window` tokens, itself included:
+    Mistral, a Qwen2 with use_sliding_window), or another kind (chunked, ...). Per layer from
+    `config.layer_types` where the config has them, else from `config.sliding_window`."""
+    config = model.config
+    sliding = getattr(config, "sliding_window", None) is not None
+    return set(getattr(config, "layer_types", None) or ["sliding_attention" if sliding else "full_attention"])
+
+
+def attention_window(model) -> int | None:
+    """The sliding window every layer attends within; None when they see every earlier token."""
+    return model.config.sliding_window if attention_kinds(model) == {"sliding_attention"} else None
+
+
 def batcher_refusal(model) -> str | None:
     """Why the Batcher cannot drive `model` (None when it can)."""
     if "position_ids" not in inspect.signature(model.forward).parameters:  # a padded prefill: positions are not columns
         return f"{type(model).__name__} takes no position_ids (ALiBi models such as BLOOM)"
+    kinds = attention_kinds(model)
+    if len(kinds) > 1 or kinds - {"full_attention", "sliding_attention"}:  # its one mask is each layer's
+        return f"{type(model).__name__} has layers that attend to different spans ({', '.join(sorted(kinds))})"
     return None
 
 
@@ -378,6 +396,7 @@ class Batcher(_Decoder):
             raise UserError(f"{refusal}: the batching engine cannot serve it (SequentialDecoder can)")
         self.max_batch = max_batch
         self.cache_length = cache_length
+        self.window = attention_window(model)  # the masks' (None: every earlier slot)
         self.widths = batch_widths(max_batch)
         try:
             largest = SlotCache(max_batch, cache_length, self.device)
@@ -387,7 +406,7 @@ class Batcher(_Decoder):
             raise UserError(f"no room on {self.device} for the KV cache of {max_batch} requests x {cache_length} "
                             "tokens: lower --max_concurrent or --max_cache_len") from None
         dtype = next(model.parameters()).dtype
-        step = partial(_decode_step, model, dtype, self.cache_argument)
+        step = partial(_decode_step, model, dtype, self.cache_argument, self.window)
         if compile_decode:
             # one compiled function per cache: each sees one set of cache tensors (no guard churn).
             # One row's matrix products become reductions that inductor generates (coordinate-descent
@@ -498,6 +517,8 @@ class Batcher(_Decoder):
         slots = torch.arange(cache.span, device=self.device)
         own = slots == column_slots[..., None]
         visible = own | ((slots < column_slots[..., None]) & (columns >= pads)[..., None])  # [g, n, span]
+        if self.window is not None:
+            visible &= slots > column_slots[..., None] - self.window
         dtype = next(self.model.parameters()).dtype
         mask = torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill_(~visible, torch.finfo(dtype).min)
         input_ids = torch.tensor([[0] * (n - len(p)) + p for p in prompts], device=self.device)
@@ -591,11 +612,15 @@ def _cudagraph_state_for_this_thread() -> None:
         torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
 
 
-def _decode_step(model, dtype: torch.dtype, cache_argument: str, cache: SlotCache, input_ids, position_ids):
+def _decode_step(model, dtype: torch.dtype, cache_argument: str, window: int | None, cache: SlotCache, input_ids,
+                 position_ids):
     """One token for every row: logits and their argmax. Row r writes slot position_ids[r]
-    (= cache.position[r]) and sees the slots up to it (its prompt and what it generated)."""
+    (= cache.position[r]) and sees the slots up to it (its prompt and what it generated), the
+    last `window` of them for a model with a sliding window."""
     slots = torch.arange(cache.span, device=input_ids.device)
     visible = slots <= position_ids
+    if window is not None:
+        visible &= slots > position_ids - window
     mask = torch.zeros(visible.shape, dtype=dtype, device=input_ids.device).masked_fill_(~visible, torch.finfo(dtype).min)
     logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[:, None, None, :],
                    use_cache=True, **{cache_argument: cache}).logits[:, -1]
