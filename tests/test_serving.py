@@ -1020,23 +1020,27 @@ def test_triton_matvec_multiplies_one_row_as_float64_does(device, request):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_decode_attention_kernel_attends_as_float64_sdpa_does(device, request):
-    """decode_attention.py's kernel: one query per row over the first `span` slots of a longer
+    """decode_attention.py's kernels: one query per row over the first `span` slots of a longer
     cache (the views SlotCache gives), each row masked after its own position, grouped-query
-    heads, spans that are not a multiple of the kernel's block, with and without a mask; against
-    SDPA in float64. On the GPU also inside torch.compile; on the CPU through Triton's interpreter.
-    Calls it does not take (two queries, a head size not a power of 2, a boolean mask) are left
-    to SDPA."""
+    heads, spans that are not a multiple of the kernel's block, with and without a mask, in one
+    piece or split (4 pieces for one row of 32 heads, one of them past a 130-slot span) and
+    combined; against SDPA in float64. On the GPU also inside torch.compile; on the CPU through
+    Triton's interpreter. Calls it does not take (two queries, a head size not a power of 2, a
+    boolean mask) are left to SDPA."""
     pytest.importorskip("common.serving.decode_attention", reason="needs triton")
     if device == "cpu" and _reran_in_triton_interpreter(request):
         return
-    from common.serving.decode_attention import takes
+    from common.serving.decode_attention import split_count, takes
 
     functions = [torch.ops.serving.decode_attention]
     if device == "cuda":
         functions.append(torch.compile(lambda *args: torch.ops.serving.decode_attention(*args),
                                        fullgraph=True, dynamic=False))
     torch.manual_seed(0)
-    for rows, heads, kv_heads, span, dims in ((1, 32, 32, 256, 128), (3, 8, 2, 100, 64), (2, 4, 1, 1, 32)):
+    cases = {(1, 32, 32, 256, 128): 4, (1, 4, 2, 130, 64): 4, (3, 8, 2, 100, 64): 2, (2, 4, 1, 1, 32): 1}
+    if device == "cpu":  # (on a GPU the pieces depend on its multiprocessors)
+        assert {case: split_count(case[0], case[1], case[3], torch.device("cpu")) for case in cases} == cases
+    for rows, heads, kv_heads, span, dims in cases:
         keys, values = (torch.randn(rows, kv_heads, 300, dims, device=device, dtype=torch.bfloat16) for _ in "kv")
         k, v = keys[:, :, :span], values[:, :, :span]
         q = torch.randn(rows, heads, 1, dims, device=device, dtype=torch.bfloat16)

@@ -4,10 +4,12 @@ measured on a GPU).
 
 With one query per row, attention reads the cache once: one program per (row, head) walks the
 span in blocks, scores each block's keys against the query, keeps a running maximum and sum for
-the softmax, and accumulates the weighted values, all in float32. One H200, 7B shape, one client,
-256 slots: SDPA's kernels took 0.27 ms a step for 32 layers (~8 us a layer, for ~4 MB read at
-~1 us of bandwidth: benchmarks/RESULTS.md, profile_decode_step.py), which is what this kernel
-is for. Registered as a torch operator (`torch.library.triton_op`), so the compiled, CUDA-graphed
+the softmax, and accumulates the weighted values, all in float32. With few rows (one client: 32
+programs for an H100's 132 multiprocessors) each span is cut into pieces, one program each, and a
+second kernel combines their sums (`split_count`). What it is for: on one H200 (7B shape, one
+row, 256 slots, the step profiled eagerly: benchmarks/RESULTS.md, profile_decode_step.py) the
+attention kernels took 0.27 ms of a step's 32 layers, ~8 us a layer for ~4 MB that the memory
+reads in ~1 us. Registered as a torch operator (`torch.library.triton_op`), so the compiled, CUDA-graphed
 decode step contains it, and as a transformers attention function ("serving_decode") that takes
 it for one-query calls inside that compiled step and SDPA's otherwise (prefill, scoring, eager
 calls, shapes it does not take). CUDA only (this module imports Triton), but for a CPU test
@@ -24,16 +26,17 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-NAME = "serving_decode"  # the attn_implementation `use_decode_attention` gives a model
+NAME = "serving_decode"  # the attn_implementation loading.prepare_weights gives a model
 BLOCK_S = 64  # cache slots a loop step reads
+PROCESSORS_OFF_CUDA = 132  # an H100's multiprocessors: how the CPU test (Triton's interpreter) splits
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, S, scale,
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, S, SPLIT, scale,
                              q_row, q_head, k_row, k_head, k_slot, v_row, v_head, v_slot, mask_row, mask_slot,
-                             out_row, out_head,
-                             GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
-    row, head = tl.program_id(0), tl.program_id(1)
+                             out_row, out_head, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                             HAS_MASK: tl.constexpr, SPLITS: tl.constexpr):
+    row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kv_head = head // GROUP  # grouped-query attention: GROUP query heads share a key/value head
     dims = tl.arange(0, D)
     q = tl.load(q_ptr + row * q_row + head * q_head + dims).to(tl.float32) * scale
@@ -41,10 +44,11 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, S, scale,
     values = v_ptr + row.to(tl.int64) * v_row + kv_head * v_head
     best = -float("inf")  # running maximum of the scores
     total = 0.0  # running sum of exp(score - best)
-    acc = tl.zeros((D,), dtype=tl.float32)
-    for start in range(0, S, BLOCK):
+    acc = tl.zeros((D,), dtype=tl.float32)  # running sum of exp(score - best) * value
+    end = tl.minimum(S, (split + 1) * SPLIT)
+    for start in range(split * SPLIT, end, BLOCK):
         slots = start + tl.arange(0, BLOCK)
-        inside = slots < S
+        inside = slots < end
         k = tl.load(keys + slots[:, None] * k_slot + dims[None, :], mask=inside[:, None], other=0.0)
         scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
         if HAS_MASK:
@@ -57,23 +61,60 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, S, scale,
         acc = acc * shrink + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
         total = total * shrink + tl.sum(weights, axis=0)
         best = new_best
-    tl.store(out_ptr + row * out_row + head * out_head + dims, (acc / total).to(out_ptr.dtype.element_ty))
+    if SPLITS == 1:
+        tl.store(out_ptr + row * out_row + head * out_head + dims, (acc / total).to(out_ptr.dtype.element_ty))
+    else:  # this split's share: acc, best, total side by side, for _combine_kernel
+        part = part_ptr + ((row * tl.num_programs(1) + head) * SPLITS + split) * (D + 2)
+        tl.store(part + dims, acc)
+        tl.store(part + D, best)
+        tl.store(part + D + 1, total)
+
+
+@triton.jit
+def _combine_kernel(part_ptr, out_ptr, out_row, out_head, D: tl.constexpr, SPLITS: tl.constexpr):
+    row, head = tl.program_id(0), tl.program_id(1)
+    parts = part_ptr + (row * tl.num_programs(1) + head) * SPLITS * (D + 2) + tl.arange(0, SPLITS) * (D + 2)
+    dims = tl.arange(0, D)
+    best, total = tl.load(parts + D), tl.load(parts + D + 1)
+    weights = tl.exp(best - tl.max(best, axis=0))  # (a split past the span: best -inf, weight 0)
+    acc = tl.sum(weights[:, None] * tl.load(parts[:, None] + dims[None, :]), axis=0)
+    tl.store(out_ptr + row * out_row + head * out_head + dims,
+             (acc / tl.sum(weights * total, axis=0)).to(out_ptr.dtype.element_ty))
+
+
+def split_count(rows: int, heads: int, slots: int, device: torch.device) -> int:
+    """Pieces each (row, head)'s span is cut into, a power of 2: enough programs for about two per
+    multiprocessor (one client's 32 heads would leave most of an H100's 132 idle), none shorter
+    than a loop step. Many rows (a batch) take one piece each, and no second kernel."""
+    processors = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
+                  else PROCESSORS_OFF_CUDA)
+    splits = 1
+    while splits * 2 * rows * heads <= 2 * processors and splits * BLOCK_S < slots:
+        splits *= 2
+    return splits
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float,
-           kernel=None) -> torch.Tensor:
+           kernels=(None, None)) -> torch.Tensor:
     """query [B, H, 1, D], key / value [B, Hkv, S, D] (H a multiple of Hkv, D a power of 2; any
     strides with the last dimension contiguous), mask None or additive [B, 1, 1, S]: the attention
-    output as [B, 1, H, D] (the layout transformers' attention functions return)."""
+    output as [B, 1, H, D] (the layout transformers' attention functions return). `kernels`: the
+    two Triton kernels as called (the operator's are wrapped for tracing)."""
     rows, heads, _, dims = query.shape
+    slots = key.shape[2]
+    splits = split_count(rows, heads, slots, query.device)
+    split = triton.cdiv(triton.cdiv(slots, splits), BLOCK_S) * BLOCK_S
     out = query.new_empty(rows, 1, heads, dims)
+    part = torch.empty(rows, heads, splits, dims + 2, device=query.device, dtype=torch.float32) if splits > 1 else out
     has_mask = mask is not None
     mask_row, mask_slot = (mask.stride(0), mask.stride(3)) if has_mask else (0, 0)
-    (kernel or _decode_attention_kernel)[(rows, heads)](
-        query, key, value, mask if has_mask else query, out, key.shape[2], scale,
+    (kernels[0] or _decode_attention_kernel)[(rows, heads, splits)](
+        query, key, value, mask if has_mask else query, out, part, slots, split, scale,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), mask_row, mask_slot, out.stride(0), out.stride(2),
-        GROUP=heads // key.shape[1], D=dims, BLOCK=BLOCK_S, HAS_MASK=has_mask, num_warps=4)
+        GROUP=heads // key.shape[1], D=dims, BLOCK=BLOCK_S, HAS_MASK=has_mask, SPLITS=splits, num_warps=4)
+    if splits > 1:
+        (kernels[1] or _combine_kernel)[(rows, heads)](part, out, out.stride(0), out.stride(2), D=dims, SPLITS=splits)
     return out
 
 
@@ -81,7 +122,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:  # noqa: UP045  (as in matvec.py)
     """`attend` as a torch operator, which torch.compile keeps in the graph it captures."""
-    return attend(query, key, value, mask, scale, kernel=wrap_triton(_decode_attention_kernel))
+    return attend(query, key, value, mask, scale, kernels=(wrap_triton(_decode_attention_kernel),
+                                                            wrap_triton(_combine_kernel)))
 
 
 def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
