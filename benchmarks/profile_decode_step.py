@@ -40,7 +40,13 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.decode_throughput import build_model, copy_bandwidth  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from common.serving.batcher import DECODE_ATTENTION, SlotCache, _cache_argument, _decode_step  # noqa: E402
+from common.serving.batcher import (  # noqa: E402
+    DECODE_ATTENTION,
+    SlotCache,
+    _cache_argument,
+    _decode_step,
+    attention_window,
+)
 from common.serving.loading import QUANTIZATIONS, prepare_weights, weight_bytes, weights_variant  # noqa: E402
 from common.serving.runtime import apply_serving_settings  # noqa: E402
 
@@ -181,7 +187,7 @@ def profile_model(model, kind: str, args, widths: list[int], spans: list[int], k
     (`with_sdpa`) SDPA alone on its shapes per backend."""
     config = model.config
     weights = weight_bytes(model)
-    decode = partial(_decode_step, model, dtype, _cache_argument(model))
+    decode = partial(_decode_step, model, dtype, _cache_argument(model), attention_window(model))
     rows = []
     with torch.inference_mode():
         for width in widths:
