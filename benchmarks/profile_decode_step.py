@@ -116,8 +116,9 @@ def main() -> None:
     parser.add_argument("--quantize", default="none",
                         help="Weights, comma-separated: " + ", ".join(QUANTIZATIONS) + ", each optionally followed by "
                              "'+fused' (q/k/v and gate/up merged first), '+triton' (one row's products through "
-                             "common/serving/matvec.py's kernel) and / or '+attn' (the step's attention through "
-                             "common/serving/decode_attention.py's kernel). Default: none (bf16).")
+                             "common/serving/matvec.py's kernel), '+attn' (the step's attention through "
+                             "common/serving/decode_attention.py's kernel) and / or '+glu' (with +fused+triton: "
+                             "SiLU(gate) x up taken in the gate/up kernel). Default: none (bf16).")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="outputs/benchmarks/profile_decode_step.json")
     args = parser.parse_args()

@@ -901,7 +901,8 @@ def test_int4_groups_round_each_group_of_a_row_to_16_levels_between_its_extremes
 GPU_KINDS = {"fp8_rowwise": (0.9, 0.1), "int8_gemlite": (0.9, 0.1), "fp8_gemlite": (0.9, 0.1),
              "int4_gemlite": (1.3, 0.3), "bf16_gemlite": (0.0, 0.01), "none+triton": (0.0, 0.01),
              "none+fused+triton": (0.0, 0.01), "fp8_rowwise+fused+triton": (0.9, 0.1), "int8_rowwise+triton": (0.9, 0.1),
-             "none+fused+triton+attn": (0.0, 0.01)}
+             "none+fused+triton+attn": (0.0, 0.01), "none+fused+triton+glu": (0.0, 0.01),
+             "fp8_rowwise+fused+triton+glu": (0.9, 0.1)}
 
 
 @pytest.mark.gpu
@@ -909,7 +910,8 @@ GPU_KINDS = {"fp8_rowwise": (0.9, 0.1), "int8_gemlite": (0.9, 0.1), "fp8_gemlite
 def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engine, kind):
     """--quantize fp8_rowwise / int8_gemlite / fp8_gemlite / int4_gemlite / bf16_gemlite on a GPU,
     and --matvec triton (with --fuse_projections for some; with --decode_attention triton for one,
-    whose test model groups two query heads per key/value head): every linear layer is replaced, the
+    whose test model groups two query heads per key/value head; with SiLU(gate) x up in the gate/up
+    kernel, the benchmarks' '+glu', for two): every linear layer is replaced, the
     weights take the bytes their format says (about half of bf16's for 8 bits, under a third for
     4; bf16's for bf16_gemlite and bf16 through the Triton kernel), the logits stay close to bf16's,
     and the engine's compiled decode step, with one request and with three together (fp8_rowwise's
@@ -933,8 +935,9 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
         vocab_size=(len(engine.tokenizer) + 7) // 8 * 8, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0))
     plain = plain.to("cuda", torch.bfloat16).eval()
-    quantize, fused, matvec, attention = weights_variant(kind)
-    quantised = prepare_weights(copy.deepcopy(plain), quantize, fused, matvec, attention)
+    quantize, fused, matvec, attention, glu = weights_variant(kind)
+    quantised = prepare_weights(copy.deepcopy(plain), quantize, fused, matvec, attention, glu)
+    assert all(type(layer.mlp).__name__ == "GluMatvecMLP" for layer in quantised.model.layers) == glu
     assert not any(type(m) is torch.nn.Linear for m in quantised.modules())
     assert (quantised.config._attn_implementation == "serving_decode") == (attention == "triton")
     if quantize == "fp8_rowwise":
@@ -987,7 +990,7 @@ def _reran_in_triton_interpreter(request) -> bool:
 def test_triton_matvec_multiplies_one_row_as_float64_does(device, request):
     """matvec.py's kernel on shapes its blocks do not divide (rows not a multiple of 4 or 8,
     columns not of the loop's step), with and without a scale per row and a bias, 16- and 8-bit
-    weights. On the GPU also inside torch.compile (a CUDA-graphed step's form); on the CPU through
+    weights, alone and with SiLU(gate) x up taken from its sums (`glu`). On the GPU also inside torch.compile (a CUDA-graphed step's form); on the CPU through
     Triton's interpreter (the kernel's arithmetic, masks and launch parameters, not its compiled
     form or speed). An odd number of rows is refused (prepare_weights leaves it to inductor)."""
     pytest.importorskip("common.serving.matvec", reason="needs triton")
@@ -1009,11 +1012,16 @@ def test_triton_matvec_multiplies_one_row_as_float64_does(device, request):
             for b in (None, bias):
                 expected = x.double().view(-1) @ weight.double().T
                 expected = (expected if scale is None else expected * scale.double()) + (0 if b is None else b.double())
+                # glu: the first half of the rows a SwiGLU MLP's gate, the rest its up
+                swiglu = torch.nn.functional.silu(expected[:n // 2]) * expected[n // 2:]
                 for fn in functions:
                     out = fn(x, weight, scale, b)
                     assert out.shape == (1, 1, n) and out.dtype == torch.bfloat16
                     # the float32 sums rounded once to bf16 (8 bits of mantissa)
                     assert ((out.double().view(-1) - expected).abs() <= expected.abs() / 128 + 1e-2).all(), (n, k, dtype)
+                    out = fn(x, weight, scale, b, True)
+                    assert out.shape == (1, 1, n // 2) and out.dtype == torch.bfloat16
+                    assert ((out.double().view(-1) - swiglu).abs() <= swiglu.abs() / 128 + 1e-2).all(), (n, k, dtype)
     with pytest.raises(ValueError, match="not a multiple of 2"):
         functions[0](x, torch.randn(37, x.shape[-1], device=device, dtype=torch.bfloat16))
 
@@ -1254,7 +1262,7 @@ def test_kernel_choices_are_checked_and_auto_keeps_the_cpu_on_inductor(llama_eng
     triton on the CPU are refused with the reason; the benchmarks' names map to prepare_weights'
     arguments. decode_attention.py's attention function leaves what its kernel does not compute
     (here: anything outside a compiled CUDA step) to SDPA: the same logits."""
-    from common.serving.loading import fuse_wanted, prepare_weights, weights_variant
+    from common.serving.loading import GluMatvecMLP, fuse_wanted, prepare_weights, weights_variant
 
     model = prepare_weights(copy.deepcopy(llama_engine.model), "none")  # serve.py's defaults: auto, auto
     assert sum(type(m) is torch.nn.Linear for m in model.modules()) == 7 * 2 + 1
@@ -1269,8 +1277,16 @@ def test_kernel_choices_are_checked_and_auto_keeps_the_cpu_on_inductor(llama_eng
         prepare_weights(copy.deepcopy(llama_engine.model), "none", "off", "inductor", "triton")
     with pytest.raises(UserError, match="unknown decode attention"):
         prepare_weights(copy.deepcopy(llama_engine.model), "none", "off", "inductor", "flash")
-    assert weights_variant("fp8_rowwise+fused+triton+attn") == ("fp8_rowwise", "on", "triton", "triton")
-    assert weights_variant("none") == ("none", "off", "inductor", "sdpa")
+    assert weights_variant("fp8_rowwise+fused+triton+attn") == ("fp8_rowwise", "on", "triton", "triton", False)
+    assert weights_variant("none+fused+triton+glu") == ("none", "on", "triton", "sdpa", True)
+    assert weights_variant("none") == ("none", "off", "inductor", "sdpa", False)
+    with pytest.raises(UserError, match="glu: it needs the Triton kernel and merged gate/up products"):
+        prepare_weights(copy.deepcopy(llama_engine.model), "none", "on", "auto", "sdpa", True)
+    merged = prepare_weights(copy.deepcopy(llama_engine.model), "none", "on", "inductor")
+    glu_mlp = GluMatvecMLP(merged.model.layers[0].mlp)  # outside a compiled step: what Phi3MLP computes
+    hidden = torch.randn(2, 3, merged.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(glu_mlp(hidden), merged.model.layers[0].mlp(hidden), atol=0, rtol=0)
     decode_attention = pytest.importorskip("common.serving.decode_attention", reason="needs triton")
     model = copy.deepcopy(llama_engine.model)
     model.set_attn_implementation(decode_attention.NAME)

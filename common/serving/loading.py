@@ -164,6 +164,26 @@ class MatvecLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
+class GluMatvecMLP(torch.nn.Module):
+    """A merged SwiGLU MLP (transformers' Phi3MLP, as fusing.py makes it: gate and up one
+    product) whose call for one row inside a compiled step is one kernel for gate/up that also
+    takes SiLU(gate) x up from its float32 sums (matvec.py's `glu`: no kernel of its own for that),
+    then down; anything else computes what Phi3MLP does."""
+
+    def __init__(self, mlp: torch.nn.Module):
+        super().__init__()
+        self.gate_up_proj, self.down_proj, self.activation_fn = mlp.gate_up_proj, mlp.down_proj, mlp.activation_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj
+        if x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():
+            scale = getattr(gate_up, "scale", None)
+            return self.down_proj(torch.ops.serving.matvec(x, gate_up.weight, None if scale is None else scale.view(-1),
+                                                           gate_up.bias, True))
+        gate, up = gate_up(x).chunk(2, dim=-1)
+        return self.down_proj(up * self.activation_fn(gate))
+
+
 def _fp8_products(weight: torch.Tensor, activations: torch.dtype) -> bool:
     """Whether torch._scaled_mm can multiply `activations` by this fp8 weight with scales per row
     where it is: on the CPU, and on CUDA GPUs of compute capability 9.0 (Hopper) and later for
@@ -329,7 +349,8 @@ def fuse_wanted(model, quantize: str, fuse: str) -> bool:
             and fusion_refusal(model) is None)
 
 
-def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: str = "auto", attention: str = "sdpa"):
+def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: str = "auto", attention: str = "sdpa",
+                    glu: bool = False):
     """`model` as served: q/k/v and gate/up merged first as `fuse` says (`fuse_wanted`), then
     its weights quantised (`quantize_weights`); in place. `matvec`: what computes the products of
     one row of activations (one client's decode step): "inductor" (torch.compile's generated
@@ -337,7 +358,9 @@ def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: s
     int8_rowwise / fp8_rowwise; a merged 7B bf16 step on an H200 took 4.05 ms of GPU time against
     inductor's 4.22 in the same run: benchmarks/RESULTS.md), "auto" (triton where it can, else inductor).
     `attention`: the decode step's attention, "sdpa" (the model's own, PyTorch's kernels) or
-    "triton" (decode_attention.py's kernel; CUDA; not yet measured)."""
+    "triton" (decode_attention.py's kernel; CUDA; not yet measured). `glu`: with the kernel and
+    merged products, a SwiGLU MLP's SiLU(gate) x up taken in its gate/up kernel (GluMatvecMLP;
+    not yet measured, so off by default and in serve.py: the benchmarks' '+glu')."""
     if matvec not in MATVEC:
         raise UserError(f"unknown matvec {matvec!r}: choose one of {', '.join(MATVEC)}")
     if attention not in ATTENTION:
@@ -357,6 +380,14 @@ def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: s
         for module in model.modules():
             if isinstance(module, RowScaledLinear):
                 module.triton_matvec = module.weight.shape[0] % 2 == 0
+    if glu:
+        layers = getattr(getattr(model, "model", None), "layers", None) or []
+        if refusal or matvec == "inductor" or not layers or any(type(layer.mlp).__name__ != "Phi3MLP" for layer in layers):
+            raise UserError("glu: it needs the Triton kernel and merged gate/up products")
+        if any(type(layer.mlp.activation_fn).__name__ not in ("SiLUActivation", "SiLU") for layer in layers):
+            raise UserError("glu: it computes SiLU(gate) x up, and this model's MLP has another activation")
+        for layer in layers:
+            layer.mlp = GluMatvecMLP(layer.mlp)
     if attention == "triton":
         refusal = triton_refusal(model)
         if refusal:
@@ -370,17 +401,17 @@ def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: s
     return model
 
 
-def weights_variant(name: str) -> tuple[str, str, str, str]:
-    """The benchmarks' names for what `prepare_weights` does: "fp8_rowwise+fused+triton+attn" ->
-    ("fp8_rowwise", "on", "triton", "triton"), "none" -> ("none", "off", "inductor", "sdpa") (the
-    benchmarks name the merged products and the Triton kernel, which serve.py uses by default
-    where it can); UserError when unknown."""
+def weights_variant(name: str) -> tuple[str, str, str, str, bool]:
+    """The benchmarks' names for what `prepare_weights` does: "fp8_rowwise+fused+triton+attn+glu"
+    -> ("fp8_rowwise", "on", "triton", "triton", True), "none" -> ("none", "off", "inductor",
+    "sdpa", False) (the benchmarks name the merged products and the Triton kernel, which serve.py
+    uses by default where it can); UserError when unknown."""
     quantize, *options = name.split("+")
-    if quantize not in QUANTIZATIONS or any(option not in ("fused", "triton", "attn") for option in options):
+    if quantize not in QUANTIZATIONS or any(option not in ("fused", "triton", "attn", "glu") for option in options):
         raise UserError(f"unknown weights {name!r}: one of {', '.join(QUANTIZATIONS)}, optionally with '+fused', "
-                        "'+triton' and / or '+attn'")
+                        "'+triton', '+attn' and / or '+glu'")
     return (quantize, "on" if "fused" in options else "off", "triton" if "triton" in options else "inductor",
-            "triton" if "attn" in options else "sdpa")
+            "triton" if "attn" in options else "sdpa", "glu" in options)
 
 
 def weight_bytes(model) -> int:

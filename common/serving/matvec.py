@@ -7,7 +7,9 @@ launch parameters it tunes (runtime.py, batcher.py); this kernel is the same ari
 tile, warp count and loop pipelining chosen for the shapes of a decoder layer by measurement
 (`benchmarks/quantized_matvec.py --sweep_matvec`), for bf16 / fp16 weights and for 8-bit weights (int8, fp8 e4m3)
 with a scale per output row (loading.RowScaledLinear), the weight converted to float32 as it is
-read and the scale applied to the sums. It is registered as a torch operator
+read and the scale applied to the sums. For a merged SwiGLU MLP's gate/up product it can also take
+SiLU(gate) x up from the float32 sums (`glu`; loading.GluMatvecMLP, not yet measured on a GPU),
+saving the step a kernel per layer. It is registered as a torch operator
 (`torch.library.triton_op`), so the compiled, CUDA-graphed decode step contains it like its own
 kernels. CUDA only (this module imports Triton), but for a CPU test through Triton's interpreter.
 """
@@ -23,8 +25,12 @@ from torch.library import triton_op, wrap_triton
 @triton.jit
 def _matvec_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                   HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # N is a multiple of BLOCK_N
+                   HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GLU: tl.constexpr):
+    if GLU:  # rows in pairs: gate row r, then its up row r + N / 2
+        pair = tl.arange(0, BLOCK_N)
+        rows = tl.program_id(0) * (BLOCK_N // 2) + pair // 2 + (pair % 2) * (N // 2)
+    else:
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # N is a multiple of BLOCK_N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
     sums = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for start in tl.range(0, K, BLOCK_K, num_stages=STAGES):
@@ -42,18 +48,25 @@ def _matvec_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K,
         y = y * tl.load(scale_ptr + rows).to(tl.float32)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rows).to(tl.float32)
-    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty))
+    if GLU:  # SiLU(gate) x up, on the float32 sums
+        gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
+        outputs = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(out_ptr + outputs, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty))
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None,
-           bias: torch.Tensor | None, block_n: int, block_k: int, warps: int, stages: int, kernel=None) -> None:
+           bias: torch.Tensor | None, block_n: int, block_k: int, warps: int, stages: int, kernel=None,
+           glu: bool = False) -> None:
     """out[N] = (weight[N, K] @ x[K]) * scale + bias with the given launch parameters (`kernel`:
-    the Triton kernel as called, wrapped for tracing inside a triton_op)."""
+    the Triton kernel as called, wrapped for tracing inside a triton_op). `glu`: the weight is
+    gate and up stacked (a merged SwiGLU MLP's), out[N / 2] = SiLU(gate) * up."""
     n, k = weight.shape
     (kernel or _matvec_kernel)[(n // block_n,)](
         x, weight, x if scale is None else scale, x if bias is None else bias, out, n, k,
         BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-        EVEN_K=k % block_k == 0, num_warps=warps)
+        EVEN_K=k % block_k == 0, GLU=glu, num_warps=warps)
 
 
 def launch_parameters(n: int, k: int, element_size: int) -> tuple[int, int, int, int]:
@@ -75,11 +88,12 @@ def launch_parameters(n: int, k: int, element_size: int) -> tuple[int, int, int,
 
 @triton_op("serving::matvec", mutates_args=())
 def matvec(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None,  # noqa: UP045
-           bias: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045  (the operator's schema reads typing's form)
+           bias: Optional[torch.Tensor] = None, glu: bool = False) -> torch.Tensor:  # noqa: UP045  (the operator's schema reads typing's form)
     """x [..., K] with one row in all, weight [N, K] (16-bit, or 8-bit with `scale` [N] per output
-    row): x @ weight.T * scale + bias, in x's dtype."""
+    row): x @ weight.T * scale + bias, in x's dtype. `glu`: the weight's first N / 2 rows are a
+    SwiGLU MLP's gate, the rest its up: SiLU(gate) * up, N / 2 outputs (not yet measured on a GPU)."""
     n, k = weight.shape
-    out = x.new_empty(*x.shape[:-1], n)
+    out = x.new_empty(*x.shape[:-1], n // 2 if glu else n)
     launch(x.reshape(-1).contiguous(), weight, out.view(-1), scale, bias,
-           *launch_parameters(n, k, weight.element_size()), kernel=wrap_triton(_matvec_kernel))
+           *launch_parameters(n, k, weight.element_size()), kernel=wrap_triton(_matvec_kernel), glu=glu)
     return out
