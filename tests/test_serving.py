@@ -990,9 +990,9 @@ def _reran_in_triton_interpreter(request) -> bool:
 def test_triton_matvec_multiplies_one_row_as_float64_does(device, request):
     """matvec.py's kernel on shapes its blocks do not divide (rows not a multiple of 4 or 8,
     columns not of the loop's step), with and without a scale per row and a bias, 16- and 8-bit
-    weights, alone and with SiLU(gate) x up taken from its sums (`glu`). On the GPU also inside torch.compile (a CUDA-graphed step's form); on the CPU through
-    Triton's interpreter (the kernel's arithmetic, masks and launch parameters, not its compiled
-    form or speed). An odd number of rows is refused (prepare_weights leaves it to inductor)."""
+    weights, alone and with SiLU(gate) x up taken from its sums (`glu`). On the GPU also inside
+    torch.compile (a CUDA-graphed step's form); on the CPU through Triton's interpreter (the
+    kernel's arithmetic, masks and launch parameters, not its compiled form or speed). An odd number of rows is refused (prepare_weights leaves it to inductor)."""
     pytest.importorskip("common.serving.matvec", reason="needs triton")
     if device == "cpu" and _reran_in_triton_interpreter(request):
         return
@@ -1260,8 +1260,9 @@ def test_kernel_choices_are_checked_and_auto_keeps_the_cpu_on_inductor(llama_eng
     """--matvec and --fuse_projections: auto leaves a CPU model's linear layers as they are (the
     Triton kernel is CUDA's, merging is measured there); --matvec triton and --decode_attention
     triton on the CPU are refused with the reason; the benchmarks' names map to prepare_weights'
-    arguments. decode_attention.py's attention function leaves what its kernel does not compute
-    (here: anything outside a compiled CUDA step) to SDPA: the same logits."""
+    arguments; '+glu' needs the kernel and merged products, and its MLP outside a compiled step
+    computes what Phi3MLP does. decode_attention.py's attention function leaves what its kernel
+    does not compute (here: anything outside a compiled CUDA step) to SDPA: the same logits."""
     from common.serving.loading import GluMatvecMLP, fuse_wanted, prepare_weights, weights_variant
 
     model = prepare_weights(copy.deepcopy(llama_engine.model), "none")  # serve.py's defaults: auto, auto

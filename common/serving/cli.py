@@ -68,8 +68,8 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
                              "common/serving/decode_attention.py; CUDA; its speed not yet measured).")
     parser.add_argument("--decoder", default="auto", choices=["auto", "batch", "sequential"],
                         help="auto: requests decoded together (continuous batching) where the model allows it, else "
-                             "one at a time (BLOOM's ALiBi); sequential: always one at a time (a model whose own "
-                             "KV cache the batcher cannot replace).")
+                             "one at a time (BLOOM's ALiBi, models whose layers attend to different spans); "
+                             "sequential: always one at a time (a model whose own KV cache the batcher cannot replace).")
 
 
 def _engine_options(args: argparse.Namespace, max_batch: int) -> dict:
@@ -147,8 +147,8 @@ def run_server(argv: list[str] | None, default_model: str, description: str,
         raise UserError("need --max_concurrent >= 1, --max_waiting >= 0 and --queue_timeout > 0")
     _check_address_free(args.host, args.port)
     engine = Engine.from_pretrained(args.model, args.served_model_name, args.template, args.device, args.dtype,
-                                    args.base_model, args.quantize, args.fuse_projections, args.matvec, args.decode_attention,
-                                    **_engine_options(args, args.max_concurrent))
+                                    args.base_model, args.quantize, args.fuse_projections, args.matvec,
+                                    args.decode_attention, **_engine_options(args, args.max_concurrent))
     settings = ServerSettings(args.max_concurrent, args.max_waiting, args.queue_timeout, args.max_request_bytes,
                               args.default_max_tokens, args.cors, _sampling_defaults(args))
     _warm_up(engine, args.compile_cache)

@@ -132,8 +132,8 @@ def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
     dims = query.shape[-1]
     return (query.shape[2] == 1 and dims == key.shape[-1] == value.shape[-1] and dims & (dims - 1) == 0
             and query.shape[1] % key.shape[1] == 0 and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
-            and (mask is None or (mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1
-                                  and mask.shape[0] == query.shape[0] and mask.dtype != torch.bool)))
+            and (mask is None or (mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1 and mask.dtype != torch.bool
+                                  and mask.shape[0] == query.shape[0] and mask.shape[3] == key.shape[2])))
 
 
 def serving_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
