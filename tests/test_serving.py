@@ -1256,6 +1256,24 @@ def test_a_compile_cache_file_spares_another_machine_the_compiling(model_dir, tm
     assert second["tokens"] == first["tokens"] and len(first["tokens"]) == 8
 
 
+def test_kernel_options_parse_as_their_help_says():
+    """serve.py / chatbot.py: --fuse_projections is auto unless given, "on" as a bare flag (its
+    form before auto existed), or one of its choices; --matvec auto and --decode_attention sdpa
+    unless given."""
+    import argparse
+
+    from common.serving.cli import _model_arguments
+
+    parser = argparse.ArgumentParser()
+    _model_arguments(parser, "model")
+    defaults = parser.parse_args([])
+    assert (defaults.fuse_projections, defaults.matvec, defaults.decode_attention) == ("auto", "auto", "sdpa")
+    assert parser.parse_args(["--fuse_projections"]).fuse_projections == "on"
+    assert parser.parse_args(["--fuse_projections", "off", "--matvec", "inductor"]).fuse_projections == "off"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--fuse_projections", "yes"])
+
+
 def test_kernel_choices_are_checked_and_auto_keeps_the_cpu_on_inductor(llama_engine):
     """--matvec and --fuse_projections: auto leaves a CPU model's linear layers as they are (the
     Triton kernel is CUDA's, merging is measured there); --matvec triton and --decode_attention

@@ -380,6 +380,9 @@ def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: s
         for module in model.modules():
             if isinstance(module, RowScaledLinear):
                 module.triton_matvec = module.weight.shape[0] % 2 == 0
+        logger.info("one client's products: the Triton kernel (common/serving/matvec.py)")
+    elif matvec == "auto" and next(model.parameters()).device.type == "cuda":
+        logger.info("one client's products: inductor's, not the Triton kernel: %s", refusal)
     if glu:
         layers = getattr(getattr(model, "model", None), "layers", None) or []
         if refusal or matvec == "inductor" or not layers or any(type(layer.mlp).__name__ != "Phi3MLP" for layer in layers):
