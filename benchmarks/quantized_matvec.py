@@ -184,15 +184,12 @@ def sweep_matvec(out: Path) -> None:
     CUDA graph, the kernel with the parameters `launch_parameters` picks, against inductor's."""
     import torch.nn.functional as F
 
+    from benchmarks.decode_throughput import copy_bandwidth
     from common.serving.matvec import launch, launch_parameters
 
     device = torch.device("cuda")
-    copy_from = torch.empty(2 * 1024**3, dtype=torch.uint8, device=device)
-    copy_to = torch.empty_like(copy_from)
-    copy_s = graph_seconds([partial(copy_to.copy_, copy_from)], replays=5)
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "copy_GB_per_s": round(2 * copy_from.numel() / copy_s / 1e9)}
-    del copy_from, copy_to
+                    "copy_GB_per_s": round(copy_bandwidth(device) / 1e9)}
     print(f"copy bandwidth {result['copy_GB_per_s']} GB/s", flush=True)
     xs = {k: torch.randn(k, device=device, dtype=torch.bfloat16) for k in (4096, 11008)}
 

@@ -105,6 +105,11 @@ INT4_GROUP = 64
 QUANTIZATIONS = ("none", *TORCHAO_QUANTIZATIONS, *ROWWISE, *GEMLITE)
 
 
+def one_row_compiled(x: torch.Tensor) -> bool:
+    """Whether `x` is one row of activations inside a compiled step (one client's decode step)."""
+    return x.shape[:-1].numel() == 1 and torch.compiler.is_compiling()
+
+
 class RowScaledLinear(torch.nn.Module):
     """A linear layer whose weight is kept in 8 bits (int8 or fp8 e4m3) with one scale per output
     row. For one row of activations (one client's decode step) under torch.compile, the product is one
@@ -136,7 +141,7 @@ class RowScaledLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[:-1].numel() == 1 and self.triton_matvec:
             return torch.ops.serving.matvec(x, self.weight, self.scale.view(-1), self.bias)
-        if x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():  # (eager, it would copy the weight in float32)
+        if one_row_compiled(x):  # (eager, it would copy the weight in float32)
             out = torch.nn.functional.linear(x.float(), self.weight.float()) * self.scale.float().view(-1)
             return (out if self.bias is None else out + self.bias).to(x.dtype)
         if self.fp8_products and x.dtype == self.scale.dtype:
@@ -159,7 +164,7 @@ class MatvecLinear(torch.nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():
+        if one_row_compiled(x):
             return torch.ops.serving.matvec(x, self.weight, None, self.bias)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
@@ -176,7 +181,7 @@ class GluMatvecMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj
-        if x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():
+        if one_row_compiled(x):
             scale = getattr(gate_up, "scale", None)
             return self.down_proj(torch.ops.serving.matvec(x, gate_up.weight, None if scale is None else scale.view(-1),
                                                            gate_up.bias, True))
@@ -392,9 +397,9 @@ def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: s
         for layer in layers:
             layer.mlp = GluMatvecMLP(layer.mlp)
     if attention == "triton":
-        refusal = triton_refusal(model)
-        if refusal:
-            raise UserError(f"--decode_attention triton: {refusal}")
+        attention_refusal = triton_refusal(model)
+        if attention_refusal:
+            raise UserError(f"--decode_attention triton: {attention_refusal}")
         from common.serving.decode_attention import NAME
 
         model.set_attn_implementation(NAME)
