@@ -9,6 +9,8 @@ transformers' own continuous batching (`generate_batch`) beside them, in one run
     python benchmarks/decode_throughput.py --quantize none+fused,none+fused+triton   # + the one-row kernel
     python benchmarks/decode_throughput.py --clients 1 --quantize none+fused+triton,none+fused+triton+attn,none+fused+triton+glu
         # + the decode attention kernel; + SiLU(gate) x up in the gate/up kernel
+    python benchmarks/decode_throughput.py --clients 1 --quantize none+fused+triton,none+fused+triton+glu+norm
+        # + each layer's RMSNorms and residual additions taken into its products' kernels
     python benchmarks/decode_throughput.py --tiny                   # CPU smoke test (2 x 64 model)
     python benchmarks/decode_throughput.py --transformers_cb_site /tmp/site-cb   # CB rows with a newer
         # transformers (`make gpu-wheels CB=1`, then pip install --target /tmp/site-cb .whl-cb/*.whl)
@@ -344,9 +346,10 @@ def main() -> None:
                         + " (none: bf16; see common/serving/loading.py), each optionally followed by '+fused' (q/k/v "
                         "and gate/up merged first), '+triton' (one row's products through common/serving/matvec.py's "
                         "kernel; without it inductor's), '+attn' (the decode step's attention through "
-                        "common/serving/decode_attention.py's kernel, serve.py --decode_attention triton) and '+glu' "
-                        "(with +fused+triton: SiLU(gate) x up taken in the gate/up kernel; not in serve.py until "
-                        "measured); comma-separated for several, e.g. none+fused,none+fused+triton. "
+                        "common/serving/decode_attention.py's kernel, serve.py --decode_attention triton), '+glu' "
+                        "(with +fused+triton: SiLU(gate) x up taken in the gate/up kernel) and '+norm' (with "
+                        "+fused+triton: each layer's RMSNorms and residual additions taken into its products' "
+                        "kernels; these two not in serve.py until measured); comma-separated for several, e.g. none+fused,none+fused+triton. "
                         f"Default: what serve.py does by default on a GPU, in bf16 and 8 bits ({GPU_DEFAULT}); none "
                         "with --tiny or without a GPU.")
     parser.add_argument("--max_cache_len", type=int, default=None,
