@@ -1093,6 +1093,8 @@ def test_folded_norms_decode_the_steps_the_model_does(request, monkeypatch):
             for layer in model.model.layers:
                 layer.mlp = loading.GluMatvecMLP(layer.mlp)
         loading.fold_norms(model)
+        assert all(type(layer).__name__ == "FoldedLlamaDecoderLayer" and isinstance(layer, type(plain.model.layers[0]))
+                   for layer in model.model.layers)
         for got, wanted in zip(prefill_and_step(model), expected):
             torch.testing.assert_close(got, wanted, atol=2e-5, rtol=1e-4)
         assert names.count("matvec") == 4 * 2 + 1 and names.count("rsqrt") == 1

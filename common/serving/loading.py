@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -224,12 +225,12 @@ class DeferredProduct(torch.nn.Module):
 
 
 def _folded_layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A decoder layer's forward (installed on the layer by `fold_norms`): for one row inside a
-    compiled step, four kernels and the attention: q/k/v's product normalising the residual stream
-    as it reads it, o's adding its outputs to it, gate/up's normalising that as it reads it, down's
-    adding to it (no norm or residual kernels); otherwise the layer's own forward."""
+    """A decoder layer's forward (its class's, in the subclass `fold_norms` gives the layer): for one
+    row inside a compiled step, four kernels and the attention: q/k/v's product normalising the
+    residual stream as it reads it, o's adding its outputs to it, gate/up's normalising that as it
+    reads it, down's adding to it (no norm or residual kernels); otherwise the layer's own forward."""
     if args or not one_row_compiled(hidden_states):
-        return type(self).forward(self, hidden_states, *args, **kwargs)
+        return super(type(self), self).forward(hidden_states, *args, **kwargs)
     attention, _ = self.self_attn(hidden_states=hidden_states, **kwargs)  # (o_proj: DeferredProduct)
     hidden_states = kernel_product(self.self_attn.o_proj.linear, attention, residual=hidden_states)
     mlp = self.mlp
@@ -263,7 +264,13 @@ def fold_norms(model) -> None:
     for layer in layers:
         layer.self_attn.qkv_proj = NormedProduct(layer.self_attn.qkv_proj, layer.input_layernorm)
         layer.self_attn.o_proj = DeferredProduct(layer.self_attn.o_proj)
-        layer.forward = _folded_layer_forward.__get__(layer)
+        layer.__class__ = _folded_class(type(layer))
+
+
+@functools.cache
+def _folded_class(layer_class: type) -> type:
+    """A subclass of a decoder layer's class whose forward is `_folded_layer_forward`."""
+    return type(f"Folded{layer_class.__name__}", (layer_class,), {"forward": _folded_layer_forward})
 
 
 def _fp8_products(weight: torch.Tensor, activations: torch.dtype) -> bool:
