@@ -988,7 +988,7 @@ def _reran_in_triton_interpreter(request) -> bool:
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_triton_matvec_multiplies_one_row_as_float64_does(device, request):
+def test_triton_matvec_multiplies_one_row_as_float64_does(device, request, monkeypatch):
     """matvec.py's kernel on shapes its blocks do not divide (rows not a multiple of 4 or 8,
     columns not of the loop's step), with and without a scale per row and a bias, 16- and 8-bit
     weights, alone and with SiLU(gate) x up taken from its sums (`glu`), with RMSNorm taken in as x
@@ -1002,6 +1002,7 @@ def test_triton_matvec_multiplies_one_row_as_float64_does(device, request):
     shapes = ((16, 4096), (1030, 1000), (6, 4100), (38, 64))
     if device == "cuda":
         functions.append(torch.compile(lambda *args: torch.ops.serving.matvec(*args), fullgraph=True, dynamic=False))
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 256)  # (each shape, dtype and form compiles)
         shapes = ((4096, 4096), *shapes[1:])
     torch.manual_seed(0)
     for n, k in shapes:

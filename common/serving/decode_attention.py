@@ -39,7 +39,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, S
     row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kv_head = head // GROUP  # grouped-query attention: GROUP query heads share a key/value head
     dims = tl.arange(0, D)
-    q = tl.load(q_ptr + row * q_row + head * q_head + dims).to(tl.float32) * scale
+    q = (tl.load(q_ptr + row * q_row + head * q_head + dims).to(tl.float32) * scale).to(tl.float32)  # (a scale inductor passes as float64)
     keys = k_ptr + row.to(tl.int64) * k_row + kv_head * k_head
     values = v_ptr + row.to(tl.int64) * v_row + kv_head * v_head
     best = -float("inf")  # running maximum of the scores
