@@ -3,14 +3,13 @@ server at 1 / 16 / 32 / 64 concurrent streaming clients, bf16 and quantised weig
 transformers' own continuous batching (`generate_batch`) beside them, in one run.
 
     python benchmarks/decode_throughput.py                          # Llama-2-7B shape, one GPU, serve.py's
-        # defaults in bf16 and fp8_rowwise (q/k/v and gate/up merged, one row's products by the Triton kernel)
+        # defaults in bf16 and fp8_rowwise (q/k/v and gate/up merged, one row's products by the Triton kernel,
+        # SiLU(gate) x up in the gate/up kernel)
     python benchmarks/decode_throughput.py --quantize none,int8     # the model's own layers, + torchao int8
     python benchmarks/decode_throughput.py --quantize none,none+fused   # + q/k/v and gate/up merged
     python benchmarks/decode_throughput.py --quantize none+fused,none+fused+triton   # + the one-row kernel
     python benchmarks/decode_throughput.py --clients 1 --quantize none+fused+triton,none+fused+triton+attn,none+fused+triton+glu
         # + the decode attention kernel; + SiLU(gate) x up in the gate/up kernel
-    python benchmarks/decode_throughput.py --clients 1 --quantize none+fused+triton,none+fused+triton+glu+norm
-        # + each layer's RMSNorms and residual additions taken into its products' kernels
     python benchmarks/decode_throughput.py --tiny                   # CPU smoke test (2 x 64 model)
     python benchmarks/decode_throughput.py --transformers_cb_site /tmp/site-cb   # CB rows with a newer
         # transformers (`make gpu-wheels CB=1`, then pip install --target /tmp/site-cb .whl-cb/*.whl)
@@ -78,8 +77,9 @@ from common.serving.engine import Engine  # noqa: E402
 from common.serving.loading import QUANTIZATIONS, prepare_weights, weight_bytes, weights_variant  # noqa: E402
 from common.serving.sampling import SamplingParams  # noqa: E402
 
-# serve.py's defaults on an H100 / H200 (--fuse_projections auto, --matvec auto), bf16 and 8-bit weights
-GPU_DEFAULT = "none+fused+triton,fp8_rowwise+fused+triton"
+# serve.py's defaults on an H100 / H200 (--fuse_projections auto, --matvec auto, the gate/up kernel's
+# SiLU(gate) x up where it takes them), bf16 and 8-bit weights
+GPU_DEFAULT = "none+fused+triton+glu,fp8_rowwise+fused+triton+glu"
 SHAPES = {  # hidden, intermediate, layers, heads, vocab
     "llama2-7b": (4096, 11008, 32, 32, 32000),
     "baichuan2-7b": (4096, 11008, 32, 32, 125696),
@@ -346,10 +346,9 @@ def main() -> None:
                         + " (none: bf16; see common/serving/loading.py), each optionally followed by '+fused' (q/k/v "
                         "and gate/up merged first), '+triton' (one row's products through common/serving/matvec.py's "
                         "kernel; without it inductor's), '+attn' (the decode step's attention through "
-                        "common/serving/decode_attention.py's kernel, serve.py --decode_attention triton), '+glu' "
-                        "(with +fused+triton: SiLU(gate) x up taken in the gate/up kernel) and '+norm' (with "
-                        "+fused+triton: each layer's RMSNorms and residual additions taken into its products' "
-                        "kernels; these two not in serve.py until measured); comma-separated for several, e.g. none+fused,none+fused+triton. "
+                        "common/serving/decode_attention.py's kernel, serve.py --decode_attention triton) and '+glu' "
+                        "(with +fused+triton: SiLU(gate) x up taken in the gate/up kernel, as serve.py does where it "
+                        "can); comma-separated for several, e.g. none+fused,none+fused+triton. "
                         f"Default: what serve.py does by default on a GPU, in bf16 and 8 bits ({GPU_DEFAULT}); none "
                         "with --tiny or without a GPU.")
     parser.add_argument("--max_cache_len", type=int, default=None,

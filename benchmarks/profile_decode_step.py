@@ -117,9 +117,8 @@ def main() -> None:
                         help="Weights, comma-separated: " + ", ".join(QUANTIZATIONS) + ", each optionally followed by "
                              "'+fused' (q/k/v and gate/up merged first), '+triton' (one row's products through "
                              "common/serving/matvec.py's kernel), '+attn' (the step's attention through "
-                             "common/serving/decode_attention.py's kernel), '+glu' (with +fused+triton: "
-                             "SiLU(gate) x up taken in the gate/up kernel) and / or '+norm' (with +fused+triton: "
-                             "the layers' RMSNorms and residual additions in the kernels). Default: none (bf16).")
+                             "common/serving/decode_attention.py's kernel) and / or '+glu' (with +fused+triton: "
+                             "SiLU(gate) x up taken in the gate/up kernel). Default: none (bf16).")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="outputs/benchmarks/profile_decode_step.json")
     args = parser.parse_args()

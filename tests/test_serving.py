@@ -902,8 +902,7 @@ GPU_KINDS = {"fp8_rowwise": (0.9, 0.1), "int8_gemlite": (0.9, 0.1), "fp8_gemlite
              "int4_gemlite": (1.3, 0.3), "bf16_gemlite": (0.0, 0.01), "none+triton": (0.0, 0.01),
              "none+fused+triton": (0.0, 0.01), "fp8_rowwise+fused+triton": (0.9, 0.1), "int8_rowwise+triton": (0.9, 0.1),
              "none+fused+triton+attn": (0.0, 0.01), "none+fused+triton+glu": (0.0, 0.01),
-             "fp8_rowwise+fused+triton+glu": (0.9, 0.1), "none+fused+triton+norm": (0.0, 0.01),
-             "fp8_rowwise+fused+triton+attn+glu+norm": (0.9, 0.1)}
+             "fp8_rowwise+fused+triton+glu": (0.9, 0.1)}
 
 
 @pytest.mark.gpu
@@ -936,9 +935,9 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
         vocab_size=(len(engine.tokenizer) + 7) // 8 * 8, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0))
     plain = plain.to("cuda", torch.bfloat16).eval()
-    quantize, fused, matvec, attention, glu, fold = weights_variant(kind)
-    quantised = prepare_weights(copy.deepcopy(plain), quantize, fused, matvec, attention, glu, fold)
-    assert all(type(layer.mlp).__name__ == "GluMatvecMLP" for layer in quantised.model.layers) == glu
+    quantize, fused, matvec, attention, glu = weights_variant(kind)
+    quantised = prepare_weights(copy.deepcopy(plain), quantize, fused, matvec, attention, glu)
+    assert all(type(layer.mlp).__name__ == "GluMatvecMLP" for layer in quantised.model.layers) == (glu == "on")
     assert not any(type(m) is torch.nn.Linear for m in quantised.modules())
     assert (quantised.config._attn_implementation == "serving_decode") == (attention == "triton")
     if quantize == "fp8_rowwise":
@@ -991,8 +990,7 @@ def _reran_in_triton_interpreter(request) -> bool:
 def test_triton_matvec_multiplies_one_row_as_float64_does(device, request, monkeypatch):
     """matvec.py's kernel on shapes its blocks do not divide (rows not a multiple of 4 or 8,
     columns not of the loop's step), with and without a scale per row and a bias, 16- and 8-bit
-    weights, alone and with SiLU(gate) x up taken from its sums (`glu`), with RMSNorm taken in as x
-    is read and a residual added to the outputs (`norm`, `residual`). On the GPU also inside
+    weights, alone and with SiLU(gate) x up taken from its sums (`glu`). On the GPU also inside
     torch.compile (a CUDA-graphed step's form); on the CPU through Triton's interpreter (the
     kernel's arithmetic, masks and launch parameters, not its compiled form or speed). An odd number of rows is refused (prepare_weights leaves it to inductor)."""
     pytest.importorskip("common.serving.matvec", reason="needs triton")
@@ -1006,9 +1004,7 @@ def test_triton_matvec_multiplies_one_row_as_float64_does(device, request, monke
         shapes = ((4096, 4096), *shapes[1:])
     torch.manual_seed(0)
     for n, k in shapes:
-        x = torch.randn(1, 1, k, device=device, dtype=torch.bfloat16) * 3
-        gain = torch.rand(k, device=device, dtype=torch.bfloat16) + 0.5
-        residual = torch.randn(1, 1, n, device=device, dtype=torch.bfloat16) * 50
+        x = torch.randn(1, 1, k, device=device, dtype=torch.bfloat16)
         for dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.int8):
             weight = torch.randn(n, k, device=device) * 2
             weight = weight.round().clamp(-127, 127).to(dtype) if dtype == torch.int8 else weight.to(dtype)
@@ -1027,83 +1023,8 @@ def test_triton_matvec_multiplies_one_row_as_float64_does(device, request, monke
                     out = fn(x, weight, scale, b, True)
                     assert out.shape == (1, 1, n // 2) and out.dtype == torch.bfloat16
                     assert ((out.double().view(-1) - swiglu).abs() <= swiglu.abs() / 128 + 1e-2).all(), (n, k, dtype)
-                if dtype == torch.int8:  # (its conversion is checked above; the interpreter is slow)
-                    continue
-                # RMSNorm of x taken in (a gain per column), a residual added to the outputs
-                normed = x.double().view(-1) / (x.double().square().mean() + 1e-5).sqrt() * gain.double()
-                expected = normed @ weight.double().T
-                expected = (expected if scale is None else expected * scale.double()) + bias.double()
-                swiglu = torch.nn.functional.silu(expected[:n // 2]) * expected[n // 2:]
-                for fn in functions:
-                    out = fn(x, weight, scale, bias, False, gain, 1e-5, residual)
-                    assert out.shape == (1, 1, n) and out.dtype == torch.bfloat16
-                    wanted = expected + residual.double().view(-1)
-                    assert ((out.double().view(-1) - wanted).abs() <= wanted.abs() / 128 + 1e-2).all(), (n, k, dtype)
-                    out = fn(x, weight, scale, bias, True, gain, 1e-5)
-                    assert ((out.double().view(-1) - swiglu).abs() <= swiglu.abs() / 128 + 1e-2).all(), (n, k, dtype)
     with pytest.raises(ValueError, match="not a multiple of 2"):
         functions[0](x, torch.randn(37, x.shape[-1], device=device, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="a residual of 38 values for 38 outputs with glu"):
-        functions[0](x, weight, scale, bias, True, None, 0.0, residual)
-
-
-def test_folded_norms_decode_the_steps_the_model_does(request, monkeypatch):
-    """The benchmarks' '+norm' (loading.fold_norms) on a CPU Llama in float32, its one-row step
-    taken as in a compiled step (loading.one_row_compiled made true for one row; the kernel through
-    Triton's interpreter): four kernel products per layer and only the model's final RMSNorm (the
-    layers' norms and residual additions are in the kernels), with and without SiLU(gate) x up in
-    the gate/up kernel; its logits and the prompt's (many rows: the layers' own forward) are the
-    unmerged model's up to float32 rounding."""
-    pytest.importorskip("common.serving.matvec", reason="needs triton")
-    if _reran_in_triton_interpreter(request):
-        return
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-
-    from common.serving import loading
-    from common.serving.fusing import fuse_projections
-
-    torch.manual_seed(0)
-    plain = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
-    with torch.no_grad():
-        for name, parameter in plain.named_parameters():
-            if "norm" in name:  # gains other than 1, so that a norm left out shows
-                parameter.copy_(torch.rand_like(parameter) + 0.5)
-    prompt, step = torch.tensor([[5, 17, 42, 8, 61]]), torch.tensor([[23]])
-
-    class Calls(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            names.append(str(getattr(func, "__name__", func)))
-            return func(*args, **(kwargs or {}))
-
-    def prefill_and_step(model):
-        cache = DynamicCache(config=plain.config)
-        with torch.no_grad():
-            prefill = model(prompt, past_key_values=cache).logits
-            names.clear()
-            with Calls():
-                return prefill, model(step, past_key_values=cache).logits
-
-    names = []
-    expected = prefill_and_step(plain)
-    assert names.count("rsqrt") == 2 * 2 + 1
-    monkeypatch.setattr(loading, "one_row_compiled", lambda x: x.shape[:-1].numel() == 1)
-    for glu in (False, True):
-        model = copy.deepcopy(plain)
-        fuse_projections(model)
-        loading.replace_linears(model, loading.MatvecLinear)
-        if glu:
-            for layer in model.model.layers:
-                layer.mlp = loading.GluMatvecMLP(layer.mlp)
-        loading.fold_norms(model)
-        assert all(type(layer).__name__ == "FoldedLlamaDecoderLayer" and isinstance(layer, type(plain.model.layers[0]))
-                   for layer in model.model.layers)
-        for got, wanted in zip(prefill_and_step(model), expected):
-            torch.testing.assert_close(got, wanted, atol=2e-5, rtol=1e-4)
-        assert names.count("matvec") == 4 * 2 + 1 and names.count("rsqrt") == 1
-        assert names.count("silu") == (0 if glu else 2), names
-    with pytest.raises(UserError, match="needs merged q/k/v and gate/up products through the Triton kernel"):
-        loading.fold_norms(copy.deepcopy(plain))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -1156,7 +1077,8 @@ def test_decode_attention_kernel_attends_as_float64_sdpa_does(device, request):
 @pytest.mark.gpu
 def test_on_cuda_the_defaults_merge_the_products_and_take_the_kernel():
     """serve.py's defaults (--fuse_projections auto, --matvec auto) on a CUDA Llama in bf16: q/k/v
-    and gate/up merged, every product of one row through the Triton kernel; int8_rowwise /
+    and gate/up merged, every product of one row through the Triton kernel, the gate/up kernel
+    taking SiLU(gate) x up (GluMatvecMLP); int8_rowwise /
     fp8_rowwise merged too, torchao's quantisations (merged speed not measured) not."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -1166,7 +1088,7 @@ def test_on_cuda_the_defaults_merge_the_products_and_take_the_kernel():
                                          num_attention_heads=4, num_key_value_heads=2)).to("cuda", torch.bfloat16)
     served = prepare_weights(copy.deepcopy(plain))
     layer = served.model.layers[1]
-    assert type(layer.self_attn).__name__ == "Phi3Attention" and type(layer.mlp).__name__ == "Phi3MLP"
+    assert type(layer.self_attn).__name__ == "Phi3Attention" and type(layer.mlp).__name__ == "GluMatvecMLP"
     assert all(isinstance(m, MatvecLinear) for m in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, served.lm_head))
     assert fuse_wanted(plain, "fp8_rowwise", "auto") and not fuse_wanted(plain, "int8", "auto")
     assert not fuse_wanted(plain, "none", "off")
@@ -1376,10 +1298,12 @@ def test_kernel_choices_are_checked_and_auto_keeps_the_cpu_on_inductor(llama_eng
         prepare_weights(copy.deepcopy(llama_engine.model), "none", "off", "inductor", "triton")
     with pytest.raises(UserError, match="unknown decode attention"):
         prepare_weights(copy.deepcopy(llama_engine.model), "none", "off", "inductor", "flash")
-    assert weights_variant("fp8_rowwise+fused+triton+attn") == ("fp8_rowwise", "on", "triton", "triton", False, False)
-    assert weights_variant("none+fused+triton+glu+norm") == ("none", "on", "triton", "sdpa", True, True)
-    assert weights_variant("none") == ("none", "off", "inductor", "sdpa", False, False)
+    assert weights_variant("fp8_rowwise+fused+triton+attn") == ("fp8_rowwise", "on", "triton", "triton", "off")
+    assert weights_variant("none+fused+triton+glu") == ("none", "on", "triton", "sdpa", "on")
+    assert weights_variant("none") == ("none", "off", "inductor", "sdpa", "off")
     with pytest.raises(UserError, match="glu: it needs the Triton kernel and merged gate/up products"):
+        prepare_weights(copy.deepcopy(llama_engine.model), "none", "on", "auto", "sdpa", "on")
+    with pytest.raises(UserError, match="unknown glu"):
         prepare_weights(copy.deepcopy(llama_engine.model), "none", "on", "auto", "sdpa", True)
     merged = prepare_weights(copy.deepcopy(llama_engine.model), "none", "on", "inductor")
     glu_mlp = GluMatvecMLP(merged.model.layers[0].mlp)  # outside a compiled step: what Phi3MLP computes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections.abc import Callable
@@ -170,17 +169,6 @@ class MatvecLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def kernel_product(linear: torch.nn.Module, x: torch.Tensor, glu: bool = False, norm: torch.nn.Module | None = None,
-                   residual: torch.Tensor | None = None) -> torch.Tensor:
-    """One row's product with `linear` (a MatvecLinear, or a RowScaledLinear the kernel takes)
-    through matvec.py's kernel, with what it can take in: SiLU(gate) x up (`glu`), an RMSNorm
-    module's normalisation of x (`norm`), a residual added to the outputs."""
-    scale = getattr(linear, "scale", None)
-    return torch.ops.serving.matvec(x, linear.weight, None if scale is None else scale.view(-1), linear.bias, glu,
-                                    None if norm is None else norm.weight, 0.0 if norm is None else norm.variance_epsilon,
-                                    residual)
-
-
 class GluMatvecMLP(torch.nn.Module):
     """A merged SwiGLU MLP (transformers' Phi3MLP, as fusing.py makes it: gate and up one
     product) whose call for one row inside a compiled step is one kernel for gate/up that also
@@ -192,85 +180,13 @@ class GluMatvecMLP(torch.nn.Module):
         self.gate_up_proj, self.down_proj, self.activation_fn = mlp.gate_up_proj, mlp.down_proj, mlp.activation_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj
         if one_row_compiled(x):
-            return self.down_proj(kernel_product(self.gate_up_proj, x, glu=True))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            scale = getattr(gate_up, "scale", None)
+            return self.down_proj(torch.ops.serving.matvec(x, gate_up.weight, None if scale is None else scale.view(-1),
+                                                           gate_up.bias, True))
+        gate, up = gate_up(x).chunk(2, dim=-1)
         return self.down_proj(up * self.activation_fn(gate))
-
-
-class NormedProduct(torch.nn.Module):
-    """q/k/v's merged product in a layer whose norms are folded (`fold_norms`): for one row inside
-    a compiled step its input is the residual stream and the kernel takes the layer's
-    input_layernorm in as it reads it; otherwise the product of the normalised input as before."""
-
-    def __init__(self, linear: torch.nn.Module, norm: torch.nn.Module):
-        super().__init__()
-        self.linear, self.norm = linear, norm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernel_product(self.linear, x, norm=self.norm) if one_row_compiled(x) else self.linear(x)
-
-
-class DeferredProduct(torch.nn.Module):
-    """o_proj in a layer whose norms are folded (`fold_norms`): for one row inside a compiled step
-    it hands its input back, and the layer takes the product with the residual added
-    (`_folded_layer_forward`); otherwise the product as before."""
-
-    def __init__(self, linear: torch.nn.Module):
-        super().__init__()
-        self.linear = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if one_row_compiled(x) else self.linear(x)
-
-
-def _folded_layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A decoder layer's forward (its class's, in the subclass `fold_norms` gives the layer): for one
-    row inside a compiled step, four kernels and the attention: q/k/v's product normalising the
-    residual stream as it reads it, o's adding its outputs to it, gate/up's normalising that as it
-    reads it, down's adding to it (no norm or residual kernels); otherwise the layer's own forward."""
-    if args or not one_row_compiled(hidden_states):
-        return super(type(self), self).forward(hidden_states, *args, **kwargs)
-    attention, _ = self.self_attn(hidden_states=hidden_states, **kwargs)  # (o_proj: DeferredProduct)
-    hidden_states = kernel_product(self.self_attn.o_proj.linear, attention, residual=hidden_states)
-    mlp = self.mlp
-    glu = isinstance(mlp, GluMatvecMLP)
-    activations = kernel_product(mlp.gate_up_proj, hidden_states, glu=glu, norm=self.post_attention_layernorm)
-    if not glu:
-        gate, up = activations.chunk(2, dim=-1)
-        activations = up * mlp.activation_fn(gate)
-    return kernel_product(mlp.down_proj, activations, residual=hidden_states)
-
-
-def _kernel_takes(linear: torch.nn.Module) -> bool:
-    return isinstance(linear, MatvecLinear) or getattr(linear, "triton_matvec", False)
-
-
-def fold_norms(model) -> None:
-    """Fold each decoder layer's two RMSNorms and two residual additions into its products'
-    kernels for one client's compiled step (NormedProduct, DeferredProduct,
-    _folded_layer_forward): two kernels fewer per layer. In place; needs the layers merged
-    (fusing.py) and their products through matvec.py's kernel. Not yet measured on a GPU, so only
-    through the benchmarks' '+norm' (prepare_weights' `fold`)."""
-    layers = getattr(getattr(model, "model", None), "layers", None) or []
-    if not layers or any(type(layer.self_attn).__name__ != "Phi3Attention" or not hasattr(layer.mlp, "gate_up_proj")
-                         or not all(map(_kernel_takes, (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                        layer.mlp.gate_up_proj, layer.mlp.down_proj)))
-                         for layer in layers):
-        raise UserError("folding the norms needs merged q/k/v and gate/up products through the Triton kernel")
-    norms = [norm for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-    if any(not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, "variance_epsilon") for norm in norms):
-        raise UserError(f"folding the norms: {type(norms[0]).__name__} is not an RMSNorm of Llama's form")
-    for layer in layers:
-        layer.self_attn.qkv_proj = NormedProduct(layer.self_attn.qkv_proj, layer.input_layernorm)
-        layer.self_attn.o_proj = DeferredProduct(layer.self_attn.o_proj)
-        layer.__class__ = _folded_class(type(layer))
-
-
-@functools.cache
-def _folded_class(layer_class: type) -> type:
-    """A subclass of a decoder layer's class whose forward is `_folded_layer_forward`."""
-    return type(f"Folded{layer_class.__name__}", (layer_class,), {"forward": _folded_layer_forward})
 
 
 def _fp8_products(weight: torch.Tensor, activations: torch.dtype) -> bool:
@@ -438,8 +354,27 @@ def fuse_wanted(model, quantize: str, fuse: str) -> bool:
             and fusion_refusal(model) is None)
 
 
+GLU = ("auto", "on", "off")
+
+
+def glu_refusal(model) -> str | None:
+    """Why the gate/up kernel cannot take this model's SiLU(gate) x up (GluMatvecMLP); None when it
+    can. Asked after prepare_weights has merged the products and chosen the kernel."""
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    if not layers or any(type(layer.mlp).__name__ != "Phi3MLP" or not _kernel_takes(layer.mlp.gate_up_proj)
+                         for layer in layers):
+        return "it needs the Triton kernel and merged gate/up products"
+    if any(type(layer.mlp.activation_fn).__name__ not in ("SiLUActivation", "SiLU") for layer in layers):
+        return "it computes SiLU(gate) x up, and this model's MLP has another activation"
+    return None
+
+
+def _kernel_takes(linear: torch.nn.Module) -> bool:
+    return isinstance(linear, MatvecLinear) or getattr(linear, "triton_matvec", False)
+
+
 def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: str = "auto", attention: str = "sdpa",
-                    glu: bool = False, fold: bool = False):
+                    glu: str = "auto"):
     """`model` as served: q/k/v and gate/up merged first as `fuse` says (`fuse_wanted`), then
     its weights quantised (`quantize_weights`); in place. `matvec`: what computes the products of
     one row of activations (one client's decode step): "inductor" (torch.compile's generated
@@ -447,13 +382,15 @@ def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: s
     int8_rowwise / fp8_rowwise; a merged 7B bf16 step on an H200 took 4.05 ms of GPU time against
     inductor's 4.22 in the same run: benchmarks/RESULTS.md), "auto" (triton where it can, else inductor).
     `attention`: the decode step's attention, "sdpa" (the model's own, PyTorch's kernels) or
-    "triton" (decode_attention.py's kernel; CUDA; not yet measured). `glu`: with the kernel and
-    merged products, a SwiGLU MLP's SiLU(gate) x up taken in its gate/up kernel (GluMatvecMLP;
-    not yet measured, so off by default and in serve.py: the benchmarks' '+glu'). `fold`: with the
-    kernel and merged products, each layer's RMSNorms and residual additions taken into its
-    products' kernels (`fold_norms`; not yet measured: the benchmarks' '+norm')."""
+    "triton" (decode_attention.py's kernel; CUDA; not yet measured). `glu`: a SwiGLU MLP's
+    SiLU(gate) x up taken in its gate/up kernel (GluMatvecMLP; "on", "off", or "auto": where the
+    kernel takes merged gate/up products, `glu_refusal`): one kernel fewer per layer, a merged 7B
+    bf16 step on an H200 3.93 ms of GPU time against 4.08 without it in the same run
+    (benchmarks/RESULTS.md)."""
     if matvec not in MATVEC:
         raise UserError(f"unknown matvec {matvec!r}: choose one of {', '.join(MATVEC)}")
+    if glu not in GLU:
+        raise UserError(f"unknown glu {glu!r}: choose one of {', '.join(GLU)}")
     if attention not in ATTENTION:
         raise UserError(f"unknown decode attention {attention!r}: choose one of {', '.join(ATTENTION)}")
     if fuse_wanted(model, quantize, fuse):
@@ -474,16 +411,13 @@ def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: s
         logger.info("one client's products: the Triton kernel (common/serving/matvec.py)")
     elif matvec == "auto" and next(model.parameters()).device.type == "cuda":
         logger.info("one client's products: inductor's, not the Triton kernel: %s", refusal)
-    if glu:
-        layers = getattr(getattr(model, "model", None), "layers", None) or []
-        if refusal or matvec == "inductor" or not layers or any(type(layer.mlp).__name__ != "Phi3MLP" for layer in layers):
-            raise UserError("glu: it needs the Triton kernel and merged gate/up products")
-        if any(type(layer.mlp.activation_fn).__name__ not in ("SiLUActivation", "SiLU") for layer in layers):
-            raise UserError("glu: it computes SiLU(gate) x up, and this model's MLP has another activation")
-        for layer in layers:
+    refused = None if glu == "off" else glu_refusal(model)
+    if glu == "on" and refused:
+        raise UserError(f"glu: {refused}")
+    if glu != "off" and not refused:
+        for layer in model.model.layers:
             layer.mlp = GluMatvecMLP(layer.mlp)
-    if fold:
-        fold_norms(model)
+        logger.info("one client's SiLU(gate) x up: in the gate/up kernel")
     if attention == "triton":
         attention_refusal = triton_refusal(model)
         if attention_refusal:
@@ -497,17 +431,17 @@ def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: s
     return model
 
 
-def weights_variant(name: str) -> tuple[str, str, str, str, bool, bool]:
-    """The benchmarks' names for `prepare_weights`' arguments: "fp8_rowwise+fused+triton+attn+glu+norm"
-    -> ("fp8_rowwise", "on", "triton", "triton", True, True), "none" -> ("none", "off", "inductor",
-    "sdpa", False, False) (the benchmarks name the merged products and the Triton kernel, which serve.py
-    uses by default where it can); UserError when unknown."""
+def weights_variant(name: str) -> tuple[str, str, str, str, str]:
+    """The benchmarks' names for what `prepare_weights` does: "fp8_rowwise+fused+triton+attn+glu"
+    -> ("fp8_rowwise", "on", "triton", "triton", "on"), "none" -> ("none", "off", "inductor",
+    "sdpa", "off") (the benchmarks name the merged products, the Triton kernel and its SiLU(gate) x up,
+    which serve.py uses by default where it can); UserError when unknown."""
     quantize, *options = name.split("+")
-    if quantize not in QUANTIZATIONS or any(option not in ("fused", "triton", "attn", "glu", "norm") for option in options):
+    if quantize not in QUANTIZATIONS or any(option not in ("fused", "triton", "attn", "glu") for option in options):
         raise UserError(f"unknown weights {name!r}: one of {', '.join(QUANTIZATIONS)}, optionally with '+fused', "
-                        "'+triton', '+attn', '+glu' and / or '+norm'")
+                        "'+triton', '+attn' and / or '+glu'")
     return (quantize, "on" if "fused" in options else "off", "triton" if "triton" in options else "inductor",
-            "triton" if "attn" in options else "sdpa", "glu" in options, "norm" in options)
+            "triton" if "attn" in options else "sdpa", "on" if "glu" in options else "off")
 
 
 def weight_bytes(model) -> int:

@@ -23,10 +23,9 @@ from torch.library import triton_op, wrap_triton
 
 
 @triton.jit
-def _matvec_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, residual_ptr, out_ptr, N, K, eps,
+def _matvec_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                   HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GLU: tl.constexpr,
-                   NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+                   HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GLU: tl.constexpr):
     if GLU:  # rows in pairs: gate row r, then its up row r + N / 2
         pair = tl.arange(0, BLOCK_N)
         rows = tl.program_id(0) * (BLOCK_N // 2) + pair // 2 + (pair % 2) * (N // 2)
@@ -34,33 +33,21 @@ def _matvec_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, residual_ptr, ou
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # N is a multiple of BLOCK_N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
     sums = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)  # NORM: x's sum of squares, as x is read
     for start in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK_K)
         if EVEN_K:
             w = tl.load(w_rows + cols[None, :], eviction_policy="evict_first")
-            x = tl.load(x_ptr + cols).to(tl.float32)
-            if NORM:
-                gain = tl.load(norm_ptr + cols).to(tl.float32)
+            x = tl.load(x_ptr + cols)
         else:
             inside = cols < K
             w = tl.load(w_rows + cols[None, :], mask=inside[None, :], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-            if NORM:
-                gain = tl.load(norm_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-        if NORM:
-            squares += x * x
-            x = x * gain
-        sums += w.to(tl.float32) * x[None, :]
+            x = tl.load(x_ptr + cols, mask=inside, other=0.0)
+        sums += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(sums, axis=1)
-    if NORM:  # RMSNorm's 1 / rms(x) is one number: applied to the sums
-        y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
     if HAS_SCALE:
         y = y * tl.load(scale_ptr + rows).to(tl.float32)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rows).to(tl.float32)
-    if RESIDUAL:
-        y = y + tl.load(residual_ptr + rows).to(tl.float32)
     if GLU:  # SiLU(gate) x up, on the float32 sums
         gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
         outputs = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
@@ -71,18 +58,15 @@ def _matvec_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, residual_ptr, ou
 
 def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None,
            bias: torch.Tensor | None, block_n: int, block_k: int, warps: int, stages: int, kernel=None,
-           glu: bool = False, norm: torch.Tensor | None = None, eps: float = 0.0,
-           residual: torch.Tensor | None = None) -> None:
+           glu: bool = False) -> None:
     """out[N] = (weight[N, K] @ x[K]) * scale + bias with the given launch parameters (`kernel`:
     the Triton kernel as called, wrapped for tracing inside a triton_op). `glu`: the weight is
-    gate and up stacked (a merged SwiGLU MLP's), out[N / 2] = SiLU(gate) * up. `norm`: x is first
-    taken through RMSNorm with this gain and `eps`; `residual` [N]: added to the outputs."""
+    gate and up stacked (a merged SwiGLU MLP's), out[N / 2] = SiLU(gate) * up."""
     n, k = weight.shape
     (kernel or _matvec_kernel)[(n // block_n,)](
-        x, weight, x if scale is None else scale, x if bias is None else bias, x if norm is None else norm,
-        x if residual is None else residual, out, n, k, eps,
+        x, weight, x if scale is None else scale, x if bias is None else bias, out, n, k,
         BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-        EVEN_K=k % block_k == 0, GLU=glu, NORM=norm is not None, RESIDUAL=residual is not None, num_warps=warps)
+        EVEN_K=k % block_k == 0, GLU=glu, num_warps=warps)
 
 
 def launch_parameters(n: int, k: int, element_size: int) -> tuple[int, int, int, int]:
@@ -104,19 +88,12 @@ def launch_parameters(n: int, k: int, element_size: int) -> tuple[int, int, int,
 
 @triton_op("serving::matvec", mutates_args=())
 def matvec(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None,  # noqa: UP045
-           bias: Optional[torch.Tensor] = None, glu: bool = False,  # noqa: UP045  (the operator's schema reads typing's form)
-           norm: Optional[torch.Tensor] = None, eps: float = 0.0, residual: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045
+           bias: Optional[torch.Tensor] = None, glu: bool = False) -> torch.Tensor:  # noqa: UP045  (the operator's schema reads typing's form)
     """x [..., K] with one row in all, weight [N, K] (16-bit, or 8-bit with `scale` [N] per output
     row): x @ weight.T * scale + bias, in x's dtype. `glu`: the weight's first N / 2 rows are a
-    SwiGLU MLP's gate, the rest its up: SiLU(gate) * up, N / 2 outputs. `norm` [K]: x taken
-    through RMSNorm first (x / sqrt(mean(x^2) + eps) * norm, in float32 as x is read: the norm
-    costs no pass of its own); `residual` (N values): added to the outputs (a decoder layer's
-    residual stream). The glu / norm / residual forms are not yet measured on a GPU."""
+    SwiGLU MLP's gate, the rest its up: SiLU(gate) * up, N / 2 outputs (not yet measured on a GPU)."""
     n, k = weight.shape
-    if residual is not None and (glu or residual.numel() != n):
-        raise ValueError(f"matvec: a residual of {residual.numel()} values for {n} outputs{' with glu' if glu else ''}")
     out = x.new_empty(*x.shape[:-1], n // 2 if glu else n)
     launch(x.reshape(-1).contiguous(), weight, out.view(-1), scale, bias,
-           *launch_parameters(n, k, weight.element_size()), kernel=wrap_triton(_matvec_kernel), glu=glu,
-           norm=norm, eps=eps, residual=None if residual is None else residual.reshape(-1).contiguous())
+           *launch_parameters(n, k, weight.element_size()), kernel=wrap_triton(_matvec_kernel), glu=glu)
     return out
