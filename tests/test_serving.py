@@ -1306,6 +1306,7 @@ def test_kernel_choices_are_checked_and_auto_keeps_the_cpu_on_inductor(llama_eng
     with pytest.raises(UserError, match="unknown glu"):
         prepare_weights(copy.deepcopy(llama_engine.model), "none", "on", "auto", "sdpa", True)
     merged = prepare_weights(copy.deepcopy(llama_engine.model), "none", "on", "inductor")
+    assert type(merged.model.layers[0].mlp).__name__ == "Phi3MLP"  # glu auto: not without the kernel
     glu_mlp = GluMatvecMLP(merged.model.layers[0].mlp)  # outside a compiled step: what Phi3MLP computes
     hidden = torch.randn(2, 3, merged.config.hidden_size)
     with torch.no_grad():
