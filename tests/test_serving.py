@@ -243,6 +243,38 @@ def test_a_request_joins_at_the_next_step_whatever_its_prompt_length(llama_engin
         served.close()
 
 
+def test_one_prompts_prefill_is_compiled_once_for_every_length(llama_engine):
+    """A compiled engine prefills a prompt that arrives alone through one compiled graph whatever
+    its length (eagerly, a 7B model's short prefill waits on Python launching kernels): prompts of
+    2 to 40 tokens give the plain forward's last logits and write its keys into their row, with
+    one compile; one-token prompts and prompts that join together stay eager. (Through dynamo
+    with a counting backend: inductor's own kernels are the GPU tests' and the warm-up's.)"""
+    from torch._dynamo.testing import CompileCounter
+
+    from common.serving.batcher import Batcher
+
+    model = llama_engine.model
+    decoder = Batcher(model, [], max_batch=4, cache_length=64, compile_decode=False)
+    try:
+        counter = CompileCounter()
+        decoder.compiled = True  # (decode steps stay eager: only the prefill's routing is under test)
+        decoder.prefill_one = torch.compile(decoder.prefill_eager, backend=counter)
+        for row, length in [(0, 2), (2, 9), (1, 40), (3, 17)]:
+            prompt = torch.randint(0, model.config.vocab_size, (length,)).tolist()
+            with torch.no_grad():
+                plain = model(torch.tensor([prompt]), use_cache=True)
+            logits = decoder._prefill([row], [prompt])
+            torch.testing.assert_close(logits[0], plain.logits[0, -1], rtol=1e-4, atol=1e-4)
+            written = decoder.largest.keys[1][row, :, :length]
+            torch.testing.assert_close(written, plain.past_key_values.layers[1].keys[0], rtol=1e-5, atol=1e-5)
+        assert counter.frame_count == 1
+        decoder._prefill([0], [[5]])
+        decoder._prefill([0, 1], [[5, 6, 7], [8, 9]])
+        assert counter.frame_count == 1
+    finally:
+        decoder.close()
+
+
 def test_batch_widths_add_a_quarter_of_the_largest_when_it_is_8_or_more():
     assert [batch_widths(n) for n in (1, 4, 8, 31, 32, 64)] == [[1], [1, 4], [1, 8], [1, 31], [1, 8, 32], [1, 16, 64]]
 

@@ -81,7 +81,7 @@ class SlotCache:
         rows, slots = self.prefill_at  # [g, 1], [g, n]: indexed, the cache's dims come out as [g, n, heads, size]
         keys[rows, :, slots] = key_states.transpose(1, 2)
         values[rows, :, slots] = value_states.transpose(1, 2)
-        return keys[rows[:, 0], :, :self.span], values[rows[:, 0], :, :self.span]
+        return key_states, value_states  # a prompt starts at slot 0: it attends to its own columns only
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # never needed: positions and the mask are always given
@@ -398,10 +398,12 @@ class Batcher(_Decoder):
         self.cache_length = cache_length
         self.window = attention_window(model)  # the masks' (None: every earlier slot)
         self.widths = batch_widths(max_batch)
+        self.compiled = compile_decode
+        self.prefill_eager = partial(_prefill_forward, model, self.cache_argument, self.keep_last)
         try:
-            largest = SlotCache(max_batch, cache_length, self.device)
-            self._prefill(largest, [0], [[0]])  # allocate the cache now: a too-large one fails here
-            self.caches = {w: largest.first_rows(w) for w in self.widths}
+            self.largest = SlotCache(max_batch, cache_length, self.device)  # prompts are written through it
+            self._prefill([0], [[0]])  # allocate the cache now: a too-large one fails here
+            self.caches = {w: self.largest.first_rows(w) for w in self.widths}
         except torch.OutOfMemoryError:
             raise UserError(f"no room on {self.device} for the KV cache of {max_batch} requests x {cache_length} "
                             "tokens: lower --max_concurrent or --max_cache_len") from None
@@ -417,7 +419,11 @@ class Batcher(_Decoder):
                            for w in self.widths}
         else:
             self.decode = dict.fromkeys(self.widths, step)
-        self.compiled = compile_decode
+        # One prompt's prefill, compiled once for every prompt length (no CUDA graphs): run eagerly,
+        # a 7B model's forward over a short prompt waits on Python launching its kernels one by one
+        # (a 32-token prompt's first token came 46 ms after the request on an H200, where reading the
+        # weights takes 3.2: benchmarks/RESULTS.md). Prompts that join together stay eager.
+        self.prefill_one = torch.compile(self.prefill_eager) if compile_decode else self.prefill_eager
         self.width = 1
         self.rows: list[_Generation | None] = [None]
         self.in_flight: _Step | None = None  # a launched step whose tokens are not handed out yet
@@ -488,7 +494,7 @@ class Batcher(_Decoder):
             self._prefill_group(group)
 
     def _prefill_group(self, group: list[tuple[int, _Generation]]) -> None:
-        logits = self._prefill(self.caches[self.width], [row for row, _ in group], [g.prompt_ids for _, g in group])
+        logits = self._prefill([row for row, _ in group], [g.prompt_ids for _, g in group])
         for i, (row, generation) in enumerate(group):
             self._emit(row, self._choose(generation, logits[i], None))
         self._flush()
@@ -504,31 +510,35 @@ class Batcher(_Decoder):
         self.width = width
 
     @torch.inference_mode()
-    def _prefill(self, cache: SlotCache, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    def _prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Write the prompts' keys/values into their rows from slot 0, in one forward, and
         return the logits of each last position. Shorter prompts are padded on the left; a
         padding column writes a slot after its prompt (overwritten by the row's decode steps
-        before the mask lets anything see it) and sees only that slot."""
+        before the mask lets anything see it) and sees only itself. Each prompt attends to its
+        own columns (what it just wrote), so the mask is over columns, not cache slots."""
         n = max(map(len, prompts))
         pads = torch.tensor([n - len(p) for p in prompts], device=self.device)[:, None]
         columns = torch.arange(n, device=self.device)[None]
         column_slots = (columns - pads) % n  # [g, n]: a prompt token's slot is its position
-        cache.span = span_bucket(n, cache.length)
-        slots = torch.arange(cache.span, device=self.device)
-        own = slots == column_slots[..., None]
-        visible = own | ((slots < column_slots[..., None]) & (columns >= pads)[..., None])  # [g, n, span]
+        earlier = columns[..., None] > columns[:, None]  # [1, n (query), n (key)]
         if self.window is not None:
-            visible &= slots > column_slots[..., None] - self.window
+            earlier &= columns[..., None] - columns[:, None] < self.window
+        visible = torch.eye(n, dtype=torch.bool, device=self.device) | (earlier & (columns >= pads)[:, None])
         dtype = next(self.model.parameters()).dtype
         mask = torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill_(~visible, torch.finfo(dtype).min)
+        mask = mask[:, None]  # [g, 1 (heads), n, n]
         input_ids = torch.tensor([[0] * (n - len(p)) + p for p in prompts], device=self.device)
-        cache.prefill_at = (torch.tensor(rows, device=self.device)[:, None], column_slots)
+        position_ids = (columns - pads).clamp(min=0)
+        forward = self.prefill_eager
+        if len(prompts) == 1 and n > 1 and self.compiled:
+            forward = self.prefill_one
+            for tensor, dim in ((input_ids, 1), (position_ids, 1), (mask, 2), (mask, 3), (column_slots, 1)):
+                torch._dynamo.mark_dynamic(tensor, dim)  # one graph for every length (but 1)
+        self.largest.prefill_at = (torch.tensor(rows, device=self.device)[:, None], column_slots)
         try:
-            out = self.model(input_ids=input_ids, position_ids=(columns - pads).clamp(min=0),
-                             attention_mask=mask[:, None], use_cache=True, **{self.cache_argument: cache}, **self.keep_last)
+            return forward(self.largest, input_ids, position_ids, mask)
         finally:
-            cache.prefill_at = None
-        return out.logits[:, -1]
+            self.largest.prefill_at = None
 
     def _step(self) -> None:
         """Launch one decode step; collect the previous one while the GPU runs this one.
@@ -610,6 +620,12 @@ def _cudagraph_state_for_this_thread() -> None:
         local.tree_manager_locks = defaultdict(threading.Lock)
         torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
         torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
+
+
+def _prefill_forward(model, cache_argument: str, keep_last: dict, cache: SlotCache, input_ids, position_ids, mask):
+    """The logits of each prompt's last column (Batcher._prefill)."""
+    return model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
+                 **{cache_argument: cache}, **keep_last).logits[:, -1]
 
 
 def _decode_step(model, dtype: torch.dtype, cache_argument: str, window: int | None, cache: SlotCache, input_ids,

@@ -109,9 +109,10 @@ class Engine:
 
     def warm_up(self, compile_cache: str | Path | None = None) -> float:
         """Run every decode shape a request can meet (each cache width x attention span) once,
-        so that compiling them (minutes for a 7B model, the first time; torch.compile caches
-        the kernels on this machine's disk for later starts) is paid before the server reports
-        healthy, not by its first users. `compile_cache`: a file of compiled kernels, loaded
+        and one prompt's prefill (one graph for every prompt length), so that compiling them
+        (minutes for a 7B model, the first time; torch.compile caches the kernels on this
+        machine's disk for later starts) is paid before the server reports healthy, not by its
+        first users. `compile_cache`: a file of compiled kernels, loaded
         first if it exists and written afterwards (runtime.load_compile_cache: copied to another
         machine with the same GPU, torch and triton, it spares that machine the compiling).
         Returns the seconds it took."""
