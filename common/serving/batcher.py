@@ -382,8 +382,9 @@ class Batcher(_Decoder):
     running rows move to the first rows when the width changes. On CUDA the decode step is
     compiled with CUDA graphs (torch.compile "reduce-overhead"; "max-autotune" for one row): a
     7B model's step launches hundreds of small kernels, and launching them from Python costs
-    more than the step itself. Prompts that arrive together are prefilled in one padded forward,
-    not compiled (their lengths vary; they are compute-bound).
+    more than the step itself. A prompt that arrives alone is prefilled through one compiled
+    graph for every length (no CUDA graphs); prompts that arrive together in one padded eager
+    forward (their launches are shared).
     """
 
     thread_name = "batcher"
