@@ -247,7 +247,8 @@ def test_one_prompts_prefill_is_compiled_once_for_every_length(llama_engine):
     """A compiled engine prefills a prompt that arrives alone through one compiled graph whatever
     its length (eagerly, a 7B model's short prefill waits on Python launching kernels): prompts of
     2 to 40 tokens give the plain forward's last logits and write its keys into their row, with
-    one compile; one-token prompts and prompts that join together stay eager. (Through dynamo
+    one compile; one-token prompts and prompts that join together stay eager, and so do all once
+    the compiled prefill has failed at its first call. (Through dynamo
     with a counting backend: inductor's own kernels are the GPU tests' and the warm-up's.)"""
     from torch._dynamo.testing import CompileCounter
 
@@ -271,6 +272,19 @@ def test_one_prompts_prefill_is_compiled_once_for_every_length(llama_engine):
         decoder._prefill([0], [[5]])
         decoder._prefill([0, 1], [[5, 6, 7], [8, 9]])
         assert counter.frame_count == 1
+
+        def failing(*args):
+            raise RuntimeError("inductor could not compile it")
+
+        decoder.prefill_one = failing  # once the compiled prefill has run, its errors are the request's
+        with pytest.raises(RuntimeError, match="could not compile"):
+            decoder._prefill([0], [[5, 6, 7]])
+        # one that fails at its first call (the warm-up's: compiling) is left for the eager one
+        decoder.prefill_ran = False
+        with torch.no_grad():
+            plain = model(torch.tensor([[5, 6, 7]])).logits[0, -1]
+        torch.testing.assert_close(decoder._prefill([0], [[5, 6, 7]])[0], plain, rtol=1e-4, atol=1e-4)
+        assert decoder.prefill_one is decoder.prefill_eager
     finally:
         decoder.close()
 
@@ -947,7 +961,8 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
     weights take the bytes their format says (about half of bf16's for 8 bits, under a third for
     4; bf16's for bf16_gemlite and bf16 through the Triton kernel), the logits stay close to bf16's,
     and the engine's compiled decode step, with one request and with three together (fp8_rowwise's
-    FP8 tensor-core form for many rows), follows the model's own greedy path (each streamed token
+    FP8 tensor-core form for many rows; the one prompt prefilled through its compiled graph), follows
+    the model's own greedy path (each streamed token
     the argmax of one plain forward over prompt + stream, up to near-ties)."""
     saved_per_weight, error = GPU_KINDS[kind]
     if "gemlite" in kind:
@@ -993,6 +1008,7 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
     greedy = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
     try:
         served.warm_up()
+        assert served.decoder.prefill_one is not served.decoder.prefill_eager  # compiled (not given up on)
         streams = _read_all([served.stream(prompts[0], greedy)])
         with served.decoder.condition:  # the three join together: the 4-row step
             together = [served.stream(prompt, greedy) for prompt in prompts]

@@ -401,6 +401,12 @@ class Batcher(_Decoder):
         self.widths = batch_widths(max_batch)
         self.compiled = compile_decode
         self.prefill_eager = partial(_prefill_forward, model, self.cache_argument, self.keep_last)
+        # One prompt's prefill, compiled once for every prompt length (no CUDA graphs): run eagerly,
+        # a 7B model's forward over a short prompt waits on Python launching its kernels one by one
+        # (a 32-token prompt's first token came 46 ms after the request on an H200, where reading the
+        # weights takes 3.2: benchmarks/RESULTS.md). Prompts that join together stay eager.
+        self.prefill_one = torch.compile(self.prefill_eager) if compile_decode else self.prefill_eager
+        self.prefill_ran = False  # whether prefill_one has run once (compiled, when compile_decode)
         try:
             self.largest = SlotCache(max_batch, cache_length, self.device)  # prompts are written through it
             self._prefill([0], [[0]])  # allocate the cache now: a too-large one fails here
@@ -420,11 +426,6 @@ class Batcher(_Decoder):
                            for w in self.widths}
         else:
             self.decode = dict.fromkeys(self.widths, step)
-        # One prompt's prefill, compiled once for every prompt length (no CUDA graphs): run eagerly,
-        # a 7B model's forward over a short prompt waits on Python launching its kernels one by one
-        # (a 32-token prompt's first token came 46 ms after the request on an H200, where reading the
-        # weights takes 3.2: benchmarks/RESULTS.md). Prompts that join together stay eager.
-        self.prefill_one = torch.compile(self.prefill_eager) if compile_decode else self.prefill_eager
         self.width = 1
         self.rows: list[_Generation | None] = [None]
         self.in_flight: _Step | None = None  # a launched step whose tokens are not handed out yet
@@ -537,9 +538,19 @@ class Batcher(_Decoder):
                 torch._dynamo.mark_dynamic(tensor, dim)  # one graph for every length (but 1)
         self.largest.prefill_at = (torch.tensor(rows, device=self.device)[:, None], column_slots)
         try:
-            return forward(self.largest, input_ids, position_ids, mask)
+            logits = forward(self.largest, input_ids, position_ids, mask)
+        except Exception:
+            if forward is self.prefill_eager or self.prefill_ran:
+                raise
+            # (inductor compiles at the first call, the warm-up's: a model it cannot compile for
+            # every length is still served, its prompts prefilled eagerly)
+            logger.warning("compiling the prefill failed: prompts are prefilled eagerly", exc_info=True)
+            logits = self.prefill_eager(self.largest, input_ids, position_ids, mask)
+            self.prefill_one = self.prefill_eager
         finally:
             self.largest.prefill_at = None
+        self.prefill_ran |= forward is self.prefill_one
+        return logits
 
     def _step(self) -> None:
         """Launch one decode step; collect the previous one while the GPU runs this one.
