@@ -962,8 +962,8 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
     4; bf16's for bf16_gemlite and bf16 through the Triton kernel), the logits stay close to bf16's,
     and the engine's compiled decode step, with one request and with three together (fp8_rowwise's
     FP8 tensor-core form for many rows; the one prompt prefilled through its compiled graph), follows
-    the model's own greedy path (each streamed token
-    the argmax of one plain forward over prompt + stream, up to near-ties)."""
+    the model's own greedy path (each streamed token the argmax of one plain forward over prompt +
+    stream, up to near-ties)."""
     saved_per_weight, error = GPU_KINDS[kind]
     if "gemlite" in kind:
         pytest.importorskip("gemlite")
