@@ -26,7 +26,8 @@ after a `--prompt_tokens` prompt; different prompts per client.
                             reads them, without HTTP (server minus this = HTTP and SSE)
   server, N clients         N streaming clients at once over HTTP (spread over
                             --client_processes processes of their own): aggregate and per-client
-                            tokens/s, first-token latency p50 / p95 (from the moment all N were sent)
+                            tokens/s, first-token latency p50 / p95 (from the moment all N were sent);
+                            each server first gets one short unmeasured request from each process
   transformers CB, N        `model.generate_batch` of N prompts (paged KV cache), after its warm-up
 
 Each engine is warmed up first (`Engine.warm_up`, what serve.py does before it opens its port:
@@ -200,6 +201,26 @@ def concurrent_clients(port: int, prompts: list[str], tokens: int, start_at: flo
     for result in results:
         result["first_token_s"] = result.pop("first_token_at") - start_at
     return time.time() - start_at, late, results
+
+
+_first_request = None  # a barrier of the pool's size, in each client process (client_process)
+
+
+def client_process(ready, first_request) -> None:
+    """A client process's start: it has imported this module when `ready` lets every one go."""
+    global _first_request
+    _first_request = first_request
+    ready.wait()
+
+
+def first_request(port: int) -> None:
+    """One short unmeasured request from this client process, held until every process of the pool
+    has taken one (so each does): a process's first request over HTTP, and the server's, pay
+    one-time costs (imports, the connection pool, thread pools) that were 17 and 35 ms of the first
+    one-client row of two runs on an H200 (RESULTS.md), not what a running server's clients see."""
+    _first_request.wait(timeout=120)
+    with httpx.Client(timeout=120) as client:
+        stream_completion(client, port, word(3), 2, {})
 
 
 def spread_clients(pool, processes: int, port: int, prompts: list[str], tokens: int) -> tuple[float, list[dict]]:
@@ -439,7 +460,8 @@ def main() -> None:
     spawn = multiprocessing.get_context("spawn")
     process_counts = [int(p) for p in args.client_processes.split(",")]
     ready = spawn.Barrier(max(process_counts) + 1)
-    clients = spawn.Pool(max(process_counts), initializer=ready.wait)
+    clients = spawn.Pool(max(process_counts), initializer=client_process,
+                         initargs=(ready, spawn.Barrier(max(process_counts))))
     ready.wait()  # each has imported this module: the first load's processes start together
     greedy = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
     quality: dict[str, dict] = {}
@@ -471,8 +493,20 @@ def main() -> None:
                 return stream.token_ids
 
             # median of 3 (their first tokens too); then one more run, its steps timed
-            add(f"{label}: engine, batch 1", 1, sorted(timed(engine_one) for _ in range(3))[1], tokens,
-                first_token_p50_s=round(percentile(first_tokens, 0.5), 4), **step_timing(engine, engine_one))
+            seconds = sorted(timed(engine_one) for _ in range(3))[1]
+            decoder, eager = engine.decoder, {}
+            if getattr(decoder, "prefill_one", None) not in (None, getattr(decoder, "prefill_eager", None)):
+                # the first token with the prompt prefilled eagerly, as before it was compiled: 3 more requests
+                decoder.prefill_one, compiled = decoder.prefill_eager, decoder.prefill_one
+                try:
+                    eager_first: list[float] = []
+                    for _ in range(3):
+                        engine_one(first_tokens=eager_first)
+                finally:
+                    decoder.prefill_one = compiled
+                eager = {"first_token_eager_prefill_p50_s": round(percentile(eager_first, 0.5), 4)}
+            add(f"{label}: engine, batch 1", 1, seconds, tokens, first_token_p50_s=round(percentile(first_tokens, 0.5), 4),
+                **eager, **step_timing(engine, engine_one))
             for n in clients_list[1:]:
                 add(f"{label}: engine, {n} streams (no HTTP)", n, engine_streams(engine, prompt_ids[:n], greedy), n * tokens,
                     **step_timing(engine, partial(engine_streams, engine, prompt_ids[:n], greedy)))
@@ -489,6 +523,8 @@ def main() -> None:
                               "greedy_streams_sha1": hashlib.sha1(json.dumps(alone).encode()).hexdigest()[:16]}
             server, thread = serve_in_thread(engine, args.port, most)
             try:
+                for done in [clients.apply_async(first_request, (args.port,)) for _ in range(max(process_counts))]:
+                    done.get()
                 for n, processes in [(n, p) for n in clients_list for p in sorted({min(p, n) for p in process_counts})]:
                     seconds, results = spread_clients(clients, processes, args.port, prompts[:n], tokens)
                     first = [r["first_token_s"] for r in results]
