@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import gc
 import hashlib
 import json
 import math
@@ -237,6 +238,27 @@ def spread_clients(pool, processes: int, port: int, prompts: list[str], tokens: 
     if late > 0.05:
         raise RuntimeError(f"a client process started {late:.2f} s after the others: the measurement is not fair")
     return max(seconds for seconds, _, _ in done), [r for _, _, results in done for r in results]
+
+
+class FullCollections:
+    """The garbage collector's full passes (generation 2) in this process while the block runs:
+    each holds the GIL, stopping the batcher and the server (Engine.warm_up freezes what compiling
+    left so that they stay short)."""
+
+    def __enter__(self):
+        self.count, self.seconds, self.began = 0, 0.0, 0.0
+        gc.callbacks.append(self.note)
+        return self
+
+    def note(self, phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                self.began = time.perf_counter()
+            else:
+                self.count, self.seconds = self.count + 1, self.seconds + time.perf_counter() - self.began
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self.note)
 
 
 def step_timing(engine: Engine, run) -> dict:
@@ -527,7 +549,9 @@ def main() -> None:
                 for done in [clients.apply_async(first_request, (args.port,)) for _ in range(max(process_counts))]:
                     done.get()
                 for n, processes in [(n, p) for n in clients_list for p in sorted({min(p, n) for p in process_counts})]:
-                    runs = [spread_clients(clients, processes, args.port, prompts[:n], tokens) for _ in range(3 if n == 1 else 1)]
+                    with FullCollections() as collections:
+                        runs = [spread_clients(clients, processes, args.port, prompts[:n], tokens)
+                                for _ in range(3 if n == 1 else 1)]
                     seconds, results = sorted(runs, key=lambda run: run[0])[len(runs) // 2]  # one client: median of 3
                     first = [r["first_token_s"] for r in results]
                     words = [list(map(word, a)) for a in alone]
@@ -540,6 +564,7 @@ def main() -> None:
                         first_token_p50_s=round(percentile(first, 0.5), 3),
                         first_token_p95_s=round(percentile(first, 0.95), 3),
                         every_client_got_its_tokens=all(r["tokens"] == tokens for r in results),
+                        server_full_gc=collections.count, server_full_gc_s=round(collections.seconds, 3),
                         identical_to_alone=f"{sum(p == len(w) for p, w in zip(prefixes, words))}/{len(prefixes)}",
                         tokens_not_argmax_of_a_plain_forward=len(gaps),
                         their_max_logit_gap=round(max(gaps, default=0), 4), weight_bytes=weights)

@@ -14,7 +14,12 @@ import torch
 from common.errors import UserError
 from common.serving.batcher import Batcher, SequentialDecoder, batcher_refusal, span_bucket
 from common.serving.loading import context_length, load_causal_lm, prepare_weights
-from common.serving.runtime import apply_serving_settings, load_compile_cache, save_compile_cache
+from common.serving.runtime import (
+    apply_serving_settings,
+    freeze_what_warm_up_left,
+    load_compile_cache,
+    save_compile_cache,
+)
 from common.serving.sampling import SamplingParams, TokenLogprob, token_logprobs
 from common.serving.text import GenerationStream
 from common.templates import (
@@ -115,7 +120,9 @@ class Engine:
         first users. `compile_cache`: a file of compiled kernels, loaded
         first if it exists and written afterwards (runtime.load_compile_cache: copied to another
         machine with the same GPU, torch and triton, it spares that machine the compiling).
-        Returns the seconds it took."""
+        Compiling leaves a million objects behind: they are collected or frozen at the end
+        (runtime.freeze_what_warm_up_left), so that the garbage collector's full passes do not
+        stop the server under load. Returns the seconds it took."""
         if not self.batched:
             return 0.0
         start = time.perf_counter()
@@ -135,6 +142,8 @@ class Engine:
                 logger.info("warm-up: %d row(s) x %d slots done after %.1f s", width, span, time.perf_counter() - start)
         if compile_cache and self.compile:
             save_compile_cache(compile_cache)
+        if self.compile:
+            freeze_what_warm_up_left()
         return time.perf_counter() - start
 
     def close(self) -> None:
