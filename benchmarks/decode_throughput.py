@@ -28,7 +28,8 @@ after a `--prompt_tokens` prompt; different prompts per client.
                             --client_processes processes of their own): aggregate and per-client
                             tokens/s, first-token latency p50 / p95 (from the moment all N were sent);
                             each server first gets one short unmeasured request from each process;
-                            one client: the median of 3 requests
+                            one client: the median of 3 requests; the garbage collector's full
+                            passes in this process during the row (server_full_gc)
   transformers CB, N        `model.generate_batch` of N prompts (paged KV cache), after its warm-up
 
 Each engine is warmed up first (`Engine.warm_up`, what serve.py does before it opens its port:

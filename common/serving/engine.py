@@ -120,7 +120,7 @@ class Engine:
         first users. `compile_cache`: a file of compiled kernels, loaded
         first if it exists and written afterwards (runtime.load_compile_cache: copied to another
         machine with the same GPU, torch and triton, it spares that machine the compiling).
-        Compiling leaves a million objects behind: they are collected or frozen at the end
+        Compiling leaves about a million objects behind: they are collected or frozen at the end
         (runtime.freeze_what_warm_up_left), so that the garbage collector's full passes do not
         stop the server under load. Returns the seconds it took."""
         if not self.batched:

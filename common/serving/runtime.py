@@ -39,7 +39,7 @@ def freeze_what_warm_up_left() -> int:
     collector's permanent generation (`gc.freeze`), where its full collections no longer scan
     them. A compiled warm-up leaves more than a million objects (a 32-layer model's on the CPU:
     1.38 million tracked, 0.53 million of them garbage), and a full collection over them took
-    0.46 s with nothing to free, 1.4 s the first time (the CPU; benchmarks/RESULTS.md), holding
+    0.46 s with nothing to free, 1.27 s the first time (the CPU; benchmarks/RESULTS.md), holding
     the GIL, so stopping the batcher and every stream while a server is busy. Returns how many
     objects were frozen."""
     gc.collect()
