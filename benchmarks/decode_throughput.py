@@ -519,9 +519,10 @@ def main() -> None:
             # median of 3 (their first tokens too); then one more run, its steps timed
             seconds = sorted(timed(engine_one) for _ in range(3))[1]
             decoder, eager = engine.decoder, {}
-            if getattr(decoder, "prefill_one", None) not in (None, getattr(decoder, "prefill_eager", None)):
+            compiled = getattr(decoder, "prefill_one", None)  # (a Batcher's; the eager one without compiling)
+            if compiled is not None and compiled is not decoder.prefill_eager:
                 # the first token with the prompt prefilled eagerly, as before it was compiled: 3 more requests
-                decoder.prefill_one, compiled = decoder.prefill_eager, decoder.prefill_one
+                decoder.prefill_one = decoder.prefill_eager
                 try:
                     eager_first: list[float] = []
                     for _ in range(3):

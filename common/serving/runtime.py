@@ -34,17 +34,16 @@ def apply_serving_settings(device: torch.device, compile_decode: bool) -> None:
         inductor_config.coordinate_descent_tuning = True
 
 
-def freeze_what_warm_up_left() -> int:
+def freeze_what_warm_up_left() -> None:
     """Collect the garbage compiling left and move every object still alive into the garbage
     collector's permanent generation (`gc.freeze`), where its full collections no longer scan
     them. A compiled warm-up leaves up to a million objects or more (a 32-layer model's on the CPU:
     1.38 million tracked, 0.53 million of them garbage; 0.77 million with its kernels cached), and a
     full collection over them took 0.46-0.56 s with nothing to free, 1.27 s the first time (the
     CPU; benchmarks/RESULTS.md), holding the GIL: the batcher and every stream would wait that long
-    if one came while a server is busy. Returns how many objects were frozen."""
+    if one came while a server is busy."""
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
 
 
 def load_compile_cache(path: str | Path) -> int:
