@@ -1311,6 +1311,53 @@ def test_a_compile_cache_file_spares_another_machine_the_compiling(model_dir, tm
         assert run["frozen"] > 10 * run["tracked"], run
 
 
+COMPILED_KINDS = """
+import json, sys
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+seen = []
+def recording(graph, example_inputs):  # each graph dynamo hands over, with the settings of the thread compiling it
+    seen.append((torch._dynamo.config.recompile_limit, torch._inductor.config.coordinate_descent_tuning))
+    return graph.forward
+compile = torch.compile
+torch.compile = lambda fn, mode=None, **options: compile(fn, backend=recording, **options)
+from common.serving.engine import Engine
+from common.serving.loading import prepare_weights
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+graphs = []
+for kind in ("none", "int8_rowwise", "fp8_rowwise"):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)).eval()
+    engine = Engine(prepare_weights(model, kind), tokenizer, kind, max_batch=4, compile=True)
+    before = len(seen)
+    engine.warm_up()
+    graphs.append(len(seen) - before)
+    engine.close()
+frames = torch._dynamo.utils.counters["frames"]  # a frame given up on (the limit hit) counts in total only
+print(json.dumps({"graphs": graphs, "settings": sorted(set(seen)), "given_up": frames["total"] - frames["ok"]}))
+"""
+
+
+def test_several_weight_kinds_in_one_process_each_compile_with_the_serving_settings(model_dir):
+    """Every engine's prefill and decode widths are compiled through one wrapper function of
+    dynamo's, so their graphs share one recompile limit; past it dynamo runs the step eagerly
+    without an error. Three weight kinds in one process (as the benchmark and the GPU tests run them)
+    each compile their shapes (widths 1 and 4 x spans 256 and 512, and the prefill; a later kind
+    needs fewer graphs, dims already found dynamic) and none is given up on, and every
+    graph is compiled under the serving settings (runtime.apply_serving_settings), which torch 2.12+
+    keeps per thread while the batcher's thread compiles. (A recording backend stands in for
+    inductor: the graphs dynamo hands over are the subject, not their kernels.)"""
+    from common.serving.runtime import RECOMPILE_LIMIT
+
+    result = subprocess.run([sys.executable, "-c", COMPILED_KINDS, str(model_dir)], env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads(result.stdout.strip().splitlines()[-1])
+    assert min(run["graphs"]) >= 3 and sum(run["graphs"]) > 8 and run["given_up"] == 0, run  # (8: the default limit)
+    assert run["settings"] == [[RECOMPILE_LIMIT, True]], run
+
+
 def test_kernel_options_parse_as_their_help_says():
     """serve.py / chatbot.py: --fuse_projections is auto unless given, "on" as a bare flag (its
     form before auto existed), or one of its choices; --matvec auto and --decode_attention sdpa

@@ -13,6 +13,7 @@ steps, so the Engine and the server above them do not care which one runs.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import logging
 import random
@@ -219,7 +220,11 @@ class _Decoder:
         self.closed = False
 
     def _start(self) -> None:
-        self.thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        # The thread runs in a copy of this one's context: torch.compile's settings (torch._dynamo.config,
+        # torch._inductor.config: runtime.apply_serving_settings' and the user's) are per thread from torch
+        # 2.12 on, and the decode steps compile in this thread, which would otherwise see the defaults.
+        context = contextvars.copy_context()
+        self.thread = threading.Thread(target=context.run, args=(self._run,), name=self.thread_name, daemon=True)
         self.thread.start()
 
     # ------------------------------------------------------------ the public side

@@ -1,6 +1,8 @@
 """The process-wide settings serving changes, in one place. `Engine` applies them when it
 starts (and chinese_gpt2/generate.py before its HF `generate`): each one changes the whole
-process, so they are listed here rather than set where they first mattered."""
+process (torch.compile's: from torch 2.12 on, the thread that sets them and the threads started
+in a copy of its context, as the batcher's is), so they are listed here rather than set where
+they first mattered."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
+RECOMPILE_LIMIT = 64  # compiled graphs that the engines of one process may hold together
 
 
 def apply_serving_settings(device: torch.device, compile_decode: bool) -> None:
@@ -32,6 +35,14 @@ def apply_serving_settings(device: torch.device, compile_decode: bool) -> None:
         from torch._inductor import config as inductor_config
 
         inductor_config.coordinate_descent_tuning = True
+        # Every torch.compile of a functools.partial (each engine's prefill and decode widths) runs
+        # through one wrapper function of dynamo's, so all their graphs count against one code
+        # object's recompile_limit (default 8): an engine takes 3-6 (prefill, widths x spans), and
+        # a second weight kind in the same process (the benchmark, the GPU tests) went over it, after
+        # which dynamo runs the step eagerly without an error (tests/test_serving.py).
+        # (From torch 2.12 on, these two settings hold for this thread only: the batcher's thread,
+        # which compiles, starts in a copy of its creator's context: batcher._Decoder._start.)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
 
 
 def freeze_what_warm_up_left() -> None:
