@@ -972,6 +972,7 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
     from common.serving.loading import (
         MatvecLinear,
         RowScaledLinear,
+        kernel_takes,
         prepare_weights,
         weight_bytes,
         weights_variant,
@@ -990,8 +991,7 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
     if quantize == "fp8_rowwise":
         assert quantised.model.layers[0].mlp.down_proj.fp8_products
     if matvec == "triton":  # every product of one row goes through the kernel
-        assert all(isinstance(m, MatvecLinear) or getattr(m, "triton_matvec", False)
-                   for m in quantised.modules() if isinstance(m, (MatvecLinear, RowScaledLinear)))
+        assert all(kernel_takes(m) for m in quantised.modules() if isinstance(m, (MatvecLinear, RowScaledLinear)))
         assert sum(isinstance(m, (MatvecLinear, RowScaledLinear)) for m in quantised.modules()) == (4 if fused == "on" else 7) * 2 + 1
     linear = sum(m.weight.numel() for m in plain.modules() if type(m) is torch.nn.Linear)
     saved = weight_bytes(plain) - weight_bytes(quantised)

@@ -361,7 +361,7 @@ def glu_refusal(model) -> str | None:
     """Why the gate/up kernel cannot take this model's SiLU(gate) x up (GluMatvecMLP); None when it
     can. Asked after prepare_weights has merged the products and chosen the kernel."""
     layers = getattr(getattr(model, "model", None), "layers", None) or []
-    if not layers or any(type(layer.mlp).__name__ != "Phi3MLP" or not _kernel_takes(layer.mlp.gate_up_proj)
+    if not layers or any(type(layer.mlp).__name__ != "Phi3MLP" or not kernel_takes(layer.mlp.gate_up_proj)
                          for layer in layers):
         return "it needs the Triton kernel and merged gate/up products"
     if any(type(layer.mlp.activation_fn).__name__ not in ("SiLUActivation", "SiLU") for layer in layers):
@@ -369,7 +369,8 @@ def glu_refusal(model) -> str | None:
     return None
 
 
-def _kernel_takes(linear: torch.nn.Module) -> bool:
+def kernel_takes(linear: torch.nn.Module) -> bool:
+    """Whether one row's products of this layer go through matvec.py's Triton kernel."""
     return isinstance(linear, MatvecLinear) or getattr(linear, "triton_matvec", False)
 
 
