@@ -1270,6 +1270,15 @@ def test_merged_projections_serve_the_models_own_logits_and_tokens(engine, llama
         fuse_projections(windowed)
 
 
+def _python_json(script: str, *args, **env) -> dict:
+    """What `script` prints last (a JSON line), run by a fresh Python from the repository root:
+    dynamo's and inductor's caches and settings are the process's, so these runs get their own."""
+    result = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), **env}, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 WARM_START = """
 import gc, json, sys
 import torch
@@ -1296,11 +1305,7 @@ def test_a_compile_cache_file_spares_another_machine_the_compiling(model_dir, tm
     cache = tmp_path / "kernels.bin"
     runs = []
     for machine in ("first", "second"):
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / machine), "PYTHONPATH": str(REPO)}
-        result = subprocess.run([sys.executable, "-c", WARM_START, str(model_dir), str(cache)], env=env,
-                                capture_output=True, text=True, timeout=600, cwd=REPO)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        runs.append(_python_json(WARM_START, model_dir, cache, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / machine)))
         if machine == "first":
             assert cache.stat().st_size > 0
     first, second = runs
@@ -1350,10 +1355,7 @@ def test_several_weight_kinds_in_one_process_each_compile_with_the_serving_setti
     inductor: the graphs dynamo hands over are the subject, not their kernels.)"""
     from common.serving.runtime import RECOMPILE_LIMIT
 
-    result = subprocess.run([sys.executable, "-c", COMPILED_KINDS, str(model_dir)], env={**os.environ, "PYTHONPATH": str(REPO)},
-                            capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = json.loads(result.stdout.strip().splitlines()[-1])
+    run = _python_json(COMPILED_KINDS, model_dir)
     assert min(run["graphs"]) >= 3 and sum(run["graphs"]) > 8 and run["given_up"] == 0, run  # (8: the default limit)
     assert run["settings"] == [[RECOMPILE_LIMIT, True]], run
 
