@@ -1004,17 +1004,20 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
             exact_one, approx_one = plain(ids[:, :1]).logits.float(), quantised(ids[:, :1]).logits.float()
             assert (approx_one - exact_one).norm() / exact_one.norm() < error
     assert (approx - exact).norm() / exact.norm() < error
-    served = Engine(quantised, engine.tokenizer, kind, max_batch=4, max_cache_len=256, compile=True)  # 2 graphs
     greedy = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
-    try:
-        served.warm_up()
-        assert served.decoder.prefill_one is not served.decoder.prefill_eager  # compiled (not given up on)
-        streams = _read_all([served.stream(prompts[0], greedy)])
-        with served.decoder.condition:  # the three join together: the 4-row step
-            together = [served.stream(prompt, greedy) for prompt in prompts]
-        streams += _read_all(together)
-    finally:
-        served.close()
+    # The kinds' engines share one recompile limit in this process (runtime.RECOMPILE_LIMIT): past it dynamo
+    # would run a decode width eagerly with only a warning; here that fails the test instead.
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        served = Engine(quantised, engine.tokenizer, kind, max_batch=4, max_cache_len=256, compile=True)  # 2 widths
+        try:
+            served.warm_up()
+            assert served.decoder.prefill_one is not served.decoder.prefill_eager  # compiled (not given up on)
+            streams = _read_all([served.stream(prompts[0], greedy)])
+            with served.decoder.condition:  # the three join together: the 4-row step
+                together = [served.stream(prompt, greedy) for prompt in prompts]
+            streams += _read_all(together)
+        finally:
+            served.close()
     for prompt, tokens in zip([prompts[0], *prompts], streams):
         with torch.no_grad():
             logits = quantised(torch.tensor([prompt + tokens[:-1]], device="cuda")).logits[0, len(prompt) - 1:].float()
