@@ -436,6 +436,9 @@ def main() -> None:
     device = torch.device("cuda" if on_gpu else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)  # as the Engine does (common/serving/runtime.py)
+    # The kinds' engines share one recompile limit in this process (runtime.RECOMPILE_LIMIT): past it dynamo would
+    # run a decode width eagerly with only a warning, and its rows would be an eager engine's. Stop instead.
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
 
     model = build_model(shape, device)
     vocab = model.config.vocab_size
