@@ -13,7 +13,7 @@ from conftest import REPO, run_script
 
 BENCHMARKS = ["clip_data_wait", "clm_train_throughput", "decode_throughput", "dpo_memory_speed", "gpt2_decode_speed",
               "gpt2_train_throughput", "grpo_step_time", "image_pipeline", "lora_sft_throughput", "profile_decode_step",
-              "quantized_matvec", "reply_loss_speed", "sft_memory", "tokenize_throughput"]
+              "quantized_matvec", "quantized_quality", "reply_loss_speed", "sft_memory", "tokenize_throughput"]
 # Variants run one child process each (about 10 s of imports apiece): where a benchmark has many,
 # the test runs one per code path (baseline, the recipe's way, torch.compile, DPO's references).
 VARIANTS = {"clip_data_wait": "loader,resident_compile", "gpt2_train_throughput": "baseline,recipe",
@@ -26,7 +26,8 @@ OPTIONS = {name: ("--variants", variants) for name, variants in VARIANTS.items()
     # the CPU has no FP8 and no int4 kernel: those rows are GPU-only
     "quantized_matvec": ("--variants", "none,int8,fp8,int8+autotune,int8_pack,int8_rowwise+fused,fp8_rowwise+cd-all+max-autotune,none+freezing"),
     "profile_decode_step": ("--widths", "1,4", "--spans", "256", "--compiled", "--quantize", "none,int8_rowwise"),
-    "decode_throughput": ("--clients", "1,4", "--quantize", "none,int8_rowwise+fused")}
+    "decode_throughput": ("--clients", "1,4", "--quantize", "none,int8_rowwise+fused"),
+    "quantized_quality": ("--quantize", "none,int8_rowwise,fp8_rowwise")}
 
 
 def records(node):
@@ -65,7 +66,7 @@ def on_gpu() -> bool:
 
 
 def label(row: dict) -> str:
-    return str(next((row[k] for k in ("variant", "path", "pipeline", "quantize", "method") if k in row), row))
+    return str(next((row[k] for k in ("variant", "path", "pipeline", "quantize", "method", "kind") if k in row), row))
 
 
 def is_number(value) -> bool:
@@ -360,6 +361,30 @@ def sft_memory(result: dict) -> list[str]:
     return problems
 
 
+def quantized_quality(result: dict) -> list[str]:
+    """Every kind scored on the held-out blocks and greedy streams. The reference against itself is
+    exact (KL 0, its own top-1 everywhere, every stream its own); an 8-bit kind stores its linear
+    layers in half the bytes, moves the distributions (KL > 0: the weights really changed) and keeps
+    the trained model's perplexity within 10%."""
+    rows = result["rows"]
+    problems = rows_named(rows, option("quantized_quality", "--quantize"), key="kind")
+    new_tokens = result["setup"]["new_tokens"]
+    for row in rows:
+        problems += positive(row, "weight_MB", "weight_share", "perplexity", "seconds")
+        if not (is_number(row.get("kl_from_reference")) and row["kl_from_reference"] >= 0
+                and 0 < row.get("top1_agreement", -1) <= 1 and 0 <= row.get("greedy_prefix", -1) <= new_tokens
+                and 0 <= row.get("greedy_identical", -1) <= 1):
+            problems.append(f"{label(row)}: agreement fields out of range: {row}")
+    if rows and (rows[0].get("kl_from_reference"), rows[0].get("top1_agreement"), rows[0].get("greedy_prefix"),
+                 rows[0].get("greedy_identical"), rows[0].get("weight_share")) != (0, 1, new_tokens, 1, 1):
+        problems.append(f"the reference against itself is not exact: {rows[0]}")
+    for row in rows[1:]:
+        if not (row.get("weight_share", 1) < 0.8 and row.get("kl_from_reference", 0) > 0
+                and abs(row.get("perplexity", 0) / rows[0]["perplexity"] - 1) < 0.1):
+            problems.append(f"{label(row)}: not an 8-bit copy of the reference (weight share, KL, perplexity): {row}")
+    return problems
+
+
 def tokenize_throughput(result: dict) -> list[str]:
     """Both pipelines tokenise every document of the same corpus: the same document count."""
     rows = result["rows"]
@@ -375,8 +400,8 @@ def tokenize_throughput(result: dict) -> list[str]:
 
 MEASURED = {check.__name__: check for check in (
     clip_data_wait, clm_train_throughput, decode_throughput, dpo_memory_speed, gpt2_decode_speed, gpt2_train_throughput,
-    grpo_step_time, image_pipeline, lora_sft_throughput, profile_decode_step, quantized_matvec, reply_loss_speed,
-    sft_memory, tokenize_throughput)}
+    grpo_step_time, image_pipeline, lora_sft_throughput, profile_decode_step, quantized_matvec, quantized_quality,
+    reply_loss_speed, sft_memory, tokenize_throughput)}
 
 
 def problems_in(name: str, result: dict) -> list[str]:
