@@ -37,7 +37,8 @@ every batch width x attention span compiled). The memory-bandwidth bound is the 
 read once per token at the copy bandwidth measured here. Quantised rows add their weight
 bytes, greedy agreement with bf16 (the first bf16 kind; common prefix of the first 8 clients' streams, decoded
 alone) and the perplexity of one held-out random token sequence under each (random weights:
-that number only says how far quantisation moves the distribution). Correctness of the
+that number only says how far quantisation moves the distribution; quantized_quality.py measures
+both on a trained model and held-out text). Correctness of the
 concurrent streams: each streamed token is checked against one plain forward over prompt +
 stream (`their_max_logit_gap`: bf16 rounding flips only near-ties), and the first 8 clients'
 streams against the same prompt decoded alone. On a GPU every engine row also times its
