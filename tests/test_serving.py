@@ -877,9 +877,10 @@ metric_list:
 def test_a_row_scaled_linear_multiplies_by_its_8_bit_weight_times_the_row_scale_for_one_row_and_many(dtype):
     """RowScaledLinear's forms all compute x @ (stored weight x row scale)^T + bias, the stored
     weight being the original one within the 8-bit format's rounding: one row under torch.compile
-    (a float32 product scaled after), and many rows, which for fp8 weights go through
-    torch._scaled_mm with the activations rounded to e4m3 with a scale per row (int8 weights, and
-    fp8 ones whose sizes are not multiples of 16, are scaled first for a plain product)."""
+    (a float32 product scaled after), and many rows on the 8-bit tensor cores' products, the
+    activations rounded to the weight's format with a scale per row: torch._scaled_mm for fp8
+    weights (sizes multiples of 16; others are scaled first for a plain product), torch._int_mm for
+    int8 ones (int32 sums; one row, eagerly, padded to the 17 rows cuBLAS takes)."""
     from common.serving.loading import RowScaledLinear
 
     torch.manual_seed(0)
@@ -888,7 +889,7 @@ def test_a_row_scaled_linear_multiplies_by_its_8_bit_weight_times_the_row_scale_
         linear = torch.nn.Linear(64, out_features)
         scaled = RowScaledLinear(linear, dtype)
         assert scaled.weight.dtype == dtype and scaled.scale.shape == (out_features, 1)
-        assert scaled.fp8_products == (dtype == torch.float8_e4m3fn and out_features == 48)
+        assert scaled.tensor_core_products == (dtype == torch.int8 or out_features == 48)
         dequantised = scaled.weight.double() * scaled.scale.double()
         error = (dequantised - linear.weight.double()).abs()
         if dtype == torch.int8:
@@ -897,9 +898,11 @@ def test_a_row_scaled_linear_multiplies_by_its_8_bit_weight_times_the_row_scale_
             assert (error <= linear.weight.double().abs() / 16 + scaled.scale.double() * 2 ** -9).all()
         expected = x.double() @ dequantised.T + linear.bias.double()
         many_rows = x
-        if scaled.fp8_products:
-            row_scale = x.abs().amax(dim=-1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max
-            many_rows = (x / row_scale).to(torch.float8_e4m3fn).double() * row_scale.double()
+        if scaled.tensor_core_products:
+            largest = 127 if dtype == torch.int8 else torch.finfo(torch.float8_e4m3fn).max
+            row_scale = x.abs().amax(dim=-1, keepdim=True) / largest
+            rounded = (x / row_scale).round().to(dtype) if dtype == torch.int8 else (x / row_scale).to(dtype)
+            many_rows = rounded.double() * row_scale.double()
             assert (many_rows - x).abs().max() > 1e-3  # the rounding shows
         expected_many = many_rows.double() @ dequantised.T + linear.bias.double()
         traced = torch.compile(scaled, backend="eager", fullgraph=True)  # the form the compiled decode step takes
@@ -991,8 +994,8 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
     assert all(type(layer.mlp).__name__ == "GluMatvecMLP" for layer in quantised.model.layers) == (glu == "on")
     assert not any(type(m) is torch.nn.Linear for m in quantised.modules())
     assert (quantised.config._attn_implementation == "serving_decode") == (attention == "triton")
-    if quantize == "fp8_rowwise":
-        assert quantised.model.layers[0].mlp.down_proj.fp8_products
+    if quantize in ("fp8_rowwise", "int8_rowwise"):  # many rows on the 8-bit tensor cores (H100 / H200)
+        assert quantised.model.layers[0].mlp.down_proj.tensor_core_products
     if matvec == "triton":  # every product of one row goes through the kernel
         assert all(kernel_takes(m) for m in quantised.modules() if isinstance(m, (MatvecLinear, RowScaledLinear)))
         assert sum(isinstance(m, (MatvecLinear, RowScaledLinear)) for m in quantised.modules()) == (4 if fused == "on" else 7) * 2 + 1

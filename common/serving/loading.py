@@ -115,13 +115,16 @@ class RowScaledLinear(torch.nn.Module):
     row. For one row of activations (one client's decode step) under torch.compile, the product is one
     kernel that reads the 8-bit weight, converts each element once to float32 and scales the
     product's output (int8 1.24x, fp8 1.34x bf16's products on an H200; converting the weight to
-    bf16 and scaling it first, 1.21x for int8, costs more conversions per byte read). For many
-    rows an fp8 weight goes to the FP8 tensor cores (`torch._scaled_mm`, on Hopper and later GPUs
-    and on the CPU): the activations are rounded to e4m3 with a scale per row and both scales
-    applied to the float32 sums, so the product reads the 8-bit weight itself (one H100, 7B shape,
-    64 rows: 7.85 against bf16's 9.03 ms per step, benchmarks/RESULTS.md). Otherwise (int8, older GPUs, sizes that are not multiples of 16) the weight is turned
-    back to the activations' dtype and scaled for cuBLAS, which writes a bf16 copy first (0.49x on
-    an H200). (Scaling the output of a bf16 product, torchao's int8 weight-only form
+    bf16 and scaling it first, 1.21x for int8, costs more conversions per byte read). Many rows go to
+    the 8-bit tensor cores where they can (`tensor_core_products`): each row of activations is rounded
+    to the weight's format with a scale of its own, the product reads the 8-bit weight itself, and
+    both scales are applied to the sums (fp8: `torch._scaled_mm`, one H100, 7B shape, 64 rows: 7.85
+    against bf16's 9.03 ms per step, benchmarks/RESULTS.md; int8: `torch._int_mm`, int32 sums, not
+    yet measured on a GPU). Rounding the activations moves a trained model's predictions further: on
+    two small models trained here, KL from bf16 about 1.6x that of the int8 weights alone and 2x that
+    of the fp8 ones (benchmarks/RESULTS.md, quantized_quality.py). Otherwise (older GPUs, sizes the tensor cores do not take) the weight is
+    turned back to the activations' dtype and scaled for cuBLAS, which writes a bf16 copy first
+    (0.49x on an H200). (Scaling the output of a bf16 product, torchao's int8 weight-only form
     `(x @ w.to(bf16)) * scale`, is rewritten by inductor into aten._weight_int8pack_mm, whose CUDA
     kernel took 58 ms for what bf16 does in 0.3 at 64 rows: benchmarks/RESULTS.md.)"""
 
@@ -135,7 +138,7 @@ class RowScaledLinear(torch.nn.Module):
         self.scale = torch.nn.Parameter(scale.to(linear.weight.dtype), requires_grad=False)
         self.bias = linear.bias
         # decided on the device it is built on (the engine quantises a model where it runs)
-        self.fp8_products = _fp8_products(self.weight, linear.weight.dtype)
+        self.tensor_core_products = _tensor_core_products(self.weight, linear.weight.dtype)
         self.triton_matvec = False  # one row through matvec.py's kernel (prepare_weights' matvec="triton")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,11 +147,10 @@ class RowScaledLinear(torch.nn.Module):
         if one_row_compiled(x):  # (eager, it would copy the weight in float32)
             out = torch.nn.functional.linear(x.float(), self.weight.float()) * self.scale.float().view(-1)
             return (out if self.bias is None else out + self.bias).to(x.dtype)
-        if self.fp8_products and x.dtype == self.scale.dtype:
+        if self.tensor_core_products and x.dtype == self.scale.dtype:
             rows = x.reshape(-1, x.shape[-1]).float()
-            row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
-            out = torch._scaled_mm((rows / row_scale).to(torch.float8_e4m3fn), self.weight.t(), scale_a=row_scale,
-                                   scale_b=self.scale.float().view(1, -1), out_dtype=x.dtype)
+            times = _int8_rows_times if self.weight.dtype == torch.int8 else _fp8_rows_times
+            out = times(rows, self.weight, self.scale.float().view(1, -1), x.dtype)
             out = out.reshape(*x.shape[:-1], out.shape[-1])
             return out if self.bias is None else out + self.bias
         return torch.nn.functional.linear(x, self.weight.to(x.dtype) * self.scale, self.bias)
@@ -189,16 +191,46 @@ class GluMatvecMLP(torch.nn.Module):
         return self.down_proj(up * self.activation_fn(gate))
 
 
-def _fp8_products(weight: torch.Tensor, activations: torch.dtype) -> bool:
-    """Whether torch._scaled_mm can multiply `activations` by this fp8 weight with scales per row
-    where it is: on the CPU, and on CUDA GPUs of compute capability 9.0 (Hopper) and later for
-    bf16 activations; both sizes multiples of 16."""
-    if weight.dtype != torch.float8_e4m3fn or weight.shape[0] % 16 or weight.shape[1] % 16:
+def _tensor_core_products(weight: torch.Tensor, activations: torch.dtype) -> bool:
+    """Whether this 8-bit weight's products with many rows can run on the 8-bit tensor cores where it
+    is: an fp8 e4m3 one through torch._scaled_mm on the CPU and on CUDA GPUs of compute capability
+    9.0 (Hopper) and later for bf16 activations, both sizes multiples of 16; an int8 one through
+    torch._int_mm on the CPU and on CUDA GPUs of compute capability 8.0 and later, both sizes
+    multiples of 8."""
+    multiple = {torch.float8_e4m3fn: 16, torch.int8: 8}.get(weight.dtype)
+    if multiple is None or weight.shape[0] % multiple or weight.shape[1] % multiple:
         return False
     if weight.device.type == "cpu":
         return True
-    return weight.device.type == "cuda" and activations == torch.bfloat16 and \
-        torch.cuda.get_device_capability(weight.device) >= (9, 0)
+    if weight.device.type != "cuda":
+        return False
+    if weight.dtype == torch.int8:
+        return torch.cuda.get_device_capability(weight.device) >= (8, 0)
+    return activations == torch.bfloat16 and torch.cuda.get_device_capability(weight.device) >= (9, 0)
+
+
+def _fp8_rows_times(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """rows [m, K] (float32) times an e4m3 weight [N, K] with `scale` [1, N] per output row, in `dtype`,
+    on the FP8 tensor cores: each row of activations rounded to e4m3 with a scale of its own."""
+    row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    return torch._scaled_mm((rows / row_scale).to(torch.float8_e4m3fn), weight.t(), scale_a=row_scale, scale_b=scale,
+                            out_dtype=dtype)
+
+
+INT_MM_MIN_ROWS = 17  # cuBLAS's int8 product (torch._int_mm on CUDA) takes more than 16 rows
+
+
+def _int8_rows_times(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The same for an int8 weight on the int8 tensor cores (int32 sums): each row of activations
+    rounded to int8 with a scale of its own. Fewer than INT_MM_MIN_ROWS rows are padded with zero
+    rows (on every device, so that the CPU runs what a GPU runs)."""
+    row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    quantised = (rows / row_scale).round().to(torch.int8)  # |x| / row_scale <= 127
+    count = quantised.shape[0]
+    if count < INT_MM_MIN_ROWS:
+        quantised = torch.nn.functional.pad(quantised, (0, 0, 0, INT_MM_MIN_ROWS - count))
+    sums = torch._int_mm(quantised, weight.t())[:count]
+    return (sums.float() * row_scale * scale).to(dtype)
 
 
 def replace_linears(model, make: Callable[[torch.nn.Linear], torch.nn.Module]) -> None:
