@@ -122,9 +122,9 @@ class RowScaledLinear(torch.nn.Module):
     against bf16's 9.03 ms per step, benchmarks/RESULTS.md; int8: `torch._int_mm`, int32 sums, not
     yet measured on a GPU). Rounding the activations moves a trained model's predictions further: on
     two small models trained here, KL from bf16 about 1.6x that of the int8 weights alone and 2x that
-    of the fp8 ones (benchmarks/RESULTS.md, quantized_quality.py). Otherwise (older GPUs, sizes the tensor cores do not take) the weight is
-    turned back to the activations' dtype and scaled for cuBLAS, which writes a bf16 copy first
-    (0.49x on an H200). (Scaling the output of a bf16 product, torchao's int8 weight-only form
+    of the fp8 ones (benchmarks/RESULTS.md, quantized_quality.py). Otherwise (older GPUs, sizes the
+    tensor cores do not take) the weight is turned back to the activations' dtype and scaled for
+    cuBLAS, which writes a bf16 copy first (0.49x on an H200). (Scaling the output of a bf16 product, torchao's int8 weight-only form
     `(x @ w.to(bf16)) * scale`, is rewritten by inductor into aten._weight_int8pack_mm, whose CUDA
     kernel took 58 ms for what bf16 does in 0.3 at 64 rows: benchmarks/RESULTS.md.)"""
 
