@@ -5,9 +5,8 @@ say little. This script measures a model that has learnt something, on held-out 
 
     make demo-clm                                  # a tiny Llama pretrained here: outputs/model_clm, data/model_clm
     python benchmarks/quantized_quality.py         # bf16 (the reference), float32, int8_rowwise, fp8_rowwise, CPU
-    python benchmarks/quantized_quality.py --model /models/llama-2-7b --held_out data/model_clm/mine \\
-        --device cuda --quantize none,fp8_rowwise  # a model of yours: held-out shards written with its tokenizer
-                                                   # (model_clm/prepare_data.py --tokenizer /models/llama-2-7b)
+    python benchmarks/quantized_quality.py --model /models/qwen2-7b --held_out my_held_out.txt \\
+        --device cuda --quantize none,fp8_rowwise  # a model of yours, on text it did not train on
     python benchmarks/quantized_quality.py --tiny  # smoke test: model_clm prepared and trained for 40 steps first
 
 Each kind is the model as `serve.py --quantize KIND` serves it on --device (the same loading and
@@ -18,8 +17,8 @@ a yardstick for how far bf16's own rounding moves the model. Per kind:
   weight_MB           the weights' bytes as stored (share of the reference's)
   perplexity          over --blocks held-out blocks of --block_size tokens, one forward each (the path of
                       many rows: a prompt's prefill, scoring, many clients decoding together); the blocks
-                      come from the valid split of the --held_out sources (common/shards.py: documents
-                      that training held out)
+                      come from the valid split of the --held_out token shards (common/shards.py: documents
+                      that training held out) or from --held_out text files
   kl_from_reference   mean KL(reference || kind) of the next-token distributions at those positions (nats)
   top1_agreement      share of those positions where the kind's most likely token is the reference's
   greedy_prefix       --prompts streams of --new_tokens greedy tokens through the serving Engine, one
@@ -45,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.data import file_texts
 from common.errors import UserError, cli_main
 from common.serving.engine import Engine
 from common.serving.loading import QUANTIZATIONS, context_length, weight_bytes
@@ -55,19 +55,37 @@ REPO = Path(__file__).resolve().parents[1]
 KINDS = (*QUANTIZATIONS, "float32")
 
 
+def text_blocks(path: Path, tokenizer, block_size: int) -> list[list[int]]:
+    """A text file's documents (txt lines, JSONL `text`, CSV `content`) in the model's tokens, each
+    followed by its end-of-text token, back to back, cut into blocks (a short tail is left out)."""
+    ids: list[int] = []
+    for text in file_texts(path):
+        if text.strip():
+            ids += tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+            ids += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [ids[start:start + block_size] for start in range(0, len(ids) - block_size + 1, block_size)]
+
+
 def held_out_blocks(sources: list[str], tokenizer, block_size: int, count: int) -> list[list[int]]:
-    """`count` blocks of `block_size` tokens, spread evenly over the valid splits of `sources`."""
+    """`count` blocks of `block_size` tokens, spread evenly over `sources`: the valid split of a
+    token-shard source (a prepare_data.py output, in the model's vocabulary), or a text file (all of
+    it held-out text)."""
     blocks: list[list[int]] = []
     for i, source in enumerate(sources):
-        if read_index(source).get("vocab_sha256") != vocabulary_hash(tokenizer):
-            raise UserError(f"{source}: its token ids are not the model's (prepared with another tokenizer: "
-                            "model_clm/prepare_data.py --tokenizer MODEL_DIR writes shards in the model's)")
-        split = TokenShards(source, "valid", block_size)
+        if Path(source).is_file():
+            available = text_blocks(Path(source), tokenizer, block_size)
+            size, block = len(available), available.__getitem__
+        else:
+            if read_index(source).get("vocab_sha256") != vocabulary_hash(tokenizer):
+                raise UserError(f"{source}: its token ids are not the model's (prepared with another tokenizer: "
+                                "model_clm/prepare_data.py --tokenizer MODEL_DIR writes shards in the model's)")
+            split = TokenShards(source, "valid", block_size)
+            size, block = len(split), lambda b, split=split: split[b]["input_ids"].tolist()
         wanted = count // len(sources) + (i < count % len(sources))
-        if wanted > len(split):
-            raise UserError(f"{source}: {len(split)} held-out blocks of {block_size} tokens, {wanted} wanted "
+        if wanted > size:
+            raise UserError(f"{source}: {size} held-out blocks of {block_size} tokens, {wanted} wanted "
                             "(fewer --blocks, a smaller --block_size, or more held-out text)")
-        blocks += [split[int(b)]["input_ids"].tolist() for b in np.linspace(0, len(split) - 1, wanted).round()]
+        blocks += [block(int(b)) for b in np.linspace(0, size - 1, wanted).round()]
     return blocks
 
 
@@ -124,7 +142,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="outputs/model_clm", help="A trained causal LM (local directory).")
     parser.add_argument("--held_out", default="data/model_clm/news,data/model_clm/reviews",
-                        help="Token-shard sources (comma-separated) whose valid split is the held-out text.")
+                        help="Held-out text, comma-separated: token-shard sources (their valid split) or text "
+                             "files (.txt: a document per line; .jsonl: `text`; .csv: `content`).")
     parser.add_argument("--quantize", default="none,float32,int8_rowwise,fp8_rowwise",
                         help=f"Kinds, the first the reference: {', '.join(KINDS)}.")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")

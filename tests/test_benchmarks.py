@@ -562,3 +562,29 @@ def test_check_results_runs_the_commands_and_fails_outside_a_band(tmp_path, monk
     status, rows = check("fail")
     assert status == 1 and "exited 3" in rows["test.accuracy"]["why"]
     assert "exit 3" in (tmp_path / "checks" / "stand_in.log").read_text()
+
+
+def test_quality_benchmark_cuts_a_text_file_into_blocks_of_the_models_tokens(tmp_path):
+    """quantized_quality.py --held_out FILE: the file's documents in the model's tokens, each followed by
+    its end-of-text token, back to back, cut into whole blocks and spread evenly over the file; asking for
+    more blocks than the file holds is an error that says so."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from quantized_quality import held_out_blocks
+
+    from common.corpora import load_peoples_daily
+    from common.errors import UserError
+    from common.tokenizer import build_chinese_tokenizer
+
+    texts = load_peoples_daily()[:40]
+    tokenizer = build_chinese_tokenizer(texts, vocab_size=800)
+    path = tmp_path / "held_out.txt"
+    path.write_text("\n".join(texts) + "\n\n", encoding="utf-8")  # (an empty line is no document)
+    stream = [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    whole = len(stream) // 16
+    blocks = held_out_blocks([str(path)], tokenizer, 16, whole)
+    assert blocks == [stream[16 * b:16 * b + 16] for b in range(whole)]  # all of them, in order
+    spread = held_out_blocks([str(path)], tokenizer, 16, 3)
+    assert spread == [blocks[0], blocks[round((whole - 1) / 2)], blocks[-1]]
+    assert blocks[0][:4] == tokenizer(texts[0], add_special_tokens=False)["input_ids"][:4]
+    with pytest.raises(UserError, match=f"{whole} held-out blocks of 16 tokens, {whole + 1} wanted"):
+        held_out_blocks([str(path)], tokenizer, 16, whole + 1)
