@@ -437,9 +437,6 @@ def main() -> None:
     device = torch.device("cuda" if on_gpu else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)  # as the Engine does (common/serving/runtime.py)
-    # The kinds' engines share one recompile limit in this process (runtime.RECOMPILE_LIMIT): past it dynamo would
-    # run a decode width eagerly with only a warning, and its rows would be an eager engine's. Stop instead.
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
 
     model = build_model(shape, device)
     vocab = model.config.vocab_size
@@ -480,6 +477,10 @@ def main() -> None:
         generate(cache_implementation="static")  # compiles
         add("generate, static cache", 1, timed(lambda: generate(cache_implementation="static")), tokens)
 
+    # The kinds' engines share one recompile limit in this process (runtime.RECOMPILE_LIMIT): past it dynamo would
+    # run a decode width eagerly with only a warning, and its rows would be an eager engine's. Stop instead.
+    # (Only for the engines: HF generate's and transformers' CB's compiled forwards keep dynamo's defaults.)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     if args.port is None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -584,6 +585,7 @@ def main() -> None:
                     torch.cuda.empty_cache()
     finally:
         clients.close()
+    torch._dynamo.config.fail_on_recompile_limit_hit = False
 
     if not args.skip_transformers_cb and device.type == "cuda":
         if args.transformers_cb_site:  # another transformers than this process imported: in a child process
