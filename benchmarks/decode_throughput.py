@@ -585,7 +585,7 @@ def main() -> None:
                     torch.cuda.empty_cache()
     finally:
         clients.close()
-    torch._dynamo.config.fail_on_recompile_limit_hit = False
+        torch._dynamo.config.fail_on_recompile_limit_hit = False
 
     if not args.skip_transformers_cb and device.type == "cuda":
         if args.transformers_cb_site:  # another transformers than this process imported: in a child process

@@ -105,6 +105,11 @@ INT4_GROUP = 64
 QUANTIZATIONS = ("none", *TORCHAO_QUANTIZATIONS, *ROWWISE, *GEMLITE)
 
 
+def row_scales(rows: torch.Tensor, largest: float) -> torch.Tensor:
+    """[m, 1]: each row's scale that maps its largest magnitude to `largest` (the 8-bit format's)."""
+    return rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / largest
+
+
 def one_row_compiled(x: torch.Tensor) -> bool:
     """Whether `x` is one row of activations inside a compiled step (one client's decode step)."""
     return x.shape[:-1].numel() == 1 and torch.compiler.is_compiling()
@@ -124,15 +129,16 @@ class RowScaledLinear(torch.nn.Module):
     two small models trained here, KL from bf16 about 1.6x that of the int8 weights alone and 2x that
     of the fp8 ones (benchmarks/RESULTS.md, quantized_quality.py). Otherwise (older GPUs, sizes the
     tensor cores do not take) the weight is turned back to the activations' dtype and scaled for
-    cuBLAS, which writes a bf16 copy first (0.49x on an H200). (Scaling the output of a bf16 product, torchao's int8 weight-only form
-    `(x @ w.to(bf16)) * scale`, is rewritten by inductor into aten._weight_int8pack_mm, whose CUDA
-    kernel took 58 ms for what bf16 does in 0.3 at 64 rows: benchmarks/RESULTS.md.)"""
+    cuBLAS, which writes a bf16 copy first (0.49x on an H200). (Scaling the output of a bf16
+    product, torchao's int8 weight-only form `(x @ w.to(bf16)) * scale`, is rewritten by inductor
+    into aten._weight_int8pack_mm, whose CUDA kernel took 58 ms for what bf16 does in 0.3 at 64
+    rows: benchmarks/RESULTS.md.)"""
 
     def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
         super().__init__()
         weight = linear.weight.detach().float()
         largest = 127.0 if dtype == torch.int8 else torch.finfo(dtype).max
-        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / largest
+        scale = row_scales(weight, largest)
         stored = (weight / scale).round() if dtype == torch.int8 else weight / scale
         self.weight = torch.nn.Parameter(stored.to(dtype), requires_grad=False)
         self.scale = torch.nn.Parameter(scale.to(linear.weight.dtype), requires_grad=False)
@@ -212,7 +218,7 @@ def _tensor_core_products(weight: torch.Tensor, activations: torch.dtype) -> boo
 def _fp8_rows_times(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """rows [m, K] (float32) times an e4m3 weight [N, K] with `scale` [1, N] per output row, in `dtype`,
     on the FP8 tensor cores: each row of activations rounded to e4m3 with a scale of its own."""
-    row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    row_scale = row_scales(rows, torch.finfo(torch.float8_e4m3fn).max)
     return torch._scaled_mm((rows / row_scale).to(torch.float8_e4m3fn), weight.t(), scale_a=row_scale, scale_b=scale,
                             out_dtype=dtype)
 
@@ -224,7 +230,7 @@ def _int8_rows_times(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     """The same for an int8 weight on the int8 tensor cores (int32 sums): each row of activations
     rounded to int8 with a scale of its own. Fewer than INT_MM_MIN_ROWS rows are padded with zero
     rows (on every device, so that the CPU runs what a GPU runs)."""
-    row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    row_scale = row_scales(rows, 127)
     quantised = (rows / row_scale).round().to(torch.int8)  # |x| / row_scale <= 127
     count = quantised.shape[0]
     if count < INT_MM_MIN_ROWS:
