@@ -477,10 +477,6 @@ def main() -> None:
         generate(cache_implementation="static")  # compiles
         add("generate, static cache", 1, timed(lambda: generate(cache_implementation="static")), tokens)
 
-    # The kinds' engines share one recompile limit in this process (runtime.RECOMPILE_LIMIT): past it dynamo would
-    # run a decode width eagerly with only a warning, and its rows would be an eager engine's. Stop instead.
-    # (Only for the engines: HF generate's and transformers' CB's compiled forwards keep dynamo's defaults.)
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
     if args.port is None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -496,96 +492,99 @@ def main() -> None:
     quality: dict[str, dict] = {}
     alone_bf16: list[list[int]] = []
     try:
-        for kind in kinds if not args.only_transformers_cb else ():
-            served = model if kind == "none" else prepare_weights(copy.deepcopy(model), *variants[kind])
-            label = kind.replace("none", "bf16")
-            weights = weight_bytes(served)
-            # the cache spans what a request needs, in the 256-slot buckets attention reads
-            engine = Engine(served, tokenizer, "bench", max_batch=most,
-                            max_cache_len=args.max_cache_len or max(512, 2 * (args.prompt_tokens + tokens)))
-            rows.append({"path": f"{label}: engine warm-up (compile every width x span)",
-                         "seconds": round(engine.warm_up(args.compile_cache), 1)})
-            print(f"  {rows[-1]['path']}: {rows[-1]['seconds']} s", flush=True)
-            if args.warm_up_only:
-                engine.close()
-                del served, engine
-                continue
+        # The kinds' engines share one recompile limit in this process (runtime.RECOMPILE_LIMIT): past it dynamo would
+        # run a decode width eagerly with only a warning, and its rows would be an eager engine's. Stop instead.
+        # (Only for the engines: HF generate's and transformers' CB's compiled forwards keep dynamo's defaults.)
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for kind in kinds if not args.only_transformers_cb else ():
+                served = model if kind == "none" else prepare_weights(copy.deepcopy(model), *variants[kind])
+                label = kind.replace("none", "bf16")
+                weights = weight_bytes(served)
+                # the cache spans what a request needs, in the 256-slot buckets attention reads
+                engine = Engine(served, tokenizer, "bench", max_batch=most,
+                                max_cache_len=args.max_cache_len or max(512, 2 * (args.prompt_tokens + tokens)))
+                rows.append({"path": f"{label}: engine warm-up (compile every width x span)",
+                             "seconds": round(engine.warm_up(args.compile_cache), 1)})
+                print(f"  {rows[-1]['path']}: {rows[-1]['seconds']} s", flush=True)
+                if args.warm_up_only:
+                    engine.close()
+                    del served, engine
+                    continue
 
-            first_tokens: list[float] = []  # seconds from the request to its first token, without HTTP
+                first_tokens: list[float] = []  # seconds from the request to its first token, without HTTP
 
-            def engine_one(i: int = 0, engine=engine, first_tokens=first_tokens) -> list[int]:
-                start = time.perf_counter()
-                stream = engine.stream(prompt_ids[i], greedy)
-                for _ in stream:
-                    if len(first_tokens) < 3 and len(stream.token_ids) == 1:
-                        first_tokens.append(time.perf_counter() - start)
-                return stream.token_ids
+                def engine_one(i: int = 0, engine=engine, first_tokens=first_tokens) -> list[int]:
+                    start = time.perf_counter()
+                    stream = engine.stream(prompt_ids[i], greedy)
+                    for _ in stream:
+                        if len(first_tokens) < 3 and len(stream.token_ids) == 1:
+                            first_tokens.append(time.perf_counter() - start)
+                    return stream.token_ids
 
-            # median of 3 (their first tokens too); then one more run, its steps timed
-            seconds = sorted(timed(engine_one) for _ in range(3))[1]
-            decoder, eager = engine.decoder, {}
-            compiled = getattr(decoder, "prefill_one", None)  # (a Batcher's; the eager one without compiling)
-            if compiled is not None and compiled is not decoder.prefill_eager:
-                # the first token with the prompt prefilled eagerly, as before it was compiled: 3 more requests
-                decoder.prefill_one = decoder.prefill_eager
+                # median of 3 (their first tokens too); then one more run, its steps timed
+                seconds = sorted(timed(engine_one) for _ in range(3))[1]
+                decoder, eager = engine.decoder, {}
+                compiled = getattr(decoder, "prefill_one", None)  # (a Batcher's; the eager one without compiling)
+                if compiled is not None and compiled is not decoder.prefill_eager:
+                    # the first token with the prompt prefilled eagerly, as before it was compiled: 3 more requests
+                    decoder.prefill_one = decoder.prefill_eager
+                    try:
+                        eager_first: list[float] = []
+                        for _ in range(3):
+                            engine_one(first_tokens=eager_first)
+                    finally:
+                        decoder.prefill_one = compiled
+                    eager = {"first_token_eager_prefill_p50_s": round(percentile(eager_first, 0.5), 4)}
+                add(f"{label}: engine, batch 1", 1, seconds, tokens, first_token_p50_s=round(percentile(first_tokens, 0.5), 4),
+                    **eager, **step_timing(engine, engine_one))
+                for n in clients_list[1:]:
+                    add(f"{label}: engine, {n} streams (no HTTP)", n, engine_streams(engine, prompt_ids[:n], greedy), n * tokens,
+                        **step_timing(engine, partial(engine_streams, engine, prompt_ids[:n], greedy)))
+                alone = [engine_one(i) for i in range(checked)]
+                if variants[kind][0] == "none" and not alone_bf16:  # the first bf16 kind: the reference
+                    alone_bf16 = alone
+                quality[label] = {"weight_GB": round(weights / 1e9, 2),
+                                  "held_out_perplexity": round(perplexity(served, held_out), 2),
+                                  "greedy_common_prefix_with_bf16": round(sum(
+                                      common_prefix(a, b) for a, b in zip(alone, alone_bf16)) / checked, 1)
+                                  if alone_bf16 else None,
+                                  # equal digests = the same tokens (unequal ones need not mean a bug: max-autotune
+                                  # picks kernels by timing in each process, which can flip near-ties)
+                                  "greedy_streams_sha1": hashlib.sha1(json.dumps(alone).encode()).hexdigest()[:16]}
+                server, thread = serve_in_thread(engine, args.port, most)
                 try:
-                    eager_first: list[float] = []
-                    for _ in range(3):
-                        engine_one(first_tokens=eager_first)
+                    for done in [clients.apply_async(first_request, (args.port,)) for _ in range(max(process_counts))]:
+                        done.get()
+                    for n, processes in [(n, p) for n in clients_list for p in sorted({min(p, n) for p in process_counts})]:
+                        with FullCollections() as collections:
+                            runs = [spread_clients(clients, processes, args.port, prompts[:n], tokens)
+                                    for _ in range(3 if n == 1 else 1)]
+                        seconds, results = sorted(runs, key=lambda run: run[0])[len(runs) // 2]  # one client: median of 3
+                        first = [r["first_token_s"] for r in results]
+                        words = [list(map(word, a)) for a in alone]
+                        prefixes = [common_prefix(r["text"].split(), w) for r, w in zip(results, words)]
+                        gaps = [g for r, p in zip(results, prompt_ids) for g in teacher_forced_gaps(served, p, r["text"])]
+                        add(f"{label}: server, {n} client{'s' if n > 1 else ''}"
+                            f"{f' in {processes} process' + 'es' * (processes > 1) if len(process_counts) > 1 else ''}", n, seconds,
+                            sum(r["tokens"] for r in results), per_client_tokens_per_s=round(tokens / seconds, 1),
+                            client_processes=processes,
+                            first_token_p50_s=round(percentile(first, 0.5), 3),
+                            first_token_p95_s=round(percentile(first, 0.95), 3),
+                            every_client_got_its_tokens=all(r["tokens"] == tokens for r in results),
+                            server_full_gc=collections.count, server_full_gc_s=round(collections.seconds, 3),
+                            identical_to_alone=f"{sum(p == len(w) for p, w in zip(prefixes, words))}/{len(prefixes)}",
+                            tokens_not_argmax_of_a_plain_forward=len(gaps),
+                            their_max_logit_gap=round(max(gaps, default=0), 4), weight_bytes=weights)
                 finally:
-                    decoder.prefill_one = compiled
-                eager = {"first_token_eager_prefill_p50_s": round(percentile(eager_first, 0.5), 4)}
-            add(f"{label}: engine, batch 1", 1, seconds, tokens, first_token_p50_s=round(percentile(first_tokens, 0.5), 4),
-                **eager, **step_timing(engine, engine_one))
-            for n in clients_list[1:]:
-                add(f"{label}: engine, {n} streams (no HTTP)", n, engine_streams(engine, prompt_ids[:n], greedy), n * tokens,
-                    **step_timing(engine, partial(engine_streams, engine, prompt_ids[:n], greedy)))
-            alone = [engine_one(i) for i in range(checked)]
-            if variants[kind][0] == "none" and not alone_bf16:  # the first bf16 kind: the reference
-                alone_bf16 = alone
-            quality[label] = {"weight_GB": round(weights / 1e9, 2),
-                              "held_out_perplexity": round(perplexity(served, held_out), 2),
-                              "greedy_common_prefix_with_bf16": round(sum(
-                                  common_prefix(a, b) for a, b in zip(alone, alone_bf16)) / checked, 1)
-                              if alone_bf16 else None,
-                              # equal digests = the same tokens (unequal ones need not mean a bug: max-autotune
-                              # picks kernels by timing in each process, which can flip near-ties)
-                              "greedy_streams_sha1": hashlib.sha1(json.dumps(alone).encode()).hexdigest()[:16]}
-            server, thread = serve_in_thread(engine, args.port, most)
-            try:
-                for done in [clients.apply_async(first_request, (args.port,)) for _ in range(max(process_counts))]:
-                    done.get()
-                for n, processes in [(n, p) for n in clients_list for p in sorted({min(p, n) for p in process_counts})]:
-                    with FullCollections() as collections:
-                        runs = [spread_clients(clients, processes, args.port, prompts[:n], tokens)
-                                for _ in range(3 if n == 1 else 1)]
-                    seconds, results = sorted(runs, key=lambda run: run[0])[len(runs) // 2]  # one client: median of 3
-                    first = [r["first_token_s"] for r in results]
-                    words = [list(map(word, a)) for a in alone]
-                    prefixes = [common_prefix(r["text"].split(), w) for r, w in zip(results, words)]
-                    gaps = [g for r, p in zip(results, prompt_ids) for g in teacher_forced_gaps(served, p, r["text"])]
-                    add(f"{label}: server, {n} client{'s' if n > 1 else ''}"
-                        f"{f' in {processes} process' + 'es' * (processes > 1) if len(process_counts) > 1 else ''}", n, seconds,
-                        sum(r["tokens"] for r in results), per_client_tokens_per_s=round(tokens / seconds, 1),
-                        client_processes=processes,
-                        first_token_p50_s=round(percentile(first, 0.5), 3),
-                        first_token_p95_s=round(percentile(first, 0.95), 3),
-                        every_client_got_its_tokens=all(r["tokens"] == tokens for r in results),
-                        server_full_gc=collections.count, server_full_gc_s=round(collections.seconds, 3),
-                        identical_to_alone=f"{sum(p == len(w) for p, w in zip(prefixes, words))}/{len(prefixes)}",
-                        tokens_not_argmax_of_a_plain_forward=len(gaps),
-                        their_max_logit_gap=round(max(gaps, default=0), 4), weight_bytes=weights)
-            finally:
-                server.should_exit = True
-                thread.join(timeout=30)
-                engine.close()
-            if served is not model:
-                del served
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                    server.should_exit = True
+                    thread.join(timeout=30)
+                    engine.close()
+                if served is not model:
+                    del served
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
     finally:
         clients.close()
-        torch._dynamo.config.fail_on_recompile_limit_hit = False
 
     if not args.skip_transformers_cb and device.type == "cuda":
         if args.transformers_cb_site:  # another transformers than this process imported: in a child process
