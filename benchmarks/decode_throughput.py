@@ -148,10 +148,12 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def serve_in_thread(engine: Engine, port: int, clients: int):
+def serve_in_thread(engine: Engine, port: int, clients: int, processes: int):
+    """The server on `port`, decoding up to `clients` requests together; as many more may queue, and
+    at least `processes` (each client process's first request arrives at once, whatever --clients)."""
     import uvicorn
 
-    settings = ServerSettings(max_concurrent=clients, max_waiting=clients, queue_timeout=600)
+    settings = ServerSettings(max_concurrent=clients, max_waiting=max(clients, processes), queue_timeout=600)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -171,7 +173,8 @@ def stream_completion(client: httpx.Client, port: int, prompt: str, tokens: int,
     text, usage = "", None
     first = None
     with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as response:
-        response.raise_for_status()
+        if response.is_error:  # (not raise_for_status: its HTTPStatusError cannot be unpickled from a pool process)
+            raise RuntimeError(f"the server answered {response.status_code}: {response.read().decode()[:300]}")
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -193,8 +196,14 @@ def concurrent_clients(port: int, prompts: list[str], tokens: int, start_at: flo
     # one client, made before the clock starts: each httpx.Client builds an SSL context (about 18 ms of
     # CPU), which 64 threads each making their own would add to the first-token latencies measured
     client = httpx.Client(timeout=900, limits=httpx.Limits(max_connections=len(prompts) + 4))
-    threads = [threading.Thread(target=stream_completion, args=(client, port, p, tokens, r))
-               for p, r in zip(prompts, results)]
+
+    def stream(prompt: str, result: dict) -> None:
+        try:
+            stream_completion(client, port, prompt, tokens, result)
+        except Exception as err:  # raised below, from this process
+            result["error"] = f"{type(err).__name__}: {err}"
+
+    threads = [threading.Thread(target=stream, args=(p, r)) for p, r in zip(prompts, results)]
     time.sleep(max(0.0, start_at - time.time()))
     late = time.time() - start_at
     for thread in threads:
@@ -202,6 +211,9 @@ def concurrent_clients(port: int, prompts: list[str], tokens: int, start_at: flo
     for thread in threads:
         thread.join()
     client.close()
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(results)} streams failed; the first: {errors[0]}")
     for result in results:
         result["first_token_s"] = result.pop("first_token_at") - start_at
     return time.time() - start_at, late, results
@@ -551,7 +563,7 @@ def main() -> None:
                                   # equal digests = the same tokens (unequal ones need not mean a bug: max-autotune
                                   # picks kernels by timing in each process, which can flip near-ties)
                                   "greedy_streams_sha1": hashlib.sha1(json.dumps(alone).encode()).hexdigest()[:16]}
-                server, thread = serve_in_thread(engine, args.port, most)
+                server, thread = serve_in_thread(engine, args.port, most, max(process_counts))
                 try:
                     for done in [clients.apply_async(first_request, (args.port,)) for _ in range(max(process_counts))]:
                         done.get()

@@ -26,7 +26,8 @@ OPTIONS = {name: ("--variants", variants) for name, variants in VARIANTS.items()
     # the CPU has no FP8 and no int4 kernel: those rows are GPU-only
     "quantized_matvec": ("--variants", "none,int8,fp8,int8+autotune,int8_pack,int8_rowwise+fused,fp8_rowwise+cd-all+max-autotune,none+freezing"),
     "profile_decode_step": ("--widths", "1,4", "--spans", "256", "--compiled", "--quantize", "none,int8_rowwise"),
-    "decode_throughput": ("--clients", "1,4", "--quantize", "none,int8_rowwise+fused"),
+    # more client processes than twice the most clients: each process's first request must still be let in
+    "decode_throughput": ("--clients", "1,2", "--client_processes", "5", "--quantize", "none,int8_rowwise+fused"),
     "quantized_quality": ("--quantize", "none,int8_rowwise,fp8_rowwise")}
 
 
@@ -588,3 +589,38 @@ def test_quality_benchmark_cuts_a_text_file_into_blocks_of_the_models_tokens(tmp
     assert blocks[0][:4] == tokenizer(texts[0], add_special_tokens=False)["input_ids"][:4]
     with pytest.raises(UserError, match=f"{whole} held-out blocks of 16 tokens, {whole + 1} wanted"):
         held_out_blocks([str(path)], tokenizer, 16, whole + 1)
+
+
+def test_decode_throughput_client_errors_come_back_from_the_pool_as_errors():
+    """A stream the server refuses (429 here) fails its client process with an error that pickles, so
+    the benchmark stops with the server's answer: httpx's HTTPStatusError does not unpickle, and the
+    pool's result thread died on it while the benchmark waited for the row until its timeout."""
+    import pickle
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from decode_throughput import concurrent_clients
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = b'{"error": {"message": "too many requests waiting"}}'
+            self.send_response(429)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(RuntimeError) as caught:
+            concurrent_clients(server.server_address[1], ["a b", "c d"], 2, time.time())
+    finally:
+        server.shutdown()
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert "2 of 2 streams failed" in str(again) and "answered 429" in str(again)
+    assert "too many requests waiting" in str(again)
