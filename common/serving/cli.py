@@ -49,7 +49,9 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
                              "not measured). 8 bits: half the weight memory. 7B shape, the GPU defaults otherwise, same "
                              "run: fp8_rowwise serves one client 1.61x bf16 (306.4 vs 190.0 tokens/s) and 64 clients "
                              "1.07x (6,906 vs 6,468) on an H100; 1.40x at one client on an H200 (331.5 vs 237.2) "
-                             "before SiLU(gate) x up moved into the kernel. torchao's are slower than bf16 at one "
+                             "before SiLU(gate) x up moved into the kernel; int8_rowwise one client 1.54x bf16 "
+                             "(297.5 vs 193.8) and 64 clients 1.13x on an H100 (two calls, one machine, 2026-12-06). "
+                             "torchao's are slower than bf16 at one "
                              "stream. On two small trained models int8_rowwise predicts bf16's next token 98.3-98.5%% "
                              "of the time, fp8_rowwise 95.6-95.7%% (float32: 98.7-98.9%%). Speed and quality: "
                              "benchmarks/RESULTS.md (2026-12-05).")
@@ -70,7 +72,8 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
     parser.add_argument("--decode_attention", default="sdpa", choices=ATTENTION,
                         help="The decode step's attention (one new token per request over its cache): sdpa (the "
                              "model's own, PyTorch's kernels) or triton (a Triton kernel, "
-                             "common/serving/decode_attention.py; CUDA; its speed not yet measured).")
+                             "common/serving/decode_attention.py; CUDA). One client on an H100, 7B bf16: 0.99x sdpa's "
+                             "speed (benchmarks/RESULTS.md, 2026-12-06); many clients not measured.")
     parser.add_argument("--decoder", default="auto", choices=["auto", "batch", "sequential"],
                         help="auto: requests decoded together (continuous batching) where the model allows it, else "
                              "one at a time (BLOOM's ALiBi, models whose layers attend to different spans); "
