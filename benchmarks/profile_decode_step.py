@@ -2,7 +2,8 @@
 `_decode_step` over a `SlotCache`) for a 7B Llama at several batch widths and attention spans,
 its GPU kernels grouped (matrix products, attention, the rest) by torch.profiler, against what
 reading the weights and the KV cache once would take at the measured copy bandwidth. And the
-attention call alone (SDPA on the step's shapes) per backend.
+attention call alone on the step's shapes: SDPA per backend, and on CUDA the Triton kernel of
+`--decode_attention triton` with every slot visible and with rows of different lengths.
 
     python benchmarks/profile_decode_step.py            # one GPU
     python benchmarks/profile_decode_step.py --compiled --widths 1 --spans 256 --quantize none,int8_rowwise,fp8_rowwise
@@ -142,7 +143,7 @@ def main() -> None:
     for kind in kinds:
         model = base if kind == "none" else prepare_weights(copy.deepcopy(base), *variants[kind])
         rows += profile_model(model, kind, args, widths, spans, kv_per_slot, bandwidth, device, dtype,
-                              with_sdpa=kind == kinds[0])
+                              with_attention=kind == kinds[0])
         del model
         torch._dynamo.reset()
     weights = weight_bytes(base)
@@ -151,24 +152,28 @@ def main() -> None:
           f"slot, copy bandwidth {bandwidth / 1e9 if bandwidth else 0:.0f} GB/s, "
           f"{'compiled (no CUDA graphs)' if args.compiled else 'eager'}")
     print(f"{'weights':>12s} {'width':>5s} {'span':>5s} {'step ms':>8s} {'matmul':>7s} {'attn':>7s} {'other':>7s} "
-          f"{'bytes ms':>8s}  sdpa x layers")
+          f"{'bytes ms':>8s}  attention alone x layers")
     for row in rows:
         print(f"{row['quantize']:>12s} {row['width']:5d} {row['span']:5d} {row['step_ms']:8.3f} {row.get('matmul_ms', 0):7.3f} "
               f"{row.get('attention_ms', 0):7.3f} {row.get('other_ms', 0):7.3f} {row['bytes_at_copy_bandwidth_ms'] or 0:8.3f}  "
-              f"{row.get('sdpa_all_layers_ms', '')}")
+              f"{row.get('attention_all_layers_ms', '')}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     setup = f"{name}, torch {torch.__version__}, {'compiled without CUDA graphs' if args.compiled else 'eager'}"
     Path(args.out).write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
 
 
-def sdpa_alone(config, width: int, span: int, dtype: torch.dtype, device: torch.device, repeats: int) -> dict:
-    """Milliseconds of the attention call alone on a step's shapes, per SDPA backend, times the layers."""
+def attention_alone(config, width: int, span: int, dtype: torch.dtype, device: torch.device, repeats: int) -> dict:
+    """Milliseconds of the attention call alone on a step's shapes, times the layers: per SDPA
+    backend, every slot visible; on CUDA also decode_attention.py's kernel, every slot visible
+    ("triton") and with the rows' lengths spread evenly, row r seeing the first (r + 1/2) / width
+    of the span, half on average ("triton_spread": a batch of requests of different lengths;
+    SDPA reads every slot whatever its mask, the kernel skips the blocks the mask hides)."""
     head_dim = config.hidden_size // config.num_attention_heads
     q = torch.randn(width, config.num_attention_heads, 1, head_dim, device=device, dtype=dtype)
     k = torch.randn(width, config.num_key_value_heads, span, head_dim, device=device, dtype=dtype)
     v = torch.randn_like(k)
     mask = torch.zeros(width, 1, 1, span, device=device, dtype=dtype)
-    sdpa = {}
+    times = {}
     sdp = torch.nn.attention.SDPBackend
     for name, backend, with_mask in (("efficient", sdp.EFFICIENT_ATTENTION, True), ("math", sdp.MATH, True),
                                       ("cudnn", sdp.CUDNN_ATTENTION, True), ("flash_no_mask", sdp.FLASH_ATTENTION, False)):
@@ -176,16 +181,25 @@ def sdpa_alone(config, width: int, span: int, dtype: torch.dtype, device: torch.
             with torch.nn.attention.sdpa_kernel(backend):
                 attention = partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask if with_mask else None)
                 ms = timed_ms(attention, repeats=repeats)
-            sdpa[name] = round(ms * config.num_hidden_layers, 3)  # every layer
+            times[name] = round(ms * config.num_hidden_layers, 3)  # every layer
         except RuntimeError as err:
-            sdpa[name] = f"unavailable: {str(err).splitlines()[0][:80]}"
-    return sdpa
+            times[name] = f"unavailable: {str(err).splitlines()[0][:80]}"
+    if device.type == "cuda":
+        from common.serving.decode_attention import attend
+
+        seen = ((torch.arange(width, device=device) + 0.5) * span / width).ceil()  # slots each row sees
+        spread = mask.masked_fill((torch.arange(span, device=device) >= seen[:, None])[:, None, None, :],
+                                  torch.finfo(dtype).min)
+        for name, m in (("triton", mask), ("triton_spread", spread)):
+            times[name] = round(timed_ms(partial(attend, q, k, v, m, head_dim ** -0.5), repeats=repeats)
+                                * config.num_hidden_layers, 3)
+    return times
 
 
 def profile_model(model, kind: str, args, widths: list[int], spans: list[int], kv_per_slot: int,
-                  bandwidth: float | None, device: torch.device, dtype: torch.dtype, with_sdpa: bool) -> list[dict]:
+                  bandwidth: float | None, device: torch.device, dtype: torch.dtype, with_attention: bool) -> list[dict]:
     """One row per width x span: the step's kernels grouped, its time, the bytes it reads, and
-    (`with_sdpa`) SDPA alone on its shapes per backend."""
+    (`with_attention`) the attention call alone on its shapes (`attention_alone`)."""
     config = model.config
     weights = weight_bytes(model)
     decode = partial(_decode_step, model, dtype, _cache_argument(model), attention_window(model))
@@ -217,9 +231,9 @@ def profile_model(model, kind: str, args, widths: list[int], spans: list[int], k
                        "bytes_GB": round(bytes_read / 1e9, 2),
                        "bytes_at_copy_bandwidth_ms": round(bytes_read / bandwidth * 1e3, 3) if bandwidth else None,
                        "top_kernels": top}
-                if with_sdpa:  # (the same for every quantisation)
-                    row["sdpa_all_layers_ms"] = sdpa_alone(config, width, span, dtype, device,
-                                                           repeats=5 if args.tiny else 50)
+                if with_attention:  # (the same for every quantisation)
+                    row["attention_all_layers_ms"] = attention_alone(config, width, span, dtype, device,
+                                                                     repeats=5 if args.tiny else 50)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows

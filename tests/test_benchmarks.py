@@ -283,8 +283,9 @@ def lora_sft_throughput(result: dict) -> list[str]:
 
 
 def profile_decode_step(result: dict) -> list[str]:
-    """A row per weights kind x width x span, each step timed; the first kind's rows also time SDPA
-    alone per backend: math runs everywhere, a backend this device lacks says "unavailable"."""
+    """A row per weights kind x width x span, each step timed; the first kind's rows also time the
+    attention call alone per SDPA backend (and, on CUDA, the Triton kernel): math runs everywhere,
+    a backend this device lacks says "unavailable"."""
     rows = result["rows"]
     kinds = option("profile_decode_step", "--quantize")
     expected = [(kind, int(w), int(s)) for kind in kinds for w in option("profile_decode_step", "--widths")
@@ -295,9 +296,9 @@ def profile_decode_step(result: dict) -> list[str]:
         where = f"{row['quantize']} width {row['width']} span {row['span']}"
         problems += positive(row | {"path": where}, "step_ms")
         if row["quantize"] == kinds[0]:
-            sdpa = row.get("sdpa_all_layers_ms", {})
-            problems += positive(sdpa | {"path": f"{where} sdpa"}, "math")
-            problems += [f"{where}: sdpa {backend} = {ms!r}" for backend, ms in sdpa.items()
+            attention = row.get("attention_all_layers_ms", {})
+            problems += positive(attention | {"path": f"{where} attention"}, "math")
+            problems += [f"{where}: attention {backend} = {ms!r}" for backend, ms in attention.items()
                          if not (is_number(ms) and ms > 0 or isinstance(ms, str) and ms.startswith("unavailable"))]
     return problems
 

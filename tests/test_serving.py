@@ -1085,33 +1085,39 @@ def test_triton_matvec_multiplies_one_row_as_float64_does(device, request, monke
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_decode_attention_kernel_attends_as_float64_sdpa_does(device, request):
+def test_decode_attention_kernel_attends_as_float64_sdpa_does(device, request, monkeypatch):
     """decode_attention.py's kernels: one query per row over the first `span` slots of a longer
     cache (the views SlotCache gives), each row masked after its own position, grouped-query
     heads, spans that are not a multiple of the kernel's block, with and without a mask, in one
-    piece or split (4 pieces for one row of 32 heads, one of them past a 130-slot span) and
-    combined; against SDPA in float64. On the GPU also inside torch.compile; on the CPU through
-    Triton's interpreter. Calls it does not take (two queries, a head size not a power of 2, a
-    boolean mask) are left to SDPA."""
+    piece or split (2 pieces for one row of 32 heads; 4 for one row of 4 heads, the last past a
+    260-slot span) and combined; against SDPA in float64. The kernel does not read the keys and values of a block
+    that the mask hides wholly: NaN there changes nothing. A row whose mask hides every slot
+    gets zeros. On the GPU also inside torch.compile; on the CPU through Triton's interpreter.
+    Calls it does not take (two queries, a head size not a power of 2, a boolean mask) are left
+    to SDPA."""
     pytest.importorskip("common.serving.decode_attention", reason="needs triton")
     if device == "cpu" and _reran_in_triton_interpreter(request):
         return
-    from common.serving.decode_attention import split_count, takes
+    from common.serving.decode_attention import BLOCK_S, split_count, takes
 
     functions = [torch.ops.serving.decode_attention]
     if device == "cuda":
         functions.append(torch.compile(lambda *args: torch.ops.serving.decode_attention(*args),
                                        fullgraph=True, dynamic=False))
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 256)  # (each shape and mask compiles)
     torch.manual_seed(0)
-    cases = {(1, 32, 32, 256, 128): 4, (1, 4, 2, 130, 64): 4, (3, 8, 2, 100, 64): 2, (2, 4, 1, 1, 32): 1}
+    # rows, heads, key / value heads, span, head size, the first row's position: the pieces a span is cut into
+    cases = {(1, 32, 32, 256, 128, 255): 2, (1, 32, 8, 256, 128, 70): 2, (1, 4, 2, 260, 64, 259): 4,
+             (6, 32, 8, 290, 64, 289): 1, (2, 4, 1, 1, 32, 0): 1}
     if device == "cpu":  # (on a GPU the pieces depend on its multiprocessors)
         assert {case: split_count(case[0], case[1], case[3], torch.device("cpu")) for case in cases} == cases
-    for rows, heads, kv_heads, span, dims in cases:
+    hidden_blocks = 0
+    for rows, heads, kv_heads, span, dims, first in cases:
         keys, values = (torch.randn(rows, kv_heads, 300, dims, device=device, dtype=torch.bfloat16) for _ in "kv")
         k, v = keys[:, :, :span], values[:, :, :span]
         q = torch.randn(rows, heads, 1, dims, device=device, dtype=torch.bfloat16)
         position = torch.randint(0, span, (rows, 1), device=device)
-        position[0] = span - 1
+        position[0] = first
         visible = torch.arange(span, device=device) <= position
         mask = torch.zeros(visible.shape, dtype=torch.bfloat16, device=device)
         mask = mask.masked_fill_(~visible, torch.finfo(torch.bfloat16).min)[:, None, None, :]
@@ -1126,6 +1132,16 @@ def test_decode_attention_kernel_attends_as_float64_sdpa_does(device, request):
                 assert out.shape == (rows, 1, heads, dims) and out.dtype == torch.bfloat16
                 # float32 sums rounded once to bf16
                 assert ((out.double() - expected).abs() <= expected.abs() / 128 + 2e-3).all(), (rows, heads, span, m is None)
+        clean = [fn(q, k, v, mask, dims ** -0.5) for fn in functions]
+        for row, last in enumerate(position[:, 0].tolist()):  # NaN in the blocks wholly after each row's position
+            start = (last // BLOCK_S + 1) * BLOCK_S
+            keys[row, :, start:span] = values[row, :, start:span] = float("nan")
+            hidden_blocks += -(-max(0, span - start) // BLOCK_S)
+        hidden = torch.full_like(mask, torch.finfo(torch.bfloat16).min)
+        for fn, before in zip(functions, clean):
+            assert torch.equal(fn(q, k, v, mask, dims ** -0.5), before), (rows, heads, span)
+            assert (fn(q, k, v, hidden, dims ** -0.5) == 0).all(), (rows, heads, span)
+    assert hidden_blocks >= 3  # (the 70-slot row's second block, and some of the 290-slot rows')
     assert not takes(q.expand(-1, -1, 2, -1), k, v, mask)
     assert not takes(q[..., :24], k[..., :24], v[..., :24], mask)
     assert not takes(q, k, v, mask > 0)

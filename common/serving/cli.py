@@ -72,8 +72,9 @@ def _model_arguments(parser: argparse.ArgumentParser, default_model: str) -> Non
     parser.add_argument("--decode_attention", default="sdpa", choices=ATTENTION,
                         help="The decode step's attention (one new token per request over its cache): sdpa (the "
                              "model's own, PyTorch's kernels) or triton (a Triton kernel, "
-                             "common/serving/decode_attention.py; CUDA). One client on an H100, 7B bf16: 0.99x sdpa's "
-                             "speed (benchmarks/RESULTS.md, 2026-12-06); many clients not measured.")
+                             "common/serving/decode_attention.py; CUDA; it skips the slots the mask hides, which SDPA "
+                             "reads). One client on an H100, 7B bf16: 0.99x sdpa's speed; many clients not measured "
+                             "(benchmarks/RESULTS.md, 2026-12-06).")
     parser.add_argument("--decoder", default="auto", choices=["auto", "batch", "sequential"],
                         help="auto: requests decoded together (continuous batching) where the model allows it, else "
                              "one at a time (BLOOM's ALiBi, models whose layers attend to different spans); "

@@ -1,11 +1,14 @@
 """Attention of one new token per row over its cached keys and values, as one Triton kernel: the
 attention of a decode step (`serve.py --decode_attention triton`; opt-in: one client on an
-H100, 7B bf16, it served 0.99x SDPA's speed, 5.19 against 5.12 ms of GPU time a step; many rows
-not measured: benchmarks/RESULTS.md, 2026-12-06).
+H100, 7B bf16, it served 0.99x SDPA's speed, 5.19 against 5.12 ms of GPU time a step; many
+clients not measured: benchmarks/RESULTS.md, 2026-12-06).
 
 With one query per row, attention reads the cache once: one program per (row, head) walks the
 span in blocks, scores each block's keys against the query, keeps a running maximum and sum for
-the softmax, and accumulates the weighted values, all in float32. With few rows (one client: 32
+the softmax, and accumulates the weighted values, all in float32. A block the mask hides wholly
+(slots after the row's position: rows shorter than the span) is not read, where SDPA reads every
+slot: the call alone on an H100, 64 rows x 1024 slots, took 356 us with every slot visible (cuDNN's
+SDPA 355 us) and 220 us with the rows' lengths spread evenly over the span. With few rows (one client: 32
 programs for an H100's 132 multiprocessors) each span is cut into pieces, one program each, and a
 second kernel combines their sums (`split_count`). What it is for: on one H200 (7B shape, one
 row, 256 slots, the step profiled eagerly: benchmarks/RESULTS.md, profile_decode_step.py) the
@@ -28,7 +31,15 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 NAME = "serving_decode"  # the attn_implementation loading.prepare_weights gives a model
-BLOCK_S = 64  # cache slots a loop step reads
+# Cache slots a loop step reads, and warps a program runs: of 32 / 64 / 128 slots x 2 / 4 / 8 warps,
+# what read 16 and 64 rows (7B shape, 256 and 1024 slots, all visible) fastest on an H100: 64 x 1024
+# in 356 us, 3.0 TB/s, as cuDNN's SDPA (355 us). At 1-4 rows, where launching dominates, within 7%
+# of the fastest (benchmarks/RESULTS.md).
+BLOCK_S = 128
+WARPS = 2
+# A mask value at or below this hides its slot: float16's lowest (what masks fill in float16;
+# bfloat16 and float32 masks fill lower), past which exp underflows to 0 in float32.
+MASKED = tl.constexpr(-65504.0)
 PROCESSORS_OFF_CUDA = 132  # an H100's multiprocessors: how the CPU test (Triton's interpreter) splits
 
 
@@ -50,20 +61,25 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, S
     for start in range(split * SPLIT, end, BLOCK):
         slots = start + tl.arange(0, BLOCK)
         inside = slots < end
-        k = tl.load(keys + slots[:, None] * k_slot + dims[None, :], mask=inside[:, None], other=0.0)
-        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
         if HAS_MASK:
-            scores += tl.load(mask_ptr + row * mask_row + slots * mask_slot, mask=inside, other=0.0).to(tl.float32)
-        scores = tl.where(inside, scores, -float("inf"))
-        new_best = tl.maximum(best, tl.max(scores, axis=0))
-        shrink = tl.exp(best - new_best)
-        weights = tl.exp(scores - new_best)
-        v = tl.load(values + slots[:, None] * v_slot + dims[None, :], mask=inside[:, None], other=0.0)
-        acc = acc * shrink + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
-        total = total * shrink + tl.sum(weights, axis=0)
-        best = new_best
-    if SPLITS == 1:
-        tl.store(out_ptr + row * out_row + head * out_head + dims, (acc / total).to(out_ptr.dtype.element_ty))
+            bias = tl.load(mask_ptr + row * mask_row + slots * mask_slot, mask=inside, other=-float("inf")).to(tl.float32)
+            read = tl.max(bias, axis=0) > MASKED  # a block the mask hides wholly: its keys and values are not read
+        else:
+            bias = 0.0
+            read = True
+        if read:
+            k = tl.load(keys + slots[:, None] * k_slot + dims[None, :], mask=inside[:, None], other=0.0)
+            scores = tl.where(inside, tl.sum(k.to(tl.float32) * q[None, :], axis=1) + bias, -float("inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=0))
+            shrink = tl.exp(best - new_best)
+            weights = tl.exp(scores - new_best)
+            v = tl.load(values + slots[:, None] * v_slot + dims[None, :], mask=inside[:, None], other=0.0)
+            acc = acc * shrink + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
+            total = total * shrink + tl.sum(weights, axis=0)
+            best = new_best
+    if SPLITS == 1:  # (a row whose mask hides every slot: zeros)
+        tl.store(out_ptr + row * out_row + head * out_head + dims,
+                 tl.where(total > 0, acc / total, 0.0).to(out_ptr.dtype.element_ty))
     else:  # this split's share: acc, best, total side by side, for _combine_kernel
         part = part_ptr + ((row * tl.num_programs(1) + head) * SPLITS + split) * (D + 2)
         tl.store(part + dims, acc)
@@ -77,10 +93,12 @@ def _combine_kernel(part_ptr, out_ptr, out_row, out_head, D: tl.constexpr, SPLIT
     parts = part_ptr + (row * tl.num_programs(1) + head) * SPLITS * (D + 2) + tl.arange(0, SPLITS) * (D + 2)
     dims = tl.arange(0, D)
     best, total = tl.load(parts + D), tl.load(parts + D + 1)
-    weights = tl.exp(best - tl.max(best, axis=0))  # (a split past the span: best -inf, weight 0)
+    top = tl.max(best, axis=0)  # (-inf where the mask hides every slot of the row)
+    weights = tl.exp(best - tl.where(top > -float("inf"), top, 0.0))  # (a split past the span or hidden: weight 0)
     acc = tl.sum(weights[:, None] * tl.load(parts[:, None] + dims[None, :]), axis=0)
+    total = tl.sum(weights * total, axis=0)
     tl.store(out_ptr + row * out_row + head * out_head + dims,
-             (acc / tl.sum(weights * total, axis=0)).to(out_ptr.dtype.element_ty))
+             tl.where(total > 0, acc / total, 0.0).to(out_ptr.dtype.element_ty))
 
 
 def split_count(rows: int, heads: int, slots: int, device: torch.device) -> int:
@@ -113,7 +131,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
         query, key, value, mask if has_mask else query, out, part, slots, split, scale,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), mask_row, mask_slot, out.stride(0), out.stride(2),
-        GROUP=heads // key.shape[1], D=dims, BLOCK=BLOCK_S, HAS_MASK=has_mask, SPLITS=splits, num_warps=4)
+        GROUP=heads // key.shape[1], D=dims, BLOCK=BLOCK_S, HAS_MASK=has_mask, SPLITS=splits, num_warps=WARPS)
     if splits > 1:
         (kernels[1] or _combine_kernel)[(rows, heads)](part, out, out.stride(0), out.stride(2), D=dims, SPLITS=splits)
     return out
