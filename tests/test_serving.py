@@ -1090,11 +1090,11 @@ def test_decode_attention_kernel_attends_as_float64_sdpa_does(device, request, m
     cache (the views SlotCache gives), each row masked after its own position, grouped-query
     heads, spans that are not a multiple of the kernel's block, with and without a mask, in one
     piece or split (2 pieces for one row of 32 heads; 4 for one row of 4 heads, the last past a
-    260-slot span) and combined; against SDPA in float64. The kernel does not read the keys and values of a block
-    that the mask hides wholly: NaN there changes nothing. A row whose mask hides every slot
-    gets zeros. On the GPU also inside torch.compile; on the CPU through Triton's interpreter.
-    Calls it does not take (two queries, a head size not a power of 2, a boolean mask) are left
-    to SDPA."""
+    260-slot span) and combined; against SDPA in float64. The kernel does not read the keys and
+    values of a block that the mask hides wholly: NaN there changes nothing. A row whose mask
+    hides every slot gets zeros. On the GPU also inside torch.compile; on the CPU through
+    Triton's interpreter. Calls it does not take (two queries, a head size not a power of 2, a
+    boolean mask) are left to SDPA."""
     pytest.importorskip("common.serving.decode_attention", reason="needs triton")
     if device == "cpu" and _reran_in_triton_interpreter(request):
         return

@@ -7,10 +7,10 @@ With one query per row, attention reads the cache once: one program per (row, he
 span in blocks, scores each block's keys against the query, keeps a running maximum and sum for
 the softmax, and accumulates the weighted values, all in float32. A block the mask hides wholly
 (slots after the row's position: rows shorter than the span) is not read, where SDPA reads every
-slot: the call alone on an H100, 64 rows x 1024 slots, took 356 us with every slot visible (cuDNN's
-SDPA 355 us) and 220 us with the rows' lengths spread evenly over the span. With few rows (one client: 32
-programs for an H100's 132 multiprocessors) each span is cut into pieces, one program each, and a
-second kernel combines their sums (`split_count`). What it is for: on one H200 (7B shape, one
+slot: the call alone on an H100, 64 rows x 1024 slots, took 356 us with every slot visible
+(cuDNN's SDPA 355 us) and 220 us with the rows' lengths spread evenly over the span. With few
+rows (one client: 32 programs for an H100's 132 multiprocessors) each span is cut into pieces,
+one program each, and a second kernel combines their sums (`split_count`). What it is for: on one H200 (7B shape, one
 row, 256 slots, the step profiled eagerly: benchmarks/RESULTS.md, profile_decode_step.py) the
 attention kernels took 0.27 ms of a step's 32 layers, ~8 us a layer for ~4 MB that the memory
 reads in ~1 us. Registered as a torch operator (`torch.library.triton_op`), so the compiled, CUDA-graphed
