@@ -421,7 +421,8 @@ def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: s
     int8_rowwise / fp8_rowwise; a merged 7B bf16 step on an H200 took 4.05 ms of GPU time against
     inductor's 4.22 in the same run: benchmarks/RESULTS.md), "auto" (triton where it can, else inductor).
     `attention`: the decode step's attention, "sdpa" (the model's own, PyTorch's kernels) or
-    "triton" (decode_attention.py's kernel; CUDA; one client 0.99x sdpa's on an H100). `glu`: a SwiGLU MLP's
+    "triton" (decode_attention.py's kernel; CUDA; skips the slots the mask hides; one client 0.99x
+    sdpa's on an H100). `glu`: a SwiGLU MLP's
     SiLU(gate) x up taken in its gate/up kernel (GluMatvecMLP; "on", "off", or "auto": where the
     kernel takes merged gate/up products, `glu_refusal`): one kernel fewer per layer, a merged 7B
     bf16 step on an H200 3.93 ms of GPU time against 4.08 without it in the same run
