@@ -82,9 +82,9 @@ from common.serving.engine import Engine  # noqa: E402
 from common.serving.loading import QUANTIZATIONS, prepare_weights, weight_bytes, weights_variant  # noqa: E402
 from common.serving.sampling import SamplingParams  # noqa: E402
 
-# serve.py's defaults on an H100 / H200 (--fuse_projections auto, --matvec auto, the gate/up kernel's
-# SiLU(gate) x up where it takes them), bf16 and 8-bit weights
-GPU_DEFAULT = "none+fused+triton+glu,fp8_rowwise+fused+triton+glu"
+# serve.py's defaults on an H100 / H200 (--fuse_projections auto, --matvec auto, --decode_attention auto,
+# the gate/up kernel's SiLU(gate) x up where it takes them), bf16 and 8-bit weights
+GPU_DEFAULT = "none+fused+triton+attn+glu,fp8_rowwise+fused+triton+attn+glu"
 SHAPES = {  # hidden, intermediate, layers, heads, vocab
     "llama2-7b": (4096, 11008, 32, 32, 32000),
     "baichuan2-7b": (4096, 11008, 32, 32, 125696),

@@ -951,16 +951,17 @@ GPU_KINDS = {"fp8_rowwise": (0.9, 0.1), "int8_gemlite": (0.9, 0.1), "fp8_gemlite
              "int4_gemlite": (1.3, 0.3), "bf16_gemlite": (0.0, 0.01), "none+triton": (0.0, 0.01),
              "none+fused+triton": (0.0, 0.01), "fp8_rowwise+fused+triton": (0.9, 0.1), "int8_rowwise+triton": (0.9, 0.1),
              "none+fused+triton+attn": (0.0, 0.01), "none+fused+triton+glu": (0.0, 0.01),
-             "fp8_rowwise+fused+triton+glu": (0.9, 0.1)}
+             "fp8_rowwise+fused+triton+glu": (0.9, 0.1), "int8_rowwise+fused+triton+attn+glu": (0.9, 0.1)}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", list(GPU_KINDS))
 def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engine, kind):
     """--quantize fp8_rowwise / int8_gemlite / fp8_gemlite / int4_gemlite / bf16_gemlite on a GPU,
-    and --matvec triton (with --fuse_projections for some; with --decode_attention triton for one,
-    whose test model groups two query heads per key/value head; with SiLU(gate) x up in the gate/up
-    kernel, the benchmarks' '+glu', for two): every linear layer is replaced, the
+    and --matvec triton (with --fuse_projections for some; with --decode_attention triton for two,
+    which --decode_attention auto picks for this Llama model on a GPU; the test model groups two
+    query heads per key/value head; with SiLU(gate) x up in the gate/up kernel, the benchmarks'
+    '+glu', for three): every linear layer is replaced, the
     weights take the bytes their format says (about half of bf16's for 8 bits, under a third for
     4; bf16's for bf16_gemlite and bf16 through the Triton kernel), the logits stay close to bf16's,
     and the engine's compiled decode step, with one request and with three together (fp8_rowwise's
@@ -978,6 +979,7 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
     from common.serving.loading import (
         MatvecLinear,
         RowScaledLinear,
+        attention_wanted,
         kernel_takes,
         prepare_weights,
         weight_bytes,
@@ -989,6 +991,7 @@ def test_gpu_weight_kinds_save_their_bytes_and_decode_their_own_greedy_path(engi
         vocab_size=(len(engine.tokenizer) + 7) // 8 * 8, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0))
     plain = plain.to("cuda", torch.bfloat16).eval()
+    assert attention_wanted(plain, "auto")
     quantize, fused, matvec, attention, glu = weights_variant(kind)
     quantised = prepare_weights(copy.deepcopy(plain), quantize, fused, matvec, attention, glu)
     assert all(type(layer.mlp).__name__ == "GluMatvecMLP" for layer in quantised.model.layers) == (glu == "on")
@@ -1387,7 +1390,7 @@ def test_several_weight_kinds_in_one_process_each_compile_with_the_serving_setti
 
 def test_kernel_options_parse_as_their_help_says():
     """serve.py / chatbot.py: --fuse_projections is auto unless given, "on" as a bare flag (its
-    form before auto existed), or one of its choices; --matvec auto and --decode_attention sdpa
+    form before auto existed), or one of its choices; --matvec auto and --decode_attention auto
     unless given."""
     import argparse
 
@@ -1396,23 +1399,26 @@ def test_kernel_options_parse_as_their_help_says():
     parser = argparse.ArgumentParser()
     _model_arguments(parser, "model")
     defaults = parser.parse_args([])
-    assert (defaults.fuse_projections, defaults.matvec, defaults.decode_attention) == ("auto", "auto", "sdpa")
+    assert (defaults.fuse_projections, defaults.matvec, defaults.decode_attention) == ("auto", "auto", "auto")
     assert parser.parse_args(["--fuse_projections"]).fuse_projections == "on"
     assert parser.parse_args(["--fuse_projections", "off", "--matvec", "inductor"]).fuse_projections == "off"
     with pytest.raises(SystemExit):
         parser.parse_args(["--fuse_projections", "yes"])
 
 
-def test_kernel_choices_are_checked_and_auto_keeps_the_cpu_on_inductor(llama_engine):
+def test_kernel_choices_are_checked_and_auto_keeps_the_cpu_on_inductor(llama_engine, monkeypatch):
     """--matvec and --fuse_projections: auto leaves a CPU model's linear layers as they are (the
     Triton kernel is CUDA's, merging is measured there); --matvec triton and --decode_attention
-    triton on the CPU are refused with the reason; the benchmarks' names map to prepare_weights'
-    arguments; '+glu' needs the kernel and merged products, and its MLP outside a compiled step
+    triton on the CPU are refused with the reason; --decode_attention auto keeps SDPA on the CPU,
+    and where Triton can run takes the kernel for Llama-family layers only (not GPT-2's); the
+    benchmarks' names map to prepare_weights' arguments; '+glu' needs the kernel and merged
+    products, and its MLP outside a compiled step
     computes what Phi3MLP does. decode_attention.py's attention function leaves what its kernel
     does not compute (here: anything outside a compiled CUDA step) to SDPA: the same logits."""
     from common.serving.loading import GluMatvecMLP, fuse_wanted, prepare_weights, weights_variant
 
-    model = prepare_weights(copy.deepcopy(llama_engine.model), "none")  # serve.py's defaults: auto, auto
+    model = prepare_weights(copy.deepcopy(llama_engine.model), "none")  # serve.py's defaults: auto, auto, auto
+    assert model.config._attn_implementation == llama_engine.model.config._attn_implementation == "sdpa"
     assert sum(type(m) is torch.nn.Linear for m in model.modules()) == 7 * 2 + 1
     assert fuse_wanted(model, "none", "on") and not fuse_wanted(model, "none", "auto")
     with pytest.raises(UserError, match="unknown fuse_projections"):
@@ -1425,6 +1431,16 @@ def test_kernel_choices_are_checked_and_auto_keeps_the_cpu_on_inductor(llama_eng
         prepare_weights(copy.deepcopy(llama_engine.model), "none", "off", "inductor", "triton")
     with pytest.raises(UserError, match="unknown decode attention"):
         prepare_weights(copy.deepcopy(llama_engine.model), "none", "off", "inductor", "flash")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from common.serving import loading
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    assert not any(loading.attention_wanted(m, "auto") for m in (llama_engine.model, gpt2))  # the CPU
+    monkeypatch.setattr(loading, "triton_refusal", lambda model: None)  # as where Triton can run
+    assert loading.attention_wanted(llama_engine.model, "auto") and not loading.attention_wanted(gpt2, "auto")
+    assert loading.attention_wanted(gpt2, "triton") and not loading.attention_wanted(llama_engine.model, "sdpa")
+    monkeypatch.undo()
     assert weights_variant("fp8_rowwise+fused+triton+attn") == ("fp8_rowwise", "on", "triton", "triton", "off")
     assert weights_variant("none+fused+triton+glu") == ("none", "on", "triton", "sdpa", "on")
     assert weights_variant("none") == ("none", "off", "inductor", "sdpa", "off")

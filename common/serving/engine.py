@@ -155,7 +155,7 @@ class Engine:
     def from_pretrained(cls, model_dir: str | Path, name: str | None = None, template: str | None = None,
                         device: str | None = None, dtype: str = "auto", base_model: str | None = None,
                         quantize: str = "none", fuse_projections: str = "auto", matvec: str = "auto",
-                        decode_attention: str = "sdpa", **engine_options) -> Engine:
+                        decode_attention: str = "auto", **engine_options) -> Engine:
         """`template` default: the one the model was tuned with (its chat template, or an older
         output's sft_template.json), if any. `fuse_projections` ("auto", "on", "off"): q/k/v and
         gate/up merged into one product each after loading (an adapter merged first; fusing.py,

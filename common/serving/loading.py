@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.errors import UserError
-from common.serving.fusing import fuse_projections, fusion_refusal
+from common.serving.fusing import ATTENTIONS, fuse_projections, fusion_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ def quantize_weights(model, kind: str):
 
 
 MATVEC = ("auto", "inductor", "triton")
-ATTENTION = ("sdpa", "triton")
+ATTENTION = ("auto", "sdpa", "triton")
 
 
 def triton_refusal(model) -> str | None:
@@ -374,6 +374,27 @@ def triton_matvec_refusal(model, quantize: str) -> str | None:
         return "its fp8 conversions need a GPU of compute capability (8, 9) or later"
     return None
 
+
+def attention_wanted(model, attention: str) -> bool:
+    """Whether `prepare_weights` gives the decode step decode_attention.py's kernel: "sdpa" /
+    "triton" as said (triton refused with the reason where it cannot run); "auto" on CUDA for
+    Llama, Mistral and Qwen2 (the families fusing.py merges, asked before merging): on an H100,
+    7B bf16, same run, 16 / 32 / 64 clients were served 1.04x / 1.12x / 1.07x faster than with
+    SDPA, one client 0.99x (benchmarks/RESULTS.md, 2026-12-06). Other families keep SDPA unless
+    told (not measured)."""
+    if attention not in ATTENTION:
+        raise UserError(f"unknown decode attention {attention!r}: choose one of {', '.join(ATTENTION)}")
+    if attention == "sdpa":
+        return False
+    refusal = triton_refusal(model)
+    if attention == "triton" and refusal:
+        raise UserError(f"--decode_attention triton: {refusal}")
+    layers = getattr(getattr(model, "model", None), "layers", None) or [None]
+    return attention == "triton" or (refusal is None and all(
+        type(getattr(layer, "self_attn", None)).__name__ in ATTENTIONS for layer in layers))
+
+
+FUSE = ("auto", "on", "off")
 
 FUSE = ("auto", "on", "off")
 
@@ -412,7 +433,7 @@ def kernel_takes(linear: torch.nn.Module) -> bool:
     return isinstance(linear, MatvecLinear) or getattr(linear, "triton_matvec", False)
 
 
-def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: str = "auto", attention: str = "sdpa",
+def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: str = "auto", attention: str = "auto",
                     glu: str = "auto"):
     """`model` as served: q/k/v and gate/up merged first as `fuse` says (`fuse_wanted`), then
     its weights quantised (`quantize_weights`); in place. `matvec`: what computes the products of
@@ -420,9 +441,9 @@ def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: s
     reductions; cuBLAS uncompiled), "triton" (matvec.py's kernel: CUDA, bf16 / fp16 weights or
     int8_rowwise / fp8_rowwise; a merged 7B bf16 step on an H200 took 4.05 ms of GPU time against
     inductor's 4.22 in the same run: benchmarks/RESULTS.md), "auto" (triton where it can, else inductor).
-    `attention`: the decode step's attention, "sdpa" (the model's own, PyTorch's kernels) or
-    "triton" (decode_attention.py's kernel; CUDA; skips the slots the mask hides; one client 0.99x
-    sdpa's on an H100). `glu`: a SwiGLU MLP's
+    `attention`: the decode step's attention, "sdpa" (the model's own, PyTorch's kernels),
+    "triton" (decode_attention.py's kernel; CUDA; skips the slots the mask hides) or "auto"
+    (`attention_wanted`). `glu`: a SwiGLU MLP's
     SiLU(gate) x up taken in its gate/up kernel (GluMatvecMLP; "on", "off", or "auto": where the
     kernel takes merged gate/up products, `glu_refusal`): one kernel fewer per layer, a merged 7B
     bf16 step on an H200 3.93 ms of GPU time against 4.08 without it in the same run
@@ -431,8 +452,7 @@ def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: s
         raise UserError(f"unknown matvec {matvec!r}: choose one of {', '.join(MATVEC)}")
     if glu not in GLU:
         raise UserError(f"unknown glu {glu!r}: choose one of {', '.join(GLU)}")
-    if attention not in ATTENTION:
-        raise UserError(f"unknown decode attention {attention!r}: choose one of {', '.join(ATTENTION)}")
+    attend = attention_wanted(model, attention)  # (asked of the model's own attention layers, before merging)
     if fuse_wanted(model, quantize, fuse):
         logger.info("merged q/k/v and gate/up in %d layers", fuse_projections(model))
     quantize_weights(model, quantize)
@@ -458,24 +478,22 @@ def prepare_weights(model, quantize: str = "none", fuse: str = "auto", matvec: s
         for layer in model.model.layers:
             layer.mlp = GluMatvecMLP(layer.mlp)
         logger.info("one client's SiLU(gate) x up: in the gate/up kernel")
-    if attention == "triton":
-        attention_refusal = triton_refusal(model)
-        if attention_refusal:
-            raise UserError(f"--decode_attention triton: {attention_refusal}")
+    if attend:
         from common.serving.decode_attention import NAME
 
         model.set_attn_implementation(NAME)
         if model.config._attn_implementation != NAME:
             raise UserError(f"--decode_attention triton: {type(model).__name__} does not take transformers' "
                             "attention functions")
+        logger.info("the decode step's attention: the Triton kernel (common/serving/decode_attention.py)")
     return model
 
 
 def weights_variant(name: str) -> tuple[str, str, str, str, str]:
     """The benchmarks' names for what `prepare_weights` does: "fp8_rowwise+fused+triton+attn+glu"
     -> ("fp8_rowwise", "on", "triton", "triton", "on"), "none" -> ("none", "off", "inductor",
-    "sdpa", "off") (the benchmarks name the merged products, the Triton kernel and its SiLU(gate) x up,
-    which serve.py uses by default where it can); UserError when unknown."""
+    "sdpa", "off") (the benchmarks name the merged products, the Triton kernels and the gate/up
+    kernel's SiLU(gate) x up, which serve.py uses by default where it can); UserError when unknown."""
     quantize, *options = name.split("+")
     if quantize not in QUANTIZATIONS or any(option not in ("fused", "triton", "attn", "glu") for option in options):
         raise UserError(f"unknown weights {name!r}: one of {', '.join(QUANTIZATIONS)}, optionally with '+fused', "
