@@ -396,8 +396,6 @@ def attention_wanted(model, attention: str) -> bool:
 
 FUSE = ("auto", "on", "off")
 
-FUSE = ("auto", "on", "off")
-
 
 def fuse_wanted(model, quantize: str, fuse: str) -> bool:
     """Whether `prepare_weights` merges q/k/v and gate/up (fusing.py): "on" / "off" as said;
