@@ -13,10 +13,10 @@ rows (one client: 32 programs for an H100's 132 multiprocessors) each span is cu
 one program each, and a second kernel combines their sums (`split_count`). What it is for: on
 one H200 (7B shape, one row, 256 slots, the step profiled eagerly: benchmarks/RESULTS.md,
 profile_decode_step.py) the attention kernels took 0.27 ms of a step's 32 layers, ~8 us a layer
-for ~4 MB that the memory reads in ~1 us. Registered as a torch operator (`torch.library.triton_op`), so the compiled, CUDA-graphed
-decode step contains it, and as a transformers attention function ("serving_decode") that takes
-it for one-query calls inside that compiled step and SDPA's otherwise (prefill, scoring, eager
-calls, shapes it does not take). CUDA only (this module imports Triton), but for a CPU test
+for ~4 MB that the memory reads in ~1 us. Registered as a torch operator
+(`torch.library.triton_op`), so the compiled, CUDA-graphed decode step contains it, and as a
+transformers attention function ("serving_decode") that takes it for one-query calls inside that
+compiled step and SDPA's otherwise (prefill, scoring, eager calls, shapes it does not take). CUDA only (this module imports Triton), but for a CPU test
 through Triton's interpreter.
 """
 

@@ -41,11 +41,20 @@ def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
     return merged
 
 
+def _layers(model) -> list:
+    return getattr(getattr(model, "model", None), "layers", None) or [None]
+
+
+def llama_family_attention(model) -> bool:
+    """Whether every decoder layer's attention is Llama's, Mistral's or Qwen2's (unmerged)."""
+    return all(type(getattr(layer, "self_attn", None)).__name__ in ATTENTIONS for layer in _layers(model))
+
+
 def fusion_refusal(model) -> str | None:
     """Why `fuse_projections` cannot merge this model's products; None when it can."""
-    layers = getattr(getattr(model, "model", None), "layers", None) or [None]
-    if any(type(getattr(layer, "self_attn", None)).__name__ not in ATTENTIONS
-           or type(getattr(layer, "mlp", None)).__name__ not in MLPS for layer in layers):
+    layers = _layers(model)
+    if not llama_family_attention(model) or any(type(getattr(layer, "mlp", None)).__name__ not in MLPS
+                                                for layer in layers):
         return (f"{type(model).__name__}: merging q/k/v and gate/up is implemented for "
                 f"{', '.join(a.removesuffix('Attention') for a in ATTENTIONS)} models only")
     window = getattr(model.config, "sliding_window", None)

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.errors import UserError
-from common.serving.fusing import ATTENTIONS, fuse_projections, fusion_refusal
+from common.serving.fusing import fuse_projections, fusion_refusal, llama_family_attention
 
 logger = logging.getLogger(__name__)
 
@@ -389,9 +389,7 @@ def attention_wanted(model, attention: str) -> bool:
     refusal = triton_refusal(model)
     if attention == "triton" and refusal:
         raise UserError(f"--decode_attention triton: {refusal}")
-    layers = getattr(getattr(model, "model", None), "layers", None) or [None]
-    return attention == "triton" or (refusal is None and all(
-        type(getattr(layer, "self_attn", None)).__name__ in ATTENTIONS for layer in layers))
+    return attention == "triton" or (refusal is None and llama_family_attention(model))
 
 
 FUSE = ("auto", "on", "off")
